@@ -1,0 +1,58 @@
+"""Sparsifiers: which tokens of the draft distribution q are described to the cloud.
+
+Every sparsifier returns the support in increasing token order (the order the ranking and the
+packing rely on) and the dropped mass sum_{x not in S} q(x), which the conformal controller uses.
+q is a 1-D float array over the vocabulary [V], non-negative, summing to 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Support:
+    tokens: np.ndarray  # int64 [K], strictly increasing token ids
+    dropped_mass: float  # sum of q outside the support, in [0, 1]
+
+
+def _support(q: np.ndarray, tokens: np.ndarray) -> Support:
+    kept = float(q[tokens].sum(dtype=np.float64))
+    total = float(q.sum(dtype=np.float64))
+    return Support(tokens=tokens.astype(np.int64, copy=False), dropped_mass=max(0.0, total - kept))
+
+
+def top_k(q: np.ndarray, k: int) -> Support:
+    """The k most probable tokens; ties at the boundary go to the lower token id.
+
+    Uses a partial selection (O(V)), not a sort of the vocabulary.
+    """
+    v = q.shape[0]
+    if not 1 <= k <= v:
+        raise ValueError(f"top-k needs 1 <= k <= V, got k={k}, V={v}")
+    if k == v:
+        return _support(q, np.arange(v, dtype=np.int64))
+    kth = np.partition(q, v - k)[v - k]  # the k-th largest value
+    above = np.flatnonzero(q > kth)
+    ties = np.flatnonzero(q == kth)[: k - above.size]
+    return _support(q, np.union1d(above, ties))
+
+
+def threshold(q: np.ndarray, beta: float) -> Support:
+    """{x : q(x) >= beta}; never empty: when nothing reaches beta the argmax alone is kept."""
+    tokens = np.flatnonzero(q >= beta)
+    if tokens.size == 0:
+        tokens = np.array([int(np.argmax(q))], dtype=np.int64)  # argmax: lowest id on ties
+    return _support(q, tokens)
+
+
+def dense(q: np.ndarray) -> Support:
+    """The whole vocabulary (dense QS, K = V)."""
+    return _support(q, np.arange(q.shape[0], dtype=np.int64))
+
+
+def token_only(q: np.ndarray) -> Support:
+    """K = 1: a one-hot draft at the argmax (lossless, low acceptance)."""
+    return top_k(q, 1)
