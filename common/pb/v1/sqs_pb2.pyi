@@ -95,16 +95,18 @@ class DraftBatch(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_drafts: _Optional[int] = ..., packed: _Optional[bytes] = ..., raw: _Optional[bytes] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("accepted", "token", "position", "verify_ms")
+    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
-    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_UNIX_US_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_US_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     token: int
     position: int
-    verify_ms: float
-    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., verify_ms: _Optional[float] = ...) -> None: ...
+    received_unix_us: int
+    sent_unix_us: int
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -1,0 +1,66 @@
+"""sqs-cloud: serve the target-model verifier over gRPC (metrics on HTTP /metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from cloud.server import CloudConfig, create_server
+from cloud.verifier import VerifierConfig
+
+
+def parse_args(argv: list[str] | None = None) -> CloudConfig:
+    env = os.environ.get
+    ap = argparse.ArgumentParser(prog="sqs-cloud", description=__doc__)
+    ap.add_argument("--model", default=env("SQS_TARGET_MODEL", "tiny"),
+                    help="tiny | qwen2.5-coder-1.5b | qwen2.5-coder-0.5b | smollm2-135m | a local HF directory")
+    ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"])
+    ap.add_argument("--host", default=env("SQS_HOST", "0.0.0.0"))
+    ap.add_argument("--port", type=int, default=int(env("SQS_PORT", "50051")))
+    ap.add_argument("--metrics-port", type=int, default=int(env("SQS_METRICS_PORT", "9101")), help="0 disables")
+    ap.add_argument("--workers", type=int, default=int(env("SQS_WORKERS", "2")))
+    ap.add_argument("--max-sessions", type=int, default=int(env("SQS_MAX_SESSIONS", "64")))
+    ap.add_argument("--session-ttl", type=float, default=float(env("SQS_SESSION_TTL_S", "600")))
+    ap.add_argument("--log-level", default=env("SQS_LOG_LEVEL", "INFO"))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return CloudConfig(
+        model=a.model, dtype=a.dtype, host=a.host, port=a.port, metrics_port=a.metrics_port, workers=a.workers,
+        verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl),
+    )
+
+
+async def serve(config: CloudConfig) -> None:
+    from prometheus_client import start_http_server
+
+    running = await create_server(config)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host, registry=running.metrics.registry)
+    print(f"sqs-cloud: model {running.verifier.target.name} on port {running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop(config.grace_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    try:
+        asyncio.run(serve(config))
+    except Exception as exc:  # one line for the operator, not a traceback
+        from sqs_models.registry import ModelNotInstalled
+
+        if isinstance(exc, (ModelNotInstalled, OSError)):
+            print(f"sqs-cloud: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Builds the cloud gRPC server: Verifier + health + reflection, metrics over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from cloud.servicer import SERVICE_NAME, VerifierServicer, add_to_server
+from cloud.verifier import TargetInfo, Verifier, VerifierConfig
+from common.metrics import Metrics
+
+log = logging.getLogger("sqs.cloud")
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    model: str = "tiny"
+    dtype: str | None = None  # default per model: fp32 for tiny, bf16 for the Qwen pair
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0 = any free port (tests)
+    metrics_port: int = 9101  # 0 = no metrics HTTP server
+    workers: int = 2  # threads running torch work
+    max_message_bytes: int = 16 * 1024 * 1024
+    grace_s: float = 5.0
+    verifier: VerifierConfig = VerifierConfig()
+
+
+def load_target(model: str, dtype: str | None = None):
+    """(TargetInfo, factory of per-session CachedLM) for a registered model name or directory."""
+    from sqs_models.cached_lm import CachedLM
+    from sqs_models.registry import load_model
+
+    loaded = load_model(model, role="target", dtype=dtype)
+    info = TargetInfo(loaded.name, loaded.vocab_size, loaded.fingerprint, tuple(loaded.eos_token_ids))
+    return info, lambda: CachedLM(loaded.model, loaded.vocab_size)
+
+
+@dataclass
+class RunningCloud:
+    server: grpc.aio.Server
+    port: int
+    verifier: Verifier
+    metrics: Metrics
+    health: HealthServicer
+    executor: ThreadPoolExecutor
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def create_server(config: CloudConfig, verifier: Verifier | None = None, metrics: Metrics | None = None) -> RunningCloud:
+    """Start serving; with config.port == 0 the bound port is in the result."""
+    if verifier is None:
+        info, new_lm = load_target(config.model, config.dtype)
+        verifier = Verifier(info, new_lm, config.verifier)
+    metrics = metrics or Metrics()
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    server = grpc.aio.server(options=options)
+    add_to_server(VerifierServicer(verifier, metrics, executor), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("verifier %s serving on %s:%d", verifier.target.name, config.host, port)
+    return RunningCloud(server, port, verifier, metrics, health, executor)

@@ -1,0 +1,150 @@
+"""gRPC adapter for the Verifier: thin, validates nothing itself, maps SessionError to statuses.
+
+Torch work runs in a thread pool so the event loop keeps serving every other session's I/O.
+Requests are deserialized by a wrapper that turns unparsable bytes into INVALID_ARGUMENT instead of
+grpc's generic INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from typing import AsyncIterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from cloud.verifier import RoundResult, SessionError, Verifier
+from common.metrics import Metrics
+from common.pb.v1 import sqs_pb2 as pb
+
+log = logging.getLogger("sqs.cloud")
+
+SERVICE_NAME = "sqs.v1.Verifier"
+
+_CODES = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "OUT_OF_RANGE": grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+class _Malformed:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _safe(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            return _Malformed(f"request is not a valid {message_type.DESCRIPTOR.full_name}: {exc}")
+
+    return parse
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class VerifierServicer:
+    def __init__(self, verifier: Verifier, metrics: Metrics, executor: Executor) -> None:
+        self.verifier = verifier
+        self.metrics = metrics
+        self.executor = executor
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: SessionError):
+        log.info("request refused code=%s reason=%s", exc.code, exc.reason)
+        await context.abort(_CODES.get(exc.code, grpc.StatusCode.INVALID_ARGUMENT), exc.reason)
+
+    async def _check(self, request, context) -> None:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the work started")
+
+    async def OpenSession(self, request, context):
+        await self._check(request, context)
+        try:
+            session = await self._run(self.verifier.open, request)
+        except SessionError as exc:
+            await self._abort(context, exc)
+        self.metrics.sessions.set(self.verifier.active_sessions)
+        t = self.verifier.target
+        return pb.OpenSessionResponse(
+            session_id=session.id, target_model=t.name, vocab_size=t.vocab_size, eos_token_ids=list(t.eos_token_ids)
+        )
+
+    async def _round(self, session_id: str, request, context) -> pb.Verdict:
+        received = _now_us()
+        try:
+            session = self.verifier.get(session_id)
+            result: RoundResult = await self._run(self.verifier.verify, session, request)
+        except SessionError as exc:
+            self.metrics.sessions.set(self.verifier.active_sessions)
+            await self._abort(context, exc)
+        self.metrics.observe_round(
+            result.scheme.value, drafted=result.drafted, accepted=result.accepted,
+            payload_bytes=result.payload_bytes, formula_bits=result.formula_bits,
+            latency_ms={"verify": result.verify_ms},
+        )
+        log.debug(
+            "round session=%s drafted=%d accepted=%d verify_ms=%.1f",
+            session_id, result.drafted, result.accepted, result.verify_ms,
+        )
+        return pb.Verdict(
+            accepted=result.accepted, token=result.token, position=result.position,
+            received_unix_us=received, sent_unix_us=_now_us(),
+        )
+
+    async def Verify(self, request_iterator: AsyncIterator, context) -> AsyncIterator[pb.Verdict]:
+        session_id = ""
+        async for request in request_iterator:
+            await self._check(request, context)
+            session_id = request.session_id or session_id
+            if not session_id:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first batch of a stream must name its session")
+            yield await self._round(session_id, request, context)
+
+    async def VerifyBatch(self, request, context):
+        await self._check(request, context)
+        if not request.session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
+        return await self._round(request.session_id, request, context)
+
+    async def CloseSession(self, request, context):
+        await self._check(request, context)
+        self.verifier.close(request.session_id)
+        self.metrics.sessions.set(self.verifier.active_sessions)
+        return pb.CloseSessionResponse()
+
+
+def add_to_server(servicer: VerifierServicer, server: grpc.aio.Server) -> None:
+    """Register the service with malformed-request-tolerant deserializers."""
+    ser = lambda m: m.SerializeToString()  # noqa: E731
+    handlers = {
+        "OpenSession": grpc.unary_unary_rpc_method_handler(
+            servicer.OpenSession, request_deserializer=_safe(pb.OpenSessionRequest), response_serializer=ser
+        ),
+        "Verify": grpc.stream_stream_rpc_method_handler(
+            servicer.Verify, request_deserializer=_safe(pb.DraftBatch), response_serializer=ser
+        ),
+        "VerifyBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.VerifyBatch, request_deserializer=_safe(pb.DraftBatch), response_serializer=ser
+        ),
+        "CloseSession": grpc.unary_unary_rpc_method_handler(
+            servicer.CloseSession, request_deserializer=_safe(pb.CloseSessionRequest), response_serializer=ser
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -1,0 +1,105 @@
+"""Plain counters of a generation (no Prometheus here; common/metrics.py exports them).
+
+Vocabulary (as in vLLM): per round the edge sends L drafts; the cloud *accepts* T of them, then
+either *resamples* one token at the first rejection (T < L) or samples a *bonus* token (T == L).
+  acceptance_rate = accepted / drafted          (fraction of drafted tokens accepted)
+  resampling_rate = resampled / rounds          (the paper's N_rej per batch)
+  mean_accepted_per_round = accepted / rounds
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+PARTS = ("draft", "uplink", "verify", "downlink", "total")
+
+
+@dataclass
+class RoundRecord:
+    drafted: int
+    accepted: int
+    formula_bits: float
+    honest_bits: float
+    payload_bytes: int  # packed + raw bytes of the draft description
+    message_bytes: int  # serialized protobuf DraftBatch
+    uplink_wire_bytes: int  # bytes written to the connection for this round (HTTP/2 + gRPC framing)
+    downlink_wire_bytes: int
+    draft_ms: float
+    uplink_ms: float
+    verify_ms: float
+    downlink_ms: float
+    total_ms: float
+    beta: float | None = None  # conformal threshold after the round
+
+
+@dataclass
+class GenerationStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    resampled: int = 0
+    bonus: int = 0
+    generated: int = 0
+    formula_bits: float = 0.0
+    honest_bits: float = 0.0
+    uplink_payload_bytes: int = 0
+    uplink_message_bytes: int = 0
+    uplink_wire_bytes: int = 0
+    downlink_wire_bytes: int = 0
+    setup_wire_bytes: int = 0  # connection, session open and stream setup (not per round)
+    latency_ms: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PARTS})
+    wall_s: float = 0.0
+    reopens: int = 0
+    records: list[RoundRecord] = field(default_factory=list)
+
+    def add(self, r: RoundRecord) -> None:
+        self.rounds += 1
+        self.drafted += r.drafted
+        self.accepted += r.accepted
+        if r.accepted < r.drafted:
+            self.resampled += 1
+        else:
+            self.bonus += 1
+        self.formula_bits += r.formula_bits
+        self.honest_bits += r.honest_bits
+        self.uplink_payload_bytes += r.payload_bytes
+        self.uplink_message_bytes += r.message_bytes
+        self.uplink_wire_bytes += r.uplink_wire_bytes
+        self.downlink_wire_bytes += r.downlink_wire_bytes
+        for part in PARTS:
+            self.latency_ms[part] += getattr(r, f"{part}_ms")
+        self.records.append(r)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def resampling_rate(self) -> float:
+        return self.resampled / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        """Flat dict for --json and the HTTP API (records left out)."""
+        d = asdict(self)
+        d.pop("records")
+        d.pop("latency_ms")
+        for part in PARTS:
+            d[f"{part}_ms"] = round(self.latency_ms[part], 3)
+        per_tok = max(self.accepted + self.rounds, 1)
+        d.update(
+            acceptance_rate=self.acceptance_rate,
+            acceptance_rate_definition="accepted drafts / drafted tokens",
+            resampling_rate=self.resampling_rate,
+            resampling_rate_definition="rounds ending in a resampled token / rounds",
+            mean_accepted_per_round=self.accepted / self.rounds if self.rounds else 0.0,
+            tokens_per_s=self.tokens_per_s,
+            formula_bits_per_draft=self.formula_bits / self.drafted if self.drafted else 0.0,
+            formula_bits_per_accepted_token=self.formula_bits / per_tok,
+            wire_bytes_per_accepted_token=self.uplink_wire_bytes / per_tok,
+            per_accepted_token_definition="per token committed by rounds (accepted + one new per round)",
+        )
+        return d

@@ -1,0 +1,153 @@
+"""sqs-edge: the edge side from the shell.
+
+  sqs-edge generate --cloud HOST:PORT --prompt TEXT [--sparsifier topk --k 8 ...] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from common.schemes import Scheme, SchemeConfig
+
+SPARSIFIERS = [s.value for s in Scheme]
+
+
+@dataclass(frozen=True)
+class EdgeModelConfig:
+    draft_model: str = "tiny"
+    dtype: str | None = None
+
+
+def add_generation_args(ap: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    ap.add_argument("--cloud", default=env("SQS_CLOUD", "127.0.0.1:50051"), help="HOST:PORT of sqs-cloud")
+    ap.add_argument("--draft-model", default=env("SQS_DRAFT_MODEL", "tiny"))
+    ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"])
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0, help="target/draft sampling top-k (0 = off)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="target/draft sampling top-p (1 = off)")
+    ap.add_argument("--sparsifier", choices=SPARSIFIERS, default="topk")
+    ap.add_argument("--k", type=int, default=8, help="support size for topk / fp16-topk")
+    ap.add_argument("--ell", type=int, default=100, help="lattice resolution")
+    ap.add_argument("--drop-zeros", action="store_true", help="leave zero-count entries out of the support")
+    ap.add_argument("--beta0", type=float, default=0.01, help="C-SQS initial threshold")
+    ap.add_argument("--eta", type=float, default=0.001, help="C-SQS learning rate")
+    ap.add_argument("--alpha", type=float, default=0.0005, help="C-SQS target dropped mass")
+    ap.add_argument("--budget-bits", type=float, default=5000.0, help="uplink bit budget B per batch")
+    ap.add_argument("--budget-accounting", choices=["honest", "formula"], default="honest")
+    ap.add_argument("--draft-len", type=int, default=8, help="max drafts per batch; 0 = plain target decoding")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def build_draft_config(a: argparse.Namespace, vocab_size: int):
+    from edge.drafter import DraftConfig
+
+    scheme = Scheme.NONE if a.draft_len == 0 else Scheme(a.sparsifier)
+    return DraftConfig(
+        scheme=SchemeConfig(
+            scheme, vocab_size=vocab_size, k=a.k, ell=a.ell, drop_zeros=a.drop_zeros and scheme.lattice,
+            beta0=a.beta0, eta=a.eta, alpha=a.alpha,
+        ),
+        max_draft_len=a.draft_len, budget_bits=a.budget_bits, budget_accounting=a.budget_accounting,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+    )
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from edge.client import ClientConfig, CloudClient, CloudError
+    from edge.drafter import Drafter
+    from edge.generate import generate
+    from sqs_models.cached_lm import CachedLM
+    from sqs_models.registry import ModelNotInstalled, load_model
+
+    if a.max_new_tokens < 1:
+        return _fail("--max-new-tokens must be >= 1")
+    if a.temperature < 0:
+        return _fail("--temperature must be >= 0")
+    try:
+        model = load_model(a.draft_model, role="draft", dtype=a.dtype)
+    except ModelNotInstalled as exc:
+        return _fail(str(exc), code=2)
+    prompt_ids = list(model.tokenizer.encode(a.prompt))
+    if not prompt_ids:
+        return _fail("the prompt encodes to no tokens")
+    try:
+        dcfg = build_draft_config(a, model.vocab_size)
+    except ValueError as exc:
+        return _fail(str(exc))
+    drafter = Drafter(CachedLM(model.model, model.vocab_size), dcfg, model.eos_token_ids)
+    printed = [""]
+    out_ids: list[int] = []
+
+    def stream(new: list[int]) -> None:
+        if a.json:
+            return
+        out_ids.extend(new)
+        text = model.tokenizer.decode(out_ids)
+        sys.stdout.write(text[len(printed[0]):])
+        sys.stdout.flush()
+        printed[0] = text
+
+    try:
+        with CloudClient(ClientConfig(a.cloud)) as client:
+            if not a.json:
+                sys.stdout.write(a.prompt)
+            result = generate(
+                prompt_ids, drafter, client, max_new_tokens=a.max_new_tokens,
+                vocab_fingerprint=model.fingerprint, on_tokens=stream,
+            )
+    except CloudError as exc:
+        return _fail(str(exc))
+    s = result.stats
+    summary = s.summary()
+    if a.json:
+        print(json.dumps({
+            "text": model.tokenizer.decode(result.token_ids),
+            "token_ids": result.token_ids,
+            "prompt_tokens": len(prompt_ids),
+            "stop_reason": result.stop_reason,
+            "sparsifier": dcfg.scheme.scheme.value,
+            "draft_model": model.name,
+            "target_model": result.target_model,
+            "vocab_size": model.vocab_size,
+            "final_beta": drafter.beta,
+            **summary,
+        }))
+    else:
+        print()
+        print(
+            f"[{s.generated} tokens, {s.tokens_per_s:.1f} tok/s | {s.rounds} rounds, acceptance "
+            f"{s.acceptance_rate:.1%} (accepted/drafted), resampling {s.resampling_rate:.1%} (per round) | "
+            f"{summary['formula_bits_per_accepted_token']:.1f} formula bits, "
+            f"{summary['wire_bytes_per_accepted_token']:.1f} wire bytes per token]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"sqs-edge: error: {msg}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="sqs-edge", description="SQS-SD edge: draft locally, verify in the cloud")
+    ap.add_argument("--log-level", default=os.environ.get("SQS_LOG_LEVEL", "WARNING"))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate one continuation of a prompt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_generation_args(g)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    sys.exit(cmd_generate(a))
+
+
+if __name__ == "__main__":
+    main()

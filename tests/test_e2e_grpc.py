@@ -1,0 +1,237 @@
+"""End to end over real gRPC on loopback (port 0) with the tiny fp32 pair."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from scipy import stats
+
+from common.pb.v1 import sqs_pb2 as pb
+from common.pb.v1 import sqs_pb2_grpc
+from common.rejection import target_probs
+from tests.harness import CloudThread, draft_model, run_generation
+
+PROMPT = "The quick brown fox"
+SCHEMES = [
+    ("topk", {"k": 4}),
+    ("topk", {"k": 16, "drop_zeros": True}),
+    ("conformal", {"beta0": 0.02}),
+    ("dense", {}),
+    ("token", {}),
+    ("fp16-topk", {"k": 8}),
+    ("fp32", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    c = CloudThread()
+    yield c
+    c.stop()
+
+
+def test_t0_every_scheme_prints_the_reference_tokens(cloud):
+    """At T = 0 (fp32) speculative output equals plain target decoding token for token."""
+    ref = run_generation(cloud.address, PROMPT, scheme="none", max_new_tokens=24).token_ids
+    assert len(ref) == 24
+    for scheme, kw in SCHEMES:
+        res = run_generation(cloud.address, PROMPT, scheme=scheme, max_new_tokens=24, **kw)
+        assert res.token_ids == ref, scheme
+        if scheme != "fp32":  # fp32 dense drafts never fit the 5000-bit budget
+            assert res.stats.drafted > 0, scheme
+
+
+def _exact_first_token_probs(temperature: float) -> np.ndarray:
+    from cloud.server import load_target
+
+    _, new_lm = load_target("tiny")
+    ids = draft_model().tokenizer.encode(PROMPT)
+    logits = new_lm().logits(ids, want=1)[0]
+    return target_probs(logits.astype(np.float64), temperature)
+
+
+@pytest.mark.parametrize("scheme,kw", [("topk", {"k": 2}), ("conformal", {"beta0": 0.05})])
+def test_t1_first_tokens_follow_the_target_distribution(cloud, scheme, kw):
+    """Through the whole stack the first generated token ~ p(. | prompt): chi-square p > 1e-3.
+
+    max_new_tokens = 3 lets up to two drafts through, so the first token is an accepted draft, a
+    resampled token or (rarely) ... every path of the verifier contributes.
+    """
+    temperature, n = 0.8, 600
+    p = _exact_first_token_probs(temperature)
+    counts = np.zeros(p.size)
+    drafted = 0
+    for seed in range(n):
+        res = run_generation(cloud.address, PROMPT, scheme=scheme, max_new_tokens=3, temperature=temperature,
+                             seed=seed, **kw)
+        counts[res.token_ids[0]] += 1
+        drafted += res.stats.drafted
+    assert drafted >= n  # the speculative path was exercised
+    expected = p * n
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    pval = stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+    assert pval > 1e-3, (pval, obs, exp)
+
+
+def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(cloud):
+    ch = grpc.insecure_channel(cloud.address)
+    raw_open = ch.unary_unary("/sqs.v1.Verifier/OpenSession", request_serializer=None, response_deserializer=None)
+    raw_batch = ch.unary_unary("/sqs.v1.Verifier/VerifyBatch", request_serializer=None, response_deserializer=None)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        junk = rng.integers(0, 256, size=int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
+        for call in (raw_open, raw_batch):
+            with pytest.raises(grpc.RpcError) as e:
+                call(junk, timeout=5)
+            assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), e.value
+    stub = sqs_pb2_grpc.VerifierStub(ch)
+    m = draft_model()
+    good = pb.OpenSessionRequest(
+        context_token_ids=[1, 2, 3], vocab_size=m.vocab_size, vocab_fingerprint=m.fingerprint, max_drafts=8,
+        scheme=pb.SchemeParams(scheme=pb.SCHEME_TOPK, k=4, ell=100), sampling=pb.SamplingParams(temperature=1.0),
+    )
+    bad_opens = {
+        "empty context": dict(context_token_ids=[]),
+        "token outside vocab": dict(context_token_ids=[1, 10_000]),
+        "huge context": dict(context_token_ids=list(range(100)) * 2000),
+        "bad temperature": dict(sampling=pb.SamplingParams(temperature=-1)),
+        "k > V": dict(scheme=pb.SchemeParams(scheme=pb.SCHEME_TOPK, k=10_000, ell=100)),
+        "no scheme": dict(scheme=pb.SchemeParams()),
+        "absurd max_drafts": dict(max_drafts=10**6),
+    }
+    for name, change in bad_opens.items():
+        req = pb.OpenSessionRequest()
+        req.CopyFrom(good)
+        for field, value in change.items():
+            req.ClearField(field)
+            if isinstance(value, list):
+                getattr(req, field).extend(value)
+            elif hasattr(value, "CopyFrom"):
+                getattr(req, field).CopyFrom(value)
+            else:
+                setattr(req, field, value)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.OpenSession(req, timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert e.value.details(), name
+    wrong_vocab = pb.OpenSessionRequest()
+    wrong_vocab.CopyFrom(good)
+    wrong_vocab.vocab_fingerprint = "0" * 64
+    with pytest.raises(grpc.RpcError) as e:
+        stub.OpenSession(wrong_vocab, timeout=5)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    sid = stub.OpenSession(good, timeout=5).session_id
+    bad_batches = {
+        "position mismatch": pb.DraftBatch(session_id=sid, position=99, num_drafts=0),
+        "too many drafts": pb.DraftBatch(session_id=sid, position=3, num_drafts=9, packed=b"\x01" * 40),
+        "truncated": pb.DraftBatch(session_id=sid, position=3, num_drafts=2, packed=b"\x07"),
+        "raw on lattice": pb.DraftBatch(session_id=sid, position=3, num_drafts=0, raw=b"\x00" * 4),
+    }
+    for name, batch in bad_batches.items():
+        with pytest.raises(grpc.RpcError) as e:
+            stub.VerifyBatch(batch, timeout=5)
+        assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), name
+        sid = stub.OpenSession(good, timeout=5).session_id  # a refused batch closes its session
+    with pytest.raises(grpc.RpcError) as e:
+        stub.VerifyBatch(pb.DraftBatch(session_id="no-such-session", position=3), timeout=5)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    ok = stub.VerifyBatch(pb.DraftBatch(session_id=sid, position=3, num_drafts=0), timeout=5)
+    assert ok.accepted == 0 and ok.position == 4
+    ch.close()
+    assert len(run_generation(cloud.address, PROMPT, max_new_tokens=8).token_ids) == 8
+
+
+def test_health_and_reflection(cloud):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    ch = grpc.insecure_channel(cloud.address)
+    status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="sqs.v1.Verifier"), timeout=5)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    names = {s.name for s in reply.list_services_response.service}
+    assert "sqs.v1.Verifier" in names and "grpc.health.v1.Health" in names
+    ch.close()
+
+
+def test_cloud_restart_mid_generation_gives_identical_output():
+    """Kill the cloud after the first rounds; the edge re-opens with its context and finishes the same."""
+    first = CloudThread()
+    port = first.port
+    reference = run_generation(first.address, PROMPT, scheme="conformal", max_new_tokens=30, temperature=1.0, seed=7)
+    holder = {"cloud": first}
+    import edge.generate as gen_mod
+
+    original = gen_mod._record
+    calls = {"n": 0}
+
+    def restart_after_two_rounds(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            holder["cloud"].stop()
+            holder["cloud"] = CloudThread(port=port)
+        return original(*a, **kw)
+
+    gen_mod._record = restart_after_two_rounds
+    try:
+        resumed = run_generation(first.address, PROMPT, scheme="conformal", max_new_tokens=30, temperature=1.0, seed=7)
+    finally:
+        gen_mod._record = original
+        holder["cloud"].stop()
+    assert resumed.stats.reopens == 1
+    assert resumed.token_ids == reference.token_ids
+
+
+def test_two_concurrent_sessions_match_their_solo_runs(cloud):
+    solo = [run_generation(cloud.address, PROMPT, scheme="topk", k=4, temperature=1.0, seed=s, max_new_tokens=20)
+            .token_ids for s in (1, 2)]
+    results: dict[int, list[int]] = {}
+
+    def run(seed: int) -> None:
+        results[seed] = run_generation(cloud.address, PROMPT, scheme="topk", k=4, temperature=1.0, seed=seed,
+                                       max_new_tokens=20).token_ids
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[1], results[2]] == solo
+
+
+def test_cli_generate_json(cloud):
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "generate", "--cloud", cloud.address, "--prompt", PROMPT,
+         "--max-new-tokens", "12", "--sparsifier", "conformal", "--seed", "3", "--temperature", "0.5", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    for key in ("text", "token_ids", "rounds", "drafted", "accepted", "resampled", "uplink_payload_bytes",
+                "uplink_wire_bytes", "formula_bits", "draft_ms", "uplink_ms", "verify_ms", "downlink_ms", "total_ms"):
+        assert key in d, key
+    assert len(d["token_ids"]) == 12
+    # Wire bytes are measured on the connection and include framing: more than the payload.
+    assert d["uplink_wire_bytes"] > d["uplink_payload_bytes"] > 0
+
+
+def test_cli_unreachable_cloud_is_one_line_error():
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "generate", "--cloud", "127.0.0.1:1", "--prompt", "x", "--max-new-tokens", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sqs-edge: error:"), out.stderr
