@@ -235,3 +235,55 @@ def test_cli_unreachable_cloud_is_one_line_error():
     assert out.returncode != 0
     lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("sqs-edge: error:"), out.stderr
+
+
+def test_cloud_metrics_match_the_edge_stats(cloud):
+    g = cloud.running.metrics.registry.get_sample_value
+    lab = {"sparsifier": "conformal"}
+    before = {n: g(n, lab) or 0.0 for n in ("sqs_batches_total", "sqs_draft_tokens_total", "sqs_accepted_tokens_total",
+                                           "sqs_resampled_tokens_total", "sqs_uplink_payload_bytes_total")}
+    res = run_generation(cloud.address, PROMPT, scheme="conformal", max_new_tokens=20, temperature=1.0, seed=5)
+    s = res.stats
+    assert g("sqs_batches_total", lab) - before["sqs_batches_total"] == s.rounds
+    assert g("sqs_draft_tokens_total", lab) - before["sqs_draft_tokens_total"] == s.drafted
+    assert g("sqs_accepted_tokens_total", lab) - before["sqs_accepted_tokens_total"] == s.accepted
+    assert g("sqs_resampled_tokens_total", lab) - before["sqs_resampled_tokens_total"] == s.resampled
+    assert g("sqs_uplink_payload_bytes_total", lab) - before["sqs_uplink_payload_bytes_total"] == s.uplink_payload_bytes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sqs_cloud_process_serves_and_exports_metrics():
+    import time
+    import urllib.request
+
+    port, mport = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cloud", "--port", str(port), "--metrics-port", str(mport),
+                             "--host", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                res = run_generation(f"127.0.0.1:{port}", PROMPT, max_new_tokens=6)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        assert len(res.token_ids) == 6
+        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+        for name in ("sqs_batches_total", "sqs_draft_tokens_total", "sqs_accepted_tokens_total",
+                     "sqs_resampled_tokens_total", "sqs_bonus_tokens_total", "sqs_uplink_payload_bytes_total",
+                     "sqs_uplink_formula_bits_total", "sqs_batch_latency_seconds_bucket", "sqs_active_sessions"):
+            assert name in body, name
+        assert 'sparsifier="topk"' in body
+        assert "session=" not in body and "session_id" not in body and "prompt" not in body  # bounded labels
+    finally:
+        proc.terminate()
+        proc.wait(20)
