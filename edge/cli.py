@@ -144,8 +144,22 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--prompt", required=True)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_generation_args(g)
+    sv = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, /healthz, /metrics, /docs)")
+    env = os.environ.get
+    sv.add_argument("--cloud", default=env("SQS_CLOUD", "127.0.0.1:50051"), help="HOST:PORT of sqs-cloud")
+    sv.add_argument("--draft-model", default=env("SQS_DRAFT_MODEL", "tiny"))
+    sv.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"])
+    sv.add_argument("--host", default=env("SQS_EDGE_HOST", "0.0.0.0"))
+    sv.add_argument("--port", type=int, default=int(env("SQS_EDGE_PORT", "8080")))
+    sv.add_argument("--max-concurrency", type=int, default=int(env("SQS_EDGE_CONCURRENCY", "4")))
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if a.cmd == "serve":
+        from edge.api import EdgeServerConfig, serve
+
+        serve(EdgeServerConfig(cloud=a.cloud, draft_model=a.draft_model, dtype=a.dtype, host=a.host,
+                               port=a.port, max_concurrency=a.max_concurrency))
+        sys.exit(0)
     sys.exit(cmd_generate(a))
 
 

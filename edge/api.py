@@ -1,0 +1,224 @@
+"""Edge HTTP API (FastAPI): applications ask the edge for continuations over HTTP.
+
+  POST /v1/generate          JSON in, JSON out: text, token_ids and the stats of `sqs-edge generate --json`
+  POST /v1/generate/stream   the same, as server-sent events: one `tokens` event per round, then `done`
+  GET  /healthz              200 when the cloud answers its health check, 503 otherwise
+  GET  /metrics              Prometheus (common/metrics.py)
+  GET  /docs, /openapi.json  OpenAPI
+
+Model and network work runs in a thread pool, never on the event loop; each request has its own
+KV cache and cloud session, sharing the draft model's weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from common.metrics import Metrics
+from common.schemes import Scheme, SchemeConfig
+from edge.client import ClientConfig, CloudClient, CloudError
+from edge.drafter import DraftConfig, Drafter
+from edge.generate import GenerationResult, generate
+
+log = logging.getLogger("sqs.edge")
+
+
+@dataclass(frozen=True)
+class EdgeServerConfig:
+    cloud: str = "127.0.0.1:50051"
+    draft_model: str = "tiny"
+    dtype: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_concurrency: int = 4  # generations running at once (threads)
+    connect_timeout_s: float = 2.0
+    retries: int = 1  # a cloud outage answers 503 after a few seconds, not a hang
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=100_000)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    sparsifier: Literal["topk", "conformal", "dense", "token", "fp16-topk", "fp32", "none"] = "topk"
+    k: int = Field(8, ge=1, le=4096)
+    ell: int = Field(100, ge=1, le=65536)
+    drop_zeros: bool = False
+    beta0: float = Field(0.01, ge=-1.0, le=2.0)
+    eta: float = Field(0.001, ge=0.0, le=1.0)
+    alpha: float = Field(0.0005, ge=0.0, le=1.0)
+    budget_bits: float = Field(5000.0, gt=0.0, le=1e9)
+    budget_accounting: Literal["honest", "formula"] = "honest"
+    draft_len: int = Field(8, ge=0, le=256)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    token_ids: list[int]
+    stop_reason: str
+    stats: dict
+
+
+def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
+    """The app; `model` (a sqs_models LoadedModel) is loaded at startup when not given."""
+    metrics = Metrics()
+    executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="generate")
+    state: dict = {"model": model, "active": 0}
+    active_lock = threading.Lock()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state["model"] is None:
+            from sqs_models.registry import load_model
+
+            state["model"] = await asyncio.get_running_loop().run_in_executor(
+                executor, lambda: load_model(config.draft_model, role="draft", dtype=config.dtype)
+            )
+        yield
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="SQS-SD edge", version="1", lifespan=lifespan,
+                  description="Speculative decoding with a local draft model and a cloud verifier.")
+
+    def run(req: GenerateRequest, on_tokens=None) -> GenerationResult:
+        from sqs_models.cached_lm import CachedLM
+
+        m = state["model"]
+        scheme = Scheme.NONE if req.draft_len == 0 else Scheme(req.sparsifier)
+        try:
+            dcfg = DraftConfig(
+                scheme=SchemeConfig(scheme, vocab_size=m.vocab_size, k=req.k, ell=req.ell,
+                                    drop_zeros=req.drop_zeros and scheme.lattice,
+                                    beta0=req.beta0, eta=req.eta, alpha=req.alpha),
+                max_draft_len=req.draft_len, budget_bits=req.budget_bits, budget_accounting=req.budget_accounting,
+                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+            )
+        except ValueError as exc:
+            raise HTTPException(422, detail=str(exc)) from None
+        prompt_ids = list(m.tokenizer.encode(req.prompt))
+        if not prompt_ids:
+            raise HTTPException(422, detail="the prompt encodes to no tokens")
+        drafter = Drafter(CachedLM(m.model, m.vocab_size), dcfg, m.eos_token_ids)
+        with active_lock:
+            state["active"] += 1
+            metrics.sessions.set(state["active"])
+        try:
+            cc = ClientConfig(config.cloud, connect_timeout_s=config.connect_timeout_s, retries=config.retries)
+            with CloudClient(cc) as client:
+                result = generate(prompt_ids, drafter, client, max_new_tokens=req.max_new_tokens,
+                                  vocab_fingerprint=m.fingerprint, on_tokens=on_tokens, metrics=metrics)
+            log.info("generation session=%s sparsifier=%s tokens=%d rounds=%d", result.session_id,
+                     scheme.value, result.stats.generated, result.stats.rounds)
+            return result
+        except CloudError as exc:
+            raise HTTPException(_http_status(exc), detail=str(exc)) from None
+        finally:
+            with active_lock:
+                state["active"] -= 1
+                metrics.sessions.set(state["active"])
+
+    def response_of(result: GenerationResult) -> dict:
+        return GenerateResponse(
+            text=state["model"].tokenizer.decode(result.token_ids), token_ids=result.token_ids,
+            stop_reason=result.stop_reason, stats=result.stats.summary(),
+        ).model_dump()
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate_endpoint(req: GenerateRequest):
+        result = await asyncio.get_running_loop().run_in_executor(executor, run, req)
+        return response_of(result)
+
+    @app.post("/v1/generate/stream")
+    async def generate_stream(req: GenerateRequest):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        tok = state["model"].tokenizer
+        emitted: list[int] = []
+        printed = [""]
+
+        def on_tokens(new: list[int]) -> None:
+            emitted.extend(new)
+            text = tok.decode(emitted)
+            delta, printed[0] = text[len(printed[0]):], text
+            loop.call_soon_threadsafe(queue.put_nowait, ("tokens", {"token_ids": new, "text": delta}))
+
+        def work() -> None:
+            try:
+                result = run(req, on_tokens)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", response_of(result)))
+            except HTTPException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", {"status": exc.status_code, "detail": exc.detail}))
+            except Exception as exc:  # the stream must end with an event, never hang
+                log.exception("stream generation failed")
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", {"status": 500, "detail": str(exc)}))
+
+        executor.submit(work)
+
+        async def events():
+            while True:
+                kind, data = await queue.get()
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind in ("done", "error"):
+                    return
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/healthz")
+    async def healthz():
+        ok, detail = await asyncio.get_running_loop().run_in_executor(None, _cloud_health, config.cloud)
+        body = {"status": "ok" if ok else "unavailable", "cloud": config.cloud, "cloud_status": detail,
+                "draft_model": config.draft_model, "model_loaded": state["model"] is not None}
+        return JSONResponse(body, status_code=200 if ok and state["model"] is not None else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    app.state.metrics = metrics
+    return app
+
+
+def _http_status(exc: CloudError) -> int:
+    if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, None):
+        return 503
+    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 429
+    return 502  # the cloud refused the request (e.g. a tokenizer mismatch): a gateway problem
+
+
+def _cloud_health(target: str) -> tuple[bool, str]:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(target)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="sqs.v1.Verifier"), timeout=1.5)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError as exc:
+        return False, f"{exc.code().name}: {exc.details()}"
+    finally:
+        channel.close()
+
+
+def serve(config: EdgeServerConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
