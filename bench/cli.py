@@ -15,7 +15,27 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("codec", help="codec microbenchmark (time and bits per draft token)")
     c.add_argument("--quick", action="store_true", help="fewer distributions, V = 50257 only")
     c.add_argument("--n", type=int, default=64, help="distributions per setting")
+    e = sub.add_parser("e2e", help="real end-to-end runs, schemes side by side (cloud process + edge)")
+    e.add_argument("--draft-model", default="tiny")
+    e.add_argument("--target-model", default="tiny")
+    e.add_argument("--schemes", nargs="+", default=["none", "topk:8", "conformal:0.01"],
+                   help="none | topk:K | conformal:BETA0 | dense | token | fp16-topk:K | fp32")
+    e.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    e.add_argument("--prompts", nargs="+", default=["def fibonacci(n):"])
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--draft-len", type=int, default=8)
+    e.add_argument("--budget-bits", type=float, default=5000.0)
+    e.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.cmd == "e2e":
+        from bench.e2e import Setting, format_rows, parse_scheme, run_settings
+
+        settings = [Setting(**parse_scheme(s), temperature=t) for t in a.temperatures for s in a.schemes]
+        rows = run_settings(a.draft_model, a.target_model, settings, a.prompts, a.max_new_tokens, seed=a.seed,
+                            max_draft_len=a.draft_len, budget_bits=a.budget_bits)
+        print(f"draft {a.draft_model}, target {a.target_model}, {len(a.prompts)} prompt(s), "
+              f"{a.max_new_tokens} new tokens each")
+        print(format_rows(rows))
     if a.cmd == "codec":
         from bench.codec_bench import format_table, run
 
