@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 
 from cloud.server import CloudConfig, create_server
 from cloud.verifier import VerifierConfig
+from common.logs import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> CloudConfig:
@@ -26,8 +26,9 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
     ap.add_argument("--max-sessions", type=int, default=int(env("SQS_MAX_SESSIONS", "64")))
     ap.add_argument("--session-ttl", type=float, default=float(env("SQS_SESSION_TTL_S", "600")))
     ap.add_argument("--log-level", default=env("SQS_LOG_LEVEL", "INFO"))
+    ap.add_argument("--log-format", choices=["text", "json"], default=env("SQS_LOG_FORMAT", "text"))
     a = ap.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(a.log_level, a.log_format)
     return CloudConfig(
         model=a.model, dtype=a.dtype, host=a.host, port=a.port, metrics_port=a.metrics_port, workers=a.workers,
         verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl),

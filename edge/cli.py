@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass
 
+from common.logs import setup_logging
 from common.schemes import Scheme, SchemeConfig
 
 SPARSIFIERS = [s.value for s in Scheme]
@@ -139,6 +139,7 @@ def _fail(msg: str, code: int = 1) -> int:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="sqs-edge", description="SQS-SD edge: draft locally, verify in the cloud")
     ap.add_argument("--log-level", default=os.environ.get("SQS_LOG_LEVEL", "WARNING"))
+    ap.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("SQS_LOG_FORMAT", "text"))
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate one continuation of a prompt")
     g.add_argument("--prompt", required=True)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     sv.add_argument("--port", type=int, default=int(env("SQS_EDGE_PORT", "8080")))
     sv.add_argument("--max-concurrency", type=int, default=int(env("SQS_EDGE_CONCURRENCY", "4")))
     a = ap.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(a.log_level, a.log_format)
     if a.cmd == "serve":
         from edge.api import EdgeServerConfig, serve
 
