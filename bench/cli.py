@@ -1,6 +1,8 @@
 """sqs-bench: benchmarks that print their figures.
 
   sqs-bench codec [--quick]      time and bits per draft token for every scheme
+  sqs-bench run --out DIR        the paper's experiments, all schemes side by side: results.csv + PNG plots
+  sqs-bench e2e                  a few schemes through a real cloud process, printed
 """
 
 from __future__ import annotations
@@ -26,7 +28,31 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--draft-len", type=int, default=8)
     e.add_argument("--budget-bits", type=float, default=5000.0)
     e.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="the paper's experiments: all schemes side by side -> results.csv + plots")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--quick", action="store_true", help="tiny pair, small grid: under a minute")
+    r.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
+    r.add_argument("--target-model", default="qwen2.5-coder-1.5b")
+    r.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    r.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    r.add_argument("--betas", nargs="+", type=float, default=[0.01, 0.001])
+    r.add_argument("--etas", nargs="+", type=float, default=[0.0, 0.001])
+    r.add_argument("--alpha", type=float, default=0.0005)
+    r.add_argument("--ell", type=int, default=100)
+    r.add_argument("--budget-bits", type=float, default=5000.0)
+    r.add_argument("--draft-len", type=int, default=16, help="max drafts per batch besides the bit budget")
+    r.add_argument("--prompts", type=int, default=4, help="Wikipedia-summary prompts per setting")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--no-baselines", action="store_true")
+    r.add_argument("--link-rate", type=float, default=1e6, help="headline link rate, bit/s")
+    r.add_argument("--link-rtt-ms", type=float, default=50.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.cmd == "run":
+        from bench.paper import main_run
+
+        sys.exit(main_run(a))
     if a.cmd == "e2e":
         from bench.e2e import Setting, format_rows, parse_scheme, run_settings
 

@@ -117,6 +117,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             "target_model": result.target_model,
             "vocab_size": model.vocab_size,
             "final_beta": drafter.beta,
+            "mean_dropped_mass": result.mean_dropped_mass,
+            "theorem2_bound": result.theorem2_bound,
             **summary,
         }))
     else:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -28,6 +29,10 @@ class GenerationResult:
     session_id: str = ""
     target_model: str = ""
     beta_trace: list[float] = field(default_factory=list)
+    # C-SQS, Theorem 2 over the positions whose updates survived (None for other schemes)
+    counted_positions: int = 0
+    mean_dropped_mass: float | None = None
+    theorem2_bound: float | None = None
 
 
 def generate(
@@ -91,7 +96,14 @@ def generate(
     stats.reopens = client.reopens
     up1, _ = client.wire_counts()
     stats.setup_wire_bytes = (up1 - wire0[0]) - stats.uplink_wire_bytes
-    return GenerationResult(out, stats, stop_reason, client.session_id, opened.target_model, betas)
+    result = GenerationResult(out, stats, stop_reason, client.session_id, opened.target_model, betas)
+    if drafter.controller is not None:
+        c = drafter.controller
+        result.counted_positions = c.counted_positions
+        result.mean_dropped_mass = c.mean_dropped_mass
+        bound = c.theorem2_bound()
+        result.theorem2_bound = bound if math.isfinite(bound) else None  # eta = 0: no bound (and valid JSON)
+    return result
 
 
 def _record(batch, packed, msg, reply, v, beta) -> RoundRecord:
