@@ -1,17 +1,33 @@
 """A batch of drafts <-> packed bytes (one mixed-radix integer plus raw float values).
 
 Per draft, in this order (radices in brackets; a field with radix 1 costs nothing):
-  support size K'-1      [max_support]   only where K varies (conformal, or drop_zeros)
-  support subset rank    [C(V, K')]      combinatorial number system
-  lattice counts rank    [C(ell+K'-1, K'-1)], or [C(ell-1, K'-1)] with drop_zeros (positive parts)
-  draft token index      [K']            position of the draft token in the support
-Float baselines (fp16-topk, fp32) put their values, little-endian, in `raw`.
-The token index costs log2 K' bits more than the paper's formula, which leaves the token out.
+
+  plain lattice schemes (topk, token, dense, conformal):
+    support size K-1       [V]              conformal only (K varies)
+    support subset rank    [C(V, K)]        combinatorial number system
+    lattice counts rank    [C(ell+K-1, K-1)] compositions of ell into K non-negative parts
+  drop_zeros with top-K (zero-count entries left out of the support):
+    one rank               [U]              U = sum_{j=1..K} C(V, j) C(ell-1, j-1): every pair
+                                            (support of j tokens, composition of ell into j positive
+                                            parts), exactly enumerated: never more than the plain
+                                            C(V, K) C(ell+K-1, K-1) (every plain pair maps onto one),
+                                            and the size j costs next to nothing.
+  drop_zeros with conformal / dense (the support size varies widely, mostly far below its maximum):
+    support size K'-1      [min(Kmax, ell)] then subset rank [C(V, K')] and positive counts
+                                            [C(ell-1, K'-1)]. For conformal never more than the
+                                            plain code; for dense QS far less whenever ell << V.
+  float baselines (fp16-topk, fp32):
+    support subset rank    [C(V, K)]        values little-endian in `raw`
+  every scheme:
+    draft token index      [K]              position of the draft token in the support
+
+The token index costs log2 K bits more than the paper's formula, which leaves the token out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -39,16 +55,34 @@ class PackedBatch:
         return len(self.payload) + len(self.raw)
 
 
-def _varies(config: SchemeConfig) -> bool:
-    return config.scheme == Scheme.CONFORMAL or config.drop_zeros
+@lru_cache(maxsize=64)
+def _union_table(v: int, ell: int, kmax: int) -> tuple[list[int], list[int], list[int]]:
+    """Offsets, C(V, j) and C(ell-1, j-1) for j = 1..kmax (index j-1); offsets has kmax+1 entries."""
+    offsets, subsets, comps = [0], [], []
+    c_v, c_l = v, 1  # C(V, 1), C(ell-1, 0)
+    for j in range(1, kmax + 1):
+        subsets.append(c_v)
+        comps.append(c_l)
+        offsets.append(offsets[-1] + c_v * c_l)
+        c_v = c_v * (v - j) // (j + 1)  # C(V, j+1)
+        c_l = c_l * (ell - 1 - (j - 1)) // j if j <= ell - 1 else 0  # C(ell-1, j)
+    return offsets, subsets, comps
+
+
+def _union_coded(config: SchemeConfig) -> bool:
+    return config.drop_zeros and config.scheme in (Scheme.TOPK, Scheme.TOKEN)
 
 
 def draft_radices(config: SchemeConfig, k: int) -> list[int]:
     """Radices of one draft's mixed-radix fields when its support has k tokens."""
     v, ell = config.vocab_size, config.ell
+    if _union_coded(config):
+        return [_union_table(v, ell, config.max_support)[0][-1], k]
     out = []
-    if _varies(config):
+    if config.drop_zeros:
         out.append(config.max_support)
+    elif config.scheme == Scheme.CONFORMAL:
+        out.append(v)
     out.append(ranking.num_subsets(v, k))
     if config.scheme.lattice:
         out.append(ranking.num_compositions(ell, k, positive=config.drop_zeros))
@@ -66,38 +100,61 @@ def draft_bits(config: SchemeConfig, k: int) -> tuple[float, float]:
     return honest, bits.formula_bits(config, k)
 
 
+def _check_draft(d: Draft, config: SchemeConfig) -> int:
+    """Refuse a draft the format would silently turn into another one; returns the token index."""
+    sup, k, v = d.support, int(d.support.size), config.vocab_size
+    if k < 1 or sup[0] < 0 or sup[-1] >= v or np.any(np.diff(sup) <= 0):
+        raise ValueError("support must be non-empty, strictly increasing and inside the vocabulary")
+    if config.scheme in (Scheme.TOPK, Scheme.TOKEN, Scheme.DENSE, Scheme.FP16_TOPK, Scheme.FP32) \
+            and not config.drop_zeros and k != config.max_support:
+        raise ValueError(f"scheme {config.scheme.value} sends {config.max_support} support entries, draft has {k}")
+    if config.drop_zeros and k > config.max_support:
+        raise ValueError(f"zero-drop support of {k} exceeds {config.max_support}")
+    index = int(np.searchsorted(sup, d.token))
+    if index >= k or sup[index] != d.token or not d.probs[index] > 0:
+        raise ValueError(f"draft token {d.token} is not a support entry with positive probability")
+    if config.scheme.lattice:
+        c = d.counts
+        if c is None or c.size != k or int(c.sum()) != config.ell or np.any(c < (1 if config.drop_zeros else 0)):
+            raise ValueError(f"counts must be {k} {'positive' if config.drop_zeros else 'non-negative'} "
+                             f"integers summing to ell={config.ell}")
+    elif d.values is None or d.values.size != k:
+        raise ValueError("float schemes need one value per support entry")
+    return index
+
+
 def pack(drafts: Sequence[Draft], config: SchemeConfig) -> PackedBatch:
     """Pack the drafts of one batch (the order is the draft order)."""
+    v, ell = config.vocab_size, config.ell
     w = MixedRadixWriter()
     raw = bytearray()
-    honest_raw = 0
     formula = 0.0
     for d in drafts:
+        index = _check_draft(d, config)
         k = int(d.support.size)
-        if not _varies(config) and k != config.max_support:
-            raise ValueError(f"scheme {config.scheme.value} sends {config.max_support} support entries, draft has {k}")
-        radices = draft_radices(config, k)
-        fields = []
-        if _varies(config):
-            fields.append(k - 1)
-        fields.append(ranking.rank_subset(d.support.tolist(), config.vocab_size))
-        if config.scheme.lattice:
-            fields.append(ranking.rank_composition(d.counts.tolist(), positive=config.drop_zeros))
-        index = int(np.searchsorted(d.support, d.token))
-        fields.append(index)
-        for value, radix in zip(fields, radices):
-            w.write(value, radix)
+        subset = ranking.rank_subset(d.support.tolist(), v)
+        if _union_coded(config):
+            offsets, _, comps = _union_table(v, ell, config.max_support)
+            comp = ranking.rank_composition(d.counts.tolist(), positive=True)
+            w.write(offsets[k - 1] + subset * comps[k - 1] + comp, offsets[-1])
+        else:
+            radices = draft_radices(config, k)
+            fields = [subset]
+            if config.scheme.lattice:
+                fields.append(ranking.rank_composition(d.counts.tolist(), positive=config.drop_zeros))
+            if len(radices) == len(fields) + 2:  # a support-size field leads
+                fields.insert(0, k - 1)
+            for value, radix in zip(fields, radices):
+                w.write(value, radix)
+        w.write(index, k)
         if d.values is not None:
-            dtype = "<f2" if config.scheme == Scheme.FP16_TOPK else "<f4"
-            chunk = np.asarray(d.values).astype(dtype).tobytes()
-            raw += chunk
-            honest_raw += 8 * len(chunk)
+            raw += np.asarray(d.values).astype("<f2" if config.scheme == Scheme.FP16_TOPK else "<f4").tobytes()
         formula += bits.formula_bits(config, k)
     return PackedBatch(
         payload=w.to_bytes(),
         raw=bytes(raw),
-        packed_bits=w.bits + honest_raw,
-        honest_bits=w.log2_capacity + honest_raw if drafts else 0.0,
+        packed_bits=w.bits + 8 * len(raw),
+        honest_bits=(w.log2_capacity + 8 * len(raw)) if drafts else 0.0,
         formula_bits=formula,
     )
 
@@ -106,25 +163,37 @@ def unpack(num_drafts: int, payload: bytes, raw: bytes, config: SchemeConfig) ->
     """Inverse of pack; every inconsistency raises PayloadError with the reason."""
     v, ell = config.vocab_size, config.ell
     r = MixedRadixReader(payload)
-    raw_view = memoryview(raw)
     raw_pos = 0
     out: list[Draft] = []
     try:
         for n in range(num_drafts):
-            k = r.read(config.max_support) + 1 if _varies(config) else config.max_support
-            if min(k, v - k) > MAX_RANKED_SUPPORT:
-                raise PayloadError(f"draft {n}: support of {k} tokens exceeds the limit of {MAX_RANKED_SUPPORT}")
-            support = np.asarray(ranking.unrank_subset(r.read(ranking.num_subsets(v, k)), k, v), dtype=np.int64)
             counts = values = None
-            if config.scheme.lattice:
-                crank = r.read(ranking.num_compositions(ell, k, positive=config.drop_zeros))
-                counts = np.asarray(
-                    ranking.unrank_composition(crank, ell, k, positive=config.drop_zeros), dtype=np.int64
-                )
+            if _union_coded(config):
+                offsets, _, comps = _union_table(v, ell, config.max_support)
+                rank = r.read(offsets[-1])
+                k = int(np.searchsorted(offsets, rank, side="right"))  # offsets[k-1] <= rank < offsets[k]
+                subset, comp = divmod(rank - offsets[k - 1], comps[k - 1])
+                counts = np.asarray(ranking.unrank_composition(comp, ell, k, positive=True), dtype=np.int64)
+            else:
+                if config.drop_zeros:
+                    k = r.read(config.max_support) + 1
+                elif config.scheme == Scheme.CONFORMAL:
+                    k = r.read(v) + 1
+                else:
+                    k = config.max_support
+                if min(k, v - k) > MAX_RANKED_SUPPORT:
+                    raise PayloadError(f"draft {n}: support of {k} tokens exceeds the limit of {MAX_RANKED_SUPPORT}")
+                subset = r.read(ranking.num_subsets(v, k))
+                if config.scheme.lattice:
+                    pos = config.drop_zeros
+                    comp = r.read(ranking.num_compositions(ell, k, positive=pos))
+                    counts = np.asarray(ranking.unrank_composition(comp, ell, k, positive=pos), dtype=np.int64)
+            support = np.asarray(ranking.unrank_subset(subset, k, v), dtype=np.int64)
+            if counts is not None:
                 probs = dequantize(counts, ell)
             else:
                 width = 2 if config.scheme == Scheme.FP16_TOPK else 4
-                chunk = raw_view[raw_pos : raw_pos + width * k]
+                chunk = raw[raw_pos : raw_pos + width * k]
                 if len(chunk) != width * k:
                     raise PayloadError(f"draft {n}: raw values truncated ({len(chunk)} of {width * k} bytes)")
                 raw_pos += width * k
@@ -139,6 +208,8 @@ def unpack(num_drafts: int, payload: bytes, raw: bytes, config: SchemeConfig) ->
         r.finish()
     except PackingError as exc:
         raise PayloadError(str(exc)) from None
+    except PayloadError:
+        raise
     except ValueError as exc:  # ranking rejects an out-of-range rank
         raise PayloadError(f"corrupt payload: {exc}") from None
     if raw_pos != len(raw):

@@ -112,9 +112,9 @@ def verify(
     target_probs: float64 [L+1, V] after the target's temperature/top-k/top-p (one-hot for T = 0).
     Returns (accepted, token): the accepted count and the resampled or bonus token.
     """
-    q = np.asarray(draft_probs, dtype=np.float64).reshape(len(draft_tokens), -1)
+    q = np.asarray(draft_probs, dtype=np.float64)
     rows = []
-    for row in q:
+    for row in q if len(draft_tokens) else []:
         tokens = np.flatnonzero(row > 0)
         rows.append(SparseRow(tokens=tokens, probs=row[tokens]))
     return verify_sparse(draft_tokens, rows, np.asarray(target_probs, dtype=np.float64), rng)

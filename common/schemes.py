@@ -61,8 +61,11 @@ class SchemeConfig:
         object.__setattr__(self, "scheme", Scheme(self.scheme))
         if self.vocab_size < 2:
             raise ValueError("vocab_size must be >= 2")
-        if self.scheme in (Scheme.TOPK, Scheme.FP16_TOPK) and not 1 <= self.k <= self.vocab_size:
-            raise ValueError(f"k must lie in [1, V={self.vocab_size}], got {self.k}")
+        if self.scheme in (Scheme.TOPK, Scheme.FP16_TOPK):
+            if not 1 <= self.k <= self.vocab_size:
+                raise ValueError(f"k must lie in [1, V={self.vocab_size}], got {self.k}")
+            if min(self.k, self.vocab_size - self.k) > MAX_RANKED_SUPPORT:
+                raise ValueError(f"k={self.k} exceeds the ranking limit of {MAX_RANKED_SUPPORT} support entries")
         if self.scheme.lattice and self.ell < 1:
             raise ValueError("ell must be >= 1")
         if self.drop_zeros and not self.scheme.lattice:
@@ -77,7 +80,7 @@ class SchemeConfig:
             k = 1
         else:
             k = self.vocab_size
-        return min(k, self.ell) if self.drop_zeros else k
+        return min(k, self.ell, MAX_RANKED_SUPPORT) if self.drop_zeros else k
 
 
 @dataclass(frozen=True)

@@ -414,7 +414,6 @@ def test_verify_rejects_zero_probability_draft_and_shape_mismatch():
         verify([0], q, p[:1], np.random.default_rng(0))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug: verify() with L = 0 drafts fails in reshape(0, -1) instead of sampling p_1")
 def test_verify_with_no_drafts_samples_the_target():
     """L = 0 (plain target decoding through the same verifier): verify([], [0, V] rows, [1, V]
     target) returns (0, token ~ p_1). verify_sparse handles it; verify() raises ValueError
