@@ -43,6 +43,8 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--budget-accounting", choices=["honest", "formula"], default="honest")
     ap.add_argument("--draft-len", type=int, default=8, help="max drafts per batch; 0 = plain target decoding")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transport", choices=["stream", "unary"], default="stream",
+                    help="one gRPC stream per session (default) or one unary call per round")
 
 
 def build_draft_config(a: argparse.Namespace, vocab_size: int):
@@ -95,7 +97,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         printed[0] = text
 
     try:
-        with CloudClient(ClientConfig(a.cloud)) as client:
+        with CloudClient(ClientConfig(a.cloud, transport=a.transport)) as client:
             if not a.json:
                 sys.stdout.write(a.prompt)
             result = generate(

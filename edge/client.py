@@ -44,6 +44,7 @@ class ClientConfig:
     retries: int = 6
     backoff_s: float = 0.25  # doubles each retry, capped at 4 s
     meter: bool = True  # route through a byte-counting relay to measure wire bytes
+    transport: str = "stream"  # "stream": one Verify stream per session; "unary": one VerifyBatch call per round
 
 
 @dataclass(frozen=True)
@@ -132,14 +133,20 @@ class CloudClient:
         delay = self.config.backoff_s
         for attempt in range(self.config.retries + 1):
             try:
-                if self._stream is None:
-                    self._stream = _Stream(self._stub)
                 msg = pb.DraftBatch()
                 msg.CopyFrom(batch)
-                msg.session_id = self.session_id if self._stream.fresh else ""
+                if self.config.transport == "unary":
+                    msg.session_id = self.session_id
+                    call = lambda: self._stub.VerifyBatch(msg, timeout=self.config.round_timeout_s)  # noqa: E731
+                else:
+                    if self._stream is None:
+                        self._stream = _Stream(self._stub)
+                    msg.session_id = self.session_id if self._stream.fresh else ""
+                    stream = self._stream
+                    call = lambda: stream.round(msg, self.config.round_timeout_s)  # noqa: E731
                 up0, down0 = self.wire_counts()
                 sent = time.time_ns() // 1000
-                verdict = self._stream.round(msg, self.config.round_timeout_s)
+                verdict = call()
                 received = time.time_ns() // 1000
                 up1, down1 = self.wire_counts()
                 return RoundReply(verdict, sent, received, up1 - up0, down1 - down0)

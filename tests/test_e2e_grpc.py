@@ -287,3 +287,26 @@ def test_sqs_cloud_process_serves_and_exports_metrics():
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_unary_transport_gives_the_same_tokens_with_more_framing(cloud):
+    """Same seeds over VerifyBatch (unary) and Verify (stream): identical output; the unary call
+    pays HEADERS and trailers every round, so its measured uplink bytes per round are larger."""
+    from edge.client import ClientConfig, CloudClient
+    from edge.drafter import DraftConfig, Drafter
+    from edge.generate import generate
+    from common.schemes import SchemeConfig
+    from sqs_models.cached_lm import CachedLM
+
+    m = draft_model()
+    out = {}
+    for transport in ("stream", "unary"):
+        cfg = DraftConfig(scheme=SchemeConfig("topk", m.vocab_size, k=4), max_draft_len=4, temperature=1.0, seed=11)
+        drafter = Drafter(CachedLM(m.model, m.vocab_size), cfg)
+        with CloudClient(ClientConfig(cloud.address, transport=transport)) as client:
+            out[transport] = generate(m.tokenizer.encode(PROMPT), drafter, client, max_new_tokens=24,
+                                      vocab_fingerprint=m.fingerprint)
+    s, u = out["stream"], out["unary"]
+    assert s.token_ids == u.token_ids
+    assert s.stats.uplink_payload_bytes == u.stats.uplink_payload_bytes
+    assert u.stats.uplink_wire_bytes / u.stats.rounds > s.stats.uplink_wire_bytes / s.stats.rounds + 20
