@@ -1,0 +1,129 @@
+"""sqs-loadtest: N concurrent edge clients against one cloud verifier, on loopback only.
+
+  sqs-loadtest --clients 1 4 16 32 --requests 32 --duration-s 30 --max-new-tokens 32 \\
+      [--cloud 127.0.0.1:50051 | --target-model tiny] [--draft-model tiny] [--json-out F] [--csv-out F]
+
+Without --cloud a verifier is started in this process on 127.0.0.1 (any free port) with
+--target-model. Each level runs --warmup unmeasured requests per client, then measured requests
+until --requests (all clients together) or --duration-s, whichever comes first. Prints one table
+row per level. Exit status: 0, 1 if a level had no successful request, 2 for bad usage, 130 when
+interrupted (the levels measured so far are still printed and written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from loadtest.runner import DEFAULT_PROMPTS, LoadTestConfig, check_loopback
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edge.cli import add_generation_args
+
+    ap = argparse.ArgumentParser(
+        prog="sqs-loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    load = ap.add_argument_group("load")
+    load.add_argument("--clients", type=int, nargs="+", default=[1], metavar="N",
+                      help="concurrency levels, run in turn (one table row each)")
+    load.add_argument("--requests", type=int, default=32, help="measured requests per level, all clients together")
+    load.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per level at most")
+    load.add_argument("--warmup", type=int, default=1, help="unmeasured requests per client before each level")
+    load.add_argument("--prompt", action="append", default=None,
+                      help=f"prompt (repeat for several; default: {len(DEFAULT_PROMPTS)} built-in short prompts)")
+    load.add_argument("--target-model", default="tiny", help="target model of the in-process cloud (without --cloud)")
+    load.add_argument("--cloud-workers", type=int, default=2, help="torch worker threads of the in-process cloud")
+    load.add_argument("--connect-timeout-s", type=float, default=10.0)
+    load.add_argument("--round-timeout-s", type=float, default=60.0)
+    load.add_argument("--retries", type=int, default=0, help="client retries per call (0: every failure counts)")
+    load.add_argument("--meter", action="store_true", help="count wire bytes through a relay per client")
+    load.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    load.add_argument("--json-out", metavar="FILE", help="write the report as JSON")
+    load.add_argument("--csv-out", metavar="FILE", help="write one CSV row per measured request")
+    load.add_argument("--no-progress", action="store_true", help="no progress bar")
+    load.add_argument("--log-level", default=os.environ.get("SQS_LOG_LEVEL", "WARNING"))
+    gen = ap.add_argument_group("generation (as sqs-edge generate)")
+    add_generation_args(gen)
+    # A load test never picks up $SQS_CLOUD: without --cloud it starts its own verifier.
+    ap.set_defaults(cloud=None, max_new_tokens=32)
+    return ap
+
+
+def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
+    return LoadTestConfig(
+        clients=tuple(a.clients), requests=a.requests, duration_s=a.duration_s, warmup=a.warmup, cloud=a.cloud,
+        target_model=a.target_model, draft_model=a.draft_model, dtype=a.dtype,
+        prompts=tuple(a.prompt) if a.prompt else DEFAULT_PROMPTS, max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, sparsifier=a.sparsifier, k=a.k, ell=a.ell,
+        drop_zeros=a.drop_zeros, beta0=a.beta0, eta=a.eta, alpha=a.alpha, budget_bits=a.budget_bits,
+        budget_accounting=a.budget_accounting, draft_len=a.draft_len, seed=a.seed,
+        connect_timeout_s=a.connect_timeout_s, round_timeout_s=a.round_timeout_s, retries=a.retries,
+        meter=a.meter, cloud_workers=a.cloud_workers, progress=not a.no_progress,
+    )
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"sqs-loadtest: error: {msg}", file=sys.stderr)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.cloud is not None:
+        try:
+            check_loopback(a.cloud)  # before anything is loaded
+        except ValueError as exc:
+            return _fail(str(exc), 2)
+    try:
+        config = config_from_args(a)
+        config.validate()
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+
+    # gRPC core logs at INFO (e.g. a GOAWAY when the in-process cloud stops); keep its errors only.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from common.logs import setup_logging
+
+    setup_logging(a.log_level)
+    if a.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
+
+    from loadtest.runner import run_load_test
+    from sqs_models.registry import ModelNotInstalled
+
+    try:
+        report = run_load_test(config)
+    except KeyboardInterrupt:
+        return _fail("interrupted before any level was measured", 130)
+    except ModelNotInstalled as exc:
+        return _fail(str(exc), 2)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    except OSError as exc:  # e.g. the in-process cloud could not bind
+        return _fail(str(exc), 1)
+
+    print(report.header())
+    print(report.table(), flush=True)
+    for path, write in ((a.json_out, report.write_json), (a.csv_out, report.write_csv)):
+        if path:
+            try:
+                write(path)
+            except OSError as exc:
+                return _fail(f"cannot write {path}: {exc}", 1)
+    if report.interrupted:
+        return 130
+    if any(lv.summary()["ok"] == 0 for lv in report.levels):
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()
