@@ -11,6 +11,14 @@ import argparse
 import sys
 
 
+def _parse_scheme(spec: str) -> dict:
+    """'topk:8' -> {scheme: topk, k: 8}; 'conformal:0.01' -> beta0 0.01; 'none', 'dense', ..."""
+    name, _, arg = spec.partition(":")
+    if not arg:
+        return {"scheme": name}
+    return {"scheme": name, "k": int(arg)} if name in ("topk", "fp16-topk") else {"scheme": name, "beta0": float(arg)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="sqs-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -25,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     e.add_argument("--prompts", nargs="+", default=["def fibonacci(n):"])
     e.add_argument("--max-new-tokens", type=int, default=48)
-    e.add_argument("--draft-len", type=int, default=8)
+    e.add_argument("--draft-len", type=int, default=16)
     e.add_argument("--budget-bits", type=float, default=5000.0)
     e.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run", help="the paper's experiments: all schemes side by side -> results.csv + plots")
@@ -54,14 +62,16 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(main_run(a))
     if a.cmd == "e2e":
-        from bench.e2e import Setting, format_rows, parse_scheme, run_settings
+        from bench.paper import BenchSetting, format_headline, row, run
 
-        settings = [Setting(**parse_scheme(s), temperature=t) for t in a.temperatures for s in a.schemes]
-        rows = run_settings(a.draft_model, a.target_model, settings, a.prompts, a.max_new_tokens, seed=a.seed,
-                            max_draft_len=a.draft_len, budget_bits=a.budget_bits)
+        settings = [BenchSetting(**_parse_scheme(s), temperature=t, budget_bits=a.budget_bits)
+                    for t in a.temperatures for s in a.schemes]
+        results = run(settings, a.prompts, a.draft_model, a.target_model, a.max_new_tokens,
+                      max_draft_len=a.draft_len, seed=a.seed)
+        rows = [row(r, a.draft_model, a.target_model, 0, len(a.prompts), 1e6, 50.0) for r in results]
         print(f"draft {a.draft_model}, target {a.target_model}, {len(a.prompts)} prompt(s), "
-              f"{a.max_new_tokens} new tokens each")
-        print(format_rows(rows))
+              f"{a.max_new_tokens} new tokens each; link columns: analytic at 1 Mbit/s, 50 ms RTT")
+        print(format_headline(rows))
     if a.cmd == "codec":
         from bench.codec_bench import format_table, run
 

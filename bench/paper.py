@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.e2e import free_port, start_cloud
+from bench.cloudproc import free_port, merge_stats, pin_edge, split_cpus, start_cloud
 from common.schemes import Scheme, SchemeConfig
 from common.stats import GenerationStats
 
@@ -79,7 +79,6 @@ def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, targ
         max_new_tokens: int, max_draft_len: int = 16, seed: int = 0, show_progress: bool = True) -> list[SettingResult]:
     from tqdm import tqdm
 
-    from bench.e2e import _merge
     from edge.client import ClientConfig, CloudClient
     from edge.drafter import DraftConfig, Drafter
     from edge.generate import generate
@@ -88,7 +87,9 @@ def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, targ
 
     m = load_model(draft_model, role="draft")
     port = free_port()
-    cloud = start_cloud(target_model, port)
+    edge_cpus, cloud_cpus = split_cpus()
+    cloud = start_cloud(target_model, port, cloud_cpus)
+    pin_edge(edge_cpus)
     results = []
     bar = tqdm(total=len(settings) * len(prompts), disable=not show_progress, desc="sqs-bench", unit="gen")
     try:
@@ -105,7 +106,7 @@ def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, targ
                 with CloudClient(ClientConfig(f"127.0.0.1:{port}")) as client:
                     g = generate(m.tokenizer.encode(prompt), drafter, client, max_new_tokens=max_new_tokens,
                                  vocab_fingerprint=m.fingerprint)
-                _merge(res.stats, g.stats)
+                merge_stats(res.stats, g.stats)
                 res.stats.records.extend(g.stats.records)
                 if g.mean_dropped_mass is not None:
                     res.dropped_mass_sum += g.mean_dropped_mass * g.counted_positions

@@ -23,12 +23,18 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
     ap.add_argument("--port", type=int, default=int(env("SQS_PORT", "50051")))
     ap.add_argument("--metrics-port", type=int, default=int(env("SQS_METRICS_PORT", "9101")), help="0 disables")
     ap.add_argument("--workers", type=int, default=int(env("SQS_WORKERS", "2")))
+    ap.add_argument("--torch-threads", type=int, default=int(env("SQS_TORCH_THREADS", "0")),
+                    help="intra-op threads for torch (0 = torch's default: all cores)")
     ap.add_argument("--max-sessions", type=int, default=int(env("SQS_MAX_SESSIONS", "64")))
     ap.add_argument("--session-ttl", type=float, default=float(env("SQS_SESSION_TTL_S", "600")))
     ap.add_argument("--log-level", default=env("SQS_LOG_LEVEL", "INFO"))
     ap.add_argument("--log-format", choices=["text", "json"], default=env("SQS_LOG_FORMAT", "text"))
     a = ap.parse_args(argv)
     setup_logging(a.log_level, a.log_format)
+    if a.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(a.torch_threads)
     return CloudConfig(
         model=a.model, dtype=a.dtype, host=a.host, port=a.port, metrics_port=a.metrics_port, workers=a.workers,
         verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl),
