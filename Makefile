@@ -20,7 +20,9 @@ install: $(VENV)/.installed
 demo: install
 	PYTHON=$(PY) scripts/demo.sh
 
+# Debian test tools (docker-compose for `config`, a real prometheus); skipped with a reason if absent.
 test: install
+	scripts/install_test_deps.sh
 	$(PY) -m pytest -q
 
 proto: install
