@@ -2,6 +2,7 @@
 
   sqs-bench codec [--quick]      time and bits per draft token for every scheme
   sqs-bench run --out DIR        the paper's experiments, all schemes side by side: results.csv + PNG plots
+  sqs-bench report --results DIR rebuild link sweep and plots from DIR/results.csv
   sqs-bench e2e                  a few schemes through a real cloud process, printed
 """
 
@@ -56,19 +57,28 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--link-rtt-ms", type=float, default=50.0)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true")
+    rp = sub.add_parser("report", help="rebuild the link sweep and plots from DIR/results.csv")
+    rp.add_argument("--results", required=True, help="directory holding results.csv")
+    rp.add_argument("--link-rate", type=float, default=1e6)
+    rp.add_argument("--link-rtt-ms", type=float, default=50.0)
     a = ap.parse_args(argv)
+    if a.cmd == "report":
+        from bench.paper import main_report
+
+        sys.exit(main_report(a))
     if a.cmd == "run":
         from bench.paper import main_run
 
         sys.exit(main_run(a))
     if a.cmd == "e2e":
-        from bench.paper import BenchSetting, format_headline, row, run
+        from bench.paper import BenchSetting, add_link_columns, format_headline, row, run
 
         settings = [BenchSetting(**_parse_scheme(s), temperature=t, budget_bits=a.budget_bits)
                     for t in a.temperatures for s in a.schemes]
         results = run(settings, a.prompts, a.draft_model, a.target_model, a.max_new_tokens,
                       max_draft_len=a.draft_len, seed=a.seed)
-        rows = [row(r, a.draft_model, a.target_model, 0, len(a.prompts), 1e6, 50.0) for r in results]
+        rows = [row(r, a.draft_model, a.target_model, 0, len(a.prompts)) for r in results]
+        add_link_columns(rows, 1e6, 50.0)
         print(f"draft {a.draft_model}, target {a.target_model}, {len(a.prompts)} prompt(s), "
               f"{a.max_new_tokens} new tokens each; link columns: analytic at 1 Mbit/s, 50 ms RTT")
         print(format_headline(rows))

@@ -30,6 +30,7 @@ CSV_COLUMNS = [
     "wire_bytes_per_token", "downlink_wire_bytes_per_batch", "draft_ms", "uplink_ms", "verify_ms", "downlink_ms",
     "total_ms", "latency_ms_per_token", "tokens_per_s", "mean_dropped_mass", "theorem2_bound",
     "link_rate_bps", "link_rtt_ms", "link_latency_ms_per_token", "link_tokens_per_s",
+    "link_latency_ms_per_token_parallel_verify",
 ]
 
 
@@ -60,7 +61,6 @@ class SettingResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
     dropped_mass_sum: float = 0.0
     counted_positions: int = 0
-    bound_terms: list[float] = field(default_factory=list)
 
 
 def grid(temperatures, ks, betas, etas, baselines=True, alpha=0.0005, ell=100, budget_bits=5000.0):
@@ -107,12 +107,9 @@ def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, targ
                     g = generate(m.tokenizer.encode(prompt), drafter, client, max_new_tokens=max_new_tokens,
                                  vocab_fingerprint=m.fingerprint)
                 merge_stats(res.stats, g.stats)
-                res.stats.records.extend(g.stats.records)
                 if g.mean_dropped_mass is not None:
                     res.dropped_mass_sum += g.mean_dropped_mass * g.counted_positions
                     res.counted_positions += g.counted_positions
-                    if g.theorem2_bound is not None:
-                        res.bound_terms.append(g.theorem2_bound)
                 bar.set_postfix_str(f"{st.label} T={st.temperature:g}")
                 bar.update()
             results.append(res)
@@ -123,23 +120,31 @@ def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, targ
     return results
 
 
-def link_latency_per_token(s: GenerationStats, rate_bps: float, rtt_ms: float) -> float:
-    """Analytic ms per generated token on a link of `rate_bps` both ways and `rtt_ms`."""
-    if not s.generated:
+def link_latency(r: dict, rate_bps: float, rtt_ms: float, verify_ms: float | None = None) -> float:
+    """Analytic ms per generated token for a results row on a link of `rate_bps` (both ways) and
+    `rtt_ms`: rounds x (draft + verify + RTT) + wire bytes x 8 / rate, over generated tokens.
+
+    verify_ms replaces the measured per-round verify time (the parallel-verify what-if).
+    The model is linear, so the per-round means in the row give the same sum as the rounds.
+    """
+    rounds, generated = float(r["rounds"]), float(r["generated"])
+    if not generated:
         return float("nan")
-    total = 0.0
-    for r in s.records:
-        total += r.draft_ms + r.verify_ms + rtt_ms
-        total += (r.uplink_wire_bytes + r.downlink_wire_bytes) * 8 / rate_bps * 1e3
-    return total / s.generated
+    per_round = float(r["draft_ms"]) + (float(r["verify_ms"]) if verify_ms is None else verify_ms) + rtt_ms
+    wire_bits = (float(r["wire_bytes_per_batch"]) + float(r["downlink_wire_bytes_per_batch"])) * 8 * rounds
+    return (rounds * per_round + wire_bits / rate_bps * 1e3) / generated
 
 
-def row(res: SettingResult, draft_model: str, target_model: str, vocab: int, n_prompts: int,
-        rate_bps: float, rtt_ms: float) -> dict:
+def parallel_verify_ms(rows: list[dict]) -> dict[float, float]:
+    """Per temperature, the cloud-only (L = 0) round's measured verify time: what one verify pass
+    costs when a forward over L+1 tokens costs one step (an accelerator), the what-if column."""
+    return {float(r["temperature"]): float(r["verify_ms"]) for r in rows if r["scheme"] == "none"}
+
+
+def row(res: SettingResult, draft_model: str, target_model: str, vocab: int, n_prompts: int) -> dict:
     st, s = res.setting, res.stats
     r = max(s.rounds, 1)
     per_tok = max(s.accepted + s.rounds, 1)
-    link_ms = link_latency_per_token(s, rate_bps, rtt_ms)
     mean_dropped = res.dropped_mass_sum / res.counted_positions if res.counted_positions else None
     # Theorem 2 over all counted positions of the setting: alpha + (|b1| + 1 + eta*alpha) / (eta * T_total)
     bound = (st.alpha + (abs(st.beta0) + 1 + st.eta * st.alpha) / (st.eta * res.counted_positions)
@@ -164,9 +169,19 @@ def row(res: SettingResult, draft_model: str, target_model: str, vocab: int, n_p
         "tokens_per_s": s.tokens_per_s,
         "mean_dropped_mass": mean_dropped if mean_dropped is not None else "",
         "theorem2_bound": bound if bound is not None else "",
-        "link_rate_bps": rate_bps, "link_rtt_ms": rtt_ms, "link_latency_ms_per_token": link_ms,
-        "link_tokens_per_s": 1e3 / link_ms if link_ms and math.isfinite(link_ms) else 0.0,
     }
+
+
+def add_link_columns(rows: list[dict], rate_bps: float, rtt_ms: float) -> None:
+    """The headline-link columns, measured compute and, as a what-if, parallel verify."""
+    pv = parallel_verify_ms(rows)
+    for r in rows:
+        ms = link_latency(r, rate_bps, rtt_ms)
+        t = float(r["temperature"])
+        ms_pv = link_latency(r, rate_bps, rtt_ms, pv.get(t)) if t in pv else float("nan")
+        r.update(link_rate_bps=rate_bps, link_rtt_ms=rtt_ms, link_latency_ms_per_token=ms,
+                 link_tokens_per_s=1e3 / ms if ms and math.isfinite(ms) else 0.0,
+                 link_latency_ms_per_token_parallel_verify=ms_pv)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -180,14 +195,18 @@ RATES_BPS = [64e3, 256e3, 1e6, 4e6, 16e6, 100e6]
 RTTS_MS = [1, 10, 50, 200]
 
 
-def write_sweep(results: list[SettingResult], path: Path) -> list[dict]:
+def write_sweep(rows: list[dict], path: Path) -> list[dict]:
+    pv = parallel_verify_ms(rows)
     out = []
-    for res in results:
+    for r in rows:
+        t = float(r["temperature"])
         for rate in RATES_BPS:
             for rtt in RTTS_MS:
-                ms = link_latency_per_token(res.stats, rate, rtt)
-                out.append({"scheme": res.setting.label, "temperature": res.setting.temperature, "rate_bps": rate,
-                            "rtt_ms": rtt, "latency_ms_per_token": ms, "tokens_per_s": 1e3 / ms if ms else 0.0})
+                ms = link_latency(r, rate, rtt)
+                out.append({"scheme": label_of(r), "temperature": t, "rate_bps": rate, "rtt_ms": rtt,
+                            "latency_ms_per_token": ms, "tokens_per_s": 1e3 / ms if ms else 0.0,
+                            "latency_ms_per_token_parallel_verify": link_latency(r, rate, rtt, pv.get(t))
+                            if t in pv else float("nan")})
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(out[0]))
         w.writeheader()
@@ -195,78 +214,90 @@ def write_sweep(results: list[SettingResult], path: Path) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], results: list[SettingResult], out: Path, headline: str) -> list[Path]:
+def label_of(r: dict) -> str:
+    return BenchSetting(r["scheme"], float(r["temperature"]), k=int(r["k"] or 8), beta0=float(r["beta0"] or 0.01),
+                        eta=float(r["eta"]) if r["eta"] != "" else 0.001).label
+
+
+def plot(rows: list[dict], out: Path, headline: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
 
+    plt.rcParams["axes.prop_cycle"] = cycler(color=plt.get_cmap("tab20").colors)  # > 10 schemes: no repeats
     files = []
-    labels = sorted({r.setting.label for r in results}, key=lambda x: (x.split()[0], len(x), x))
-    by = {(res.setting.label, res.setting.temperature): row_ for res, row_ in zip(results, rows)}
-    temps = sorted({r.setting.temperature for r in results})
+    by = {(label_of(r), float(r["temperature"])): r for r in rows}
+    labels = sorted({k[0] for k in by}, key=lambda x: (x.split()[0], len(x), x))
+    temps = sorted({k[1] for k in by})
+    pv = parallel_verify_ms(rows)
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        files.append(out / name)
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     for label in labels:
         xs = [t for t in temps if (label, t) in by]
         style = "-o" if label.startswith(("topk", "C-SQS")) else "--x"
-        axes[0].plot(xs, [by[(label, t)]["link_latency_ms_per_token"] for t in xs], style, label=label)
-        axes[1].plot(xs, [by[(label, t)]["resampling_rate"] for t in xs], style, label=label)
-    axes[0].set(xlabel="temperature", ylabel="ms per generated token", title=f"Latency ({headline})")
-    axes[0].set_yscale("log")
-    axes[1].set(xlabel="temperature", ylabel="resampled rounds / rounds", title="Resampling rate")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    files.append(out / "latency_resampling_vs_temperature.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+        axes[0].plot(xs, [float(by[(label, t)]["link_latency_ms_per_token"]) for t in xs], style, label=label)
+        axes[1].plot(xs, [float(by[(label, t)]["link_latency_ms_per_token_parallel_verify"]) for t in xs], style,
+                     label=label)
+        axes[2].plot(xs, [float(by[(label, t)]["resampling_rate"]) for t in xs], style, label=label)
+    axes[0].set(xlabel="temperature", ylabel="ms per generated token", title=f"Latency, measured compute ({headline})")
+    axes[1].set(xlabel="temperature", ylabel="ms per generated token",
+                title="What-if: verify pass costs one step (accelerator)")
+    axes[2].set(xlabel="temperature", ylabel="resampled rounds / rounds", title="Resampling rate")
+    axes[2].legend(fontsize=7, ncol=2)
+    save(fig, "latency_resampling_vs_temperature.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for label in labels:
-        pts = [(by[(label, t)]["formula_bits_per_draft"], by[(label, t)]["acceptance_rate"]) for t in temps
-               if (label, t) in by and by[(label, t)]["drafted"]]
+        pts = [(float(by[(label, t)]["formula_bits_per_draft"]), float(by[(label, t)]["acceptance_rate"]))
+               for t in temps if (label, t) in by and int(by[(label, t)]["drafted"])]
         if pts:
             ax.plot(*zip(*pts), "o", label=label, alpha=0.8)
     ax.set_xscale("log")
     ax.set(xlabel="formula bits per draft token (log)", ylabel="acceptance rate (accepted / drafted)",
            title="Bits vs acceptance, all schemes and temperatures")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    files.append(out / "bits_vs_acceptance.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "bits_vs_acceptance.png")
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
     t_mid = temps[len(temps) // 2]
-    for res in results:
-        if res.setting.temperature != t_mid:
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for label in labels:
+        if (label, t_mid) not in by:
             continue
-        ys = [link_latency_per_token(res.stats, r, 50) for r in RATES_BPS]
-        ax.plot(RATES_BPS, ys, "-o", label=res.setting.label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set(xlabel="link rate (bit/s), RTT 50 ms", ylabel="ms per generated token",
-           title=f"Analytic link sweep at T={t_mid:g} (measured compute and wire bytes)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    files.append(out / "link_sweep.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+        r = by[(label, t_mid)]
+        axes[0].plot(RATES_BPS, [link_latency(r, x, 50) for x in RATES_BPS], "-o", label=label)
+        if t_mid in pv:
+            axes[1].plot(RATES_BPS, [link_latency(r, x, 50, pv[t_mid]) for x in RATES_BPS], "-o", label=label)
+    for ax, title in zip(axes, ("measured compute", "what-if: verify pass = one step")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel="link rate (bit/s), RTT 50 ms", ylabel="ms per generated token",
+               title=f"Link sweep at T={t_mid:g}, {title}")
+    axes[1].legend(fontsize=7, ncol=2)
+    save(fig, "link_sweep.png")
     return files
 
 
 def format_headline(rows: list[dict]) -> str:
     head = (f"{'T':>4} {'scheme':<24} {'acc':>6} {'resamp':>6} {'acc/rnd':>7} {'drafts/b':>8} {'fbits/draft':>11} "
-            f"{'fbits/tok':>9} {'wireB/tok':>9} {'link ms/tok':>11} {'link tok/s':>10} {'loopback tok/s':>14}")
+            f"{'fbits/tok':>9} {'wireB/tok':>9} {'link ms/tok':>11} {'link tok/s':>10} {'pv ms/tok':>9} "
+            f"{'loopback tok/s':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        label = BenchSetting(r["scheme"], r["temperature"], k=r["k"] or 8, beta0=r["beta0"] or 0.01,
-                             eta=r["eta"] if r["eta"] != "" else 0.001).label
+        label = label_of(r)
         lines.append(
             f"{r['temperature']:>4.2f} {label:<24} {r['acceptance_rate']:>6.1%} {r['resampling_rate']:>6.1%} "
             f"{r['accepted_per_round']:>7.2f} {r['drafts_per_batch']:>8.2f} {r['formula_bits_per_draft']:>11.1f} "
             f"{r['formula_bits_per_token']:>9.1f} {r['wire_bytes_per_token']:>9.1f} "
-            f"{r['link_latency_ms_per_token']:>11.1f} {r['link_tokens_per_s']:>10.2f} {r['tokens_per_s']:>14.2f}"
+            f"{r['link_latency_ms_per_token']:>11.1f} {r['link_tokens_per_s']:>10.2f} "
+            f"{r['link_latency_ms_per_token_parallel_verify']:>9.1f} {r['tokens_per_s']:>14.2f}"
         )
     return "\n".join(lines)
 
@@ -289,13 +320,32 @@ def main_run(args) -> int:
     results = run(settings, prompts, draft, target, max_new, max_draft_len=args.draft_len, seed=args.seed,
                   show_progress=not args.no_progress)
     vocab = load_model(draft, role="draft").vocab_size
-    rows = [row(r, draft, target, vocab, len(prompts), args.link_rate, args.link_rtt_ms) for r in results]
+    rows = [row(r, draft, target, vocab, len(prompts)) for r in results]
+    add_link_columns(rows, args.link_rate, args.link_rtt_ms)
     write_csv(rows, out / "results.csv")
-    write_sweep(results, out / "link_sweep.csv")
+    write_sweep(rows, out / "link_sweep.csv")
     headline = f"{args.link_rate / 1e6:g} Mbit/s, {args.link_rtt_ms:g} ms RTT"
-    files = plot(rows, results, out, headline)
+    files = plot(rows, out, headline)
     print(f"draft {draft}, target {target}, vocab {vocab}, {len(prompts)} prompt(s) x {max_new} new tokens; "
-          f"link columns: analytic at {headline} from measured compute and wire bytes")
+          f"link columns: analytic at {headline} from measured compute and wire bytes; pv = what-if with a "
+          f"verify pass costing one cloud-only step")
     print(format_headline(rows))
     print(f"wrote {out / 'results.csv'}, {out / 'link_sweep.csv'}, " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def main_report(args) -> int:
+    """Rebuild link_sweep.csv, the link columns and the plots from an existing results.csv."""
+    out = Path(args.results)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    add_link_columns(rows, args.link_rate, args.link_rtt_ms)
+    write_csv(rows, out / "results.csv")
+    write_sweep(rows, out / "link_sweep.csv")
+    files = plot(rows, out, f"{args.link_rate / 1e6:g} Mbit/s, {args.link_rtt_ms:g} ms RTT")
+    for r in rows:  # numbers as read back from CSV are strings
+        for key in ("temperature", "acceptance_rate", "resampling_rate", "accepted_per_round", "drafts_per_batch",
+                    "formula_bits_per_draft", "formula_bits_per_token", "wire_bytes_per_token", "tokens_per_s"):
+            r[key] = float(r[key])
+    print(format_headline(rows))
+    print("wrote " + ", ".join(str(f) for f in [out / "results.csv", out / "link_sweep.csv", *files]))
     return 0
