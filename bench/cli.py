@@ -4,6 +4,7 @@
   sqs-bench run --out DIR        the paper's experiments, all schemes side by side: results.csv + PNG plots
   sqs-bench report --results DIR rebuild link sweep and plots from DIR/results.csv
   sqs-bench e2e                  a few schemes through a real cloud process, printed
+  sqs-bench batching             would a batched (multi-session) verify pass raise cloud throughput?
 """
 
 from __future__ import annotations
@@ -61,7 +62,18 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--results", required=True, help="directory holding results.csv")
     rp.add_argument("--link-rate", type=float, default=1e6)
     rp.add_argument("--link-rtt-ms", type=float, default=50.0)
+    b = sub.add_parser("batching", help="one batched verify pass vs separate passes, on the target model")
+    b.add_argument("--model", default="qwen2.5-coder-1.5b")
+    b.add_argument("--sessions", nargs="+", type=int, default=[1, 2, 4, 8])
+    b.add_argument("--new-tokens", type=int, default=9, help="L+1 tokens verified per session")
+    b.add_argument("--prefix", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.cmd == "batching":
+        from bench.batching import main_batching
+
+        sys.exit(main_batching(a))
     if a.cmd == "report":
         from bench.paper import main_report
 
