@@ -6,16 +6,16 @@ Per draft, in this order (radices in brackets; a field with radix 1 costs nothin
     support size K-1       [V]              conformal only (K varies)
     support subset rank    [C(V, K)]        combinatorial number system
     lattice counts rank    [C(ell+K-1, K-1)] compositions of ell into K non-negative parts
-  drop_zeros with top-K (zero-count entries left out of the support):
-    one rank               [U]              U = sum_{j=1..K} C(V, j) C(ell-1, j-1): every pair
-                                            (support of j tokens, composition of ell into j positive
-                                            parts), exactly enumerated: never more than the plain
-                                            C(V, K) C(ell+K-1, K-1) (every plain pair maps onto one),
-                                            and the size j costs next to nothing.
-  drop_zeros with conformal / dense (the support size varies widely, mostly far below its maximum):
+  drop_zeros (zero-count entries left out of the support):
     support size K'-1      [min(Kmax, ell)] then subset rank [C(V, K')] and positive counts
-                                            [C(ell-1, K'-1)]. For conformal never more than the
-                                            plain code; for dense QS far less whenever ell << V.
+                                            [C(ell-1, K'-1)]. For C-SQS never more than the plain code
+                                            (its size field shrinks from V); for top-K at most
+                                            log2 min(K, ell) bits more when no count is zero, and far
+                                            fewer when many are (top-64 at V = 50,257: 348 vs 862 bits);
+                                            dense QS: 455 vs 1,053 bits. (An exact union code over
+                                            sizes, sum_j C(V,j) C(ell-1,j-1), is never above plain
+                                            top-K but spends 798 bits on that top-64: it prices every
+                                            size as if zeros were rare, so it was dropped.)
   float baselines (fp16-topk, fp32):
     support subset rank    [C(V, K)]        values little-endian in `raw`
   every scheme:
@@ -27,7 +27,6 @@ The token index costs log2 K bits more than the paper's formula, which leaves th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -55,29 +54,9 @@ class PackedBatch:
         return len(self.payload) + len(self.raw)
 
 
-@lru_cache(maxsize=64)
-def _union_table(v: int, ell: int, kmax: int) -> tuple[list[int], list[int], list[int]]:
-    """Offsets, C(V, j) and C(ell-1, j-1) for j = 1..kmax (index j-1); offsets has kmax+1 entries."""
-    offsets, subsets, comps = [0], [], []
-    c_v, c_l = v, 1  # C(V, 1), C(ell-1, 0)
-    for j in range(1, kmax + 1):
-        subsets.append(c_v)
-        comps.append(c_l)
-        offsets.append(offsets[-1] + c_v * c_l)
-        c_v = c_v * (v - j) // (j + 1)  # C(V, j+1)
-        c_l = c_l * (ell - 1 - (j - 1)) // j if j <= ell - 1 else 0  # C(ell-1, j)
-    return offsets, subsets, comps
-
-
-def _union_coded(config: SchemeConfig) -> bool:
-    return config.drop_zeros and config.scheme in (Scheme.TOPK, Scheme.TOKEN)
-
-
 def draft_radices(config: SchemeConfig, k: int) -> list[int]:
     """Radices of one draft's mixed-radix fields when its support has k tokens."""
     v, ell = config.vocab_size, config.ell
-    if _union_coded(config):
-        return [_union_table(v, ell, config.max_support)[0][-1], k]
     out = []
     if config.drop_zeros:
         out.append(config.max_support)
@@ -132,21 +111,15 @@ def pack(drafts: Sequence[Draft], config: SchemeConfig) -> PackedBatch:
     for d in drafts:
         index = _check_draft(d, config)
         k = int(d.support.size)
-        subset = ranking.rank_subset(d.support.tolist(), v)
-        if _union_coded(config):
-            offsets, _, comps = _union_table(v, ell, config.max_support)
-            comp = ranking.rank_composition(d.counts.tolist(), positive=True)
-            w.write(offsets[k - 1] + subset * comps[k - 1] + comp, offsets[-1])
-        else:
-            radices = draft_radices(config, k)
-            fields = [subset]
-            if config.scheme.lattice:
-                fields.append(ranking.rank_composition(d.counts.tolist(), positive=config.drop_zeros))
-            if len(radices) == len(fields) + 2:  # a support-size field leads
-                fields.insert(0, k - 1)
-            for value, radix in zip(fields, radices):
-                w.write(value, radix)
-        w.write(index, k)
+        fields = [ranking.rank_subset(d.support.tolist(), v)]
+        if config.scheme.lattice:
+            fields.append(ranking.rank_composition(d.counts.tolist(), positive=config.drop_zeros))
+        fields.append(index)
+        radices = draft_radices(config, k)
+        if len(radices) > len(fields):  # a support-size field leads
+            fields.insert(0, k - 1)
+        for value, radix in zip(fields, radices):
+            w.write(value, radix)
         if d.values is not None:
             raw += np.asarray(d.values).astype("<f2" if config.scheme == Scheme.FP16_TOPK else "<f4").tobytes()
         formula += bits.formula_bits(config, k)
@@ -168,26 +141,19 @@ def unpack(num_drafts: int, payload: bytes, raw: bytes, config: SchemeConfig) ->
     try:
         for n in range(num_drafts):
             counts = values = None
-            if _union_coded(config):
-                offsets, _, comps = _union_table(v, ell, config.max_support)
-                rank = r.read(offsets[-1])
-                k = int(np.searchsorted(offsets, rank, side="right"))  # offsets[k-1] <= rank < offsets[k]
-                subset, comp = divmod(rank - offsets[k - 1], comps[k - 1])
-                counts = np.asarray(ranking.unrank_composition(comp, ell, k, positive=True), dtype=np.int64)
+            if config.drop_zeros:
+                k = r.read(config.max_support) + 1
+            elif config.scheme == Scheme.CONFORMAL:
+                k = r.read(v) + 1
             else:
-                if config.drop_zeros:
-                    k = r.read(config.max_support) + 1
-                elif config.scheme == Scheme.CONFORMAL:
-                    k = r.read(v) + 1
-                else:
-                    k = config.max_support
-                if min(k, v - k) > MAX_RANKED_SUPPORT:
-                    raise PayloadError(f"draft {n}: support of {k} tokens exceeds the limit of {MAX_RANKED_SUPPORT}")
-                subset = r.read(ranking.num_subsets(v, k))
-                if config.scheme.lattice:
-                    pos = config.drop_zeros
-                    comp = r.read(ranking.num_compositions(ell, k, positive=pos))
-                    counts = np.asarray(ranking.unrank_composition(comp, ell, k, positive=pos), dtype=np.int64)
+                k = config.max_support
+            if min(k, v - k) > MAX_RANKED_SUPPORT:
+                raise PayloadError(f"draft {n}: support of {k} tokens exceeds the limit of {MAX_RANKED_SUPPORT}")
+            subset = r.read(ranking.num_subsets(v, k))
+            if config.scheme.lattice:
+                pos = config.drop_zeros
+                comp = r.read(ranking.num_compositions(ell, k, positive=pos))
+                counts = np.asarray(ranking.unrank_composition(comp, ell, k, positive=pos), dtype=np.int64)
             support = np.asarray(ranking.unrank_subset(subset, k, v), dtype=np.int64)
             if counts is not None:
                 probs = dequantize(counts, ell)
