@@ -109,6 +109,7 @@ class CloudClient:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 2000),
+                ("grpc.http2.bdp_probe", 0),
             ],
         )
         self._stub = sqs_pb2_grpc.VerifierStub(self._channel)
