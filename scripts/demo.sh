@@ -14,7 +14,7 @@ if ! "$BIN/sqs-models" install "$DRAFT" "$TARGET"; then
   echo "demo: the Qwen pair could not be installed (see above); running the tiny random-weight pair instead" >&2
   DRAFT=tiny; TARGET=tiny; PROMPT=${PROMPT_TINY:-"Hello, edge!"}
 fi
-"$BIN/sqs-cloud" --model "$TARGET" --port "$PORT" --metrics-port 0 --host 127.0.0.1 &
+"$BIN/sqs-cloud" --model "$TARGET" --port "$PORT" --metrics-port 0 --host 127.0.0.1 --log-level WARNING &
 CLOUD=$!
 trap 'kill $CLOUD 2>/dev/null; wait $CLOUD 2>/dev/null' EXIT
 for _ in $(seq 1 120); do
