@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from bench.cloudproc import free_port, merge_stats, pin_edge, split_cpus, start_cloud
-from common.schemes import Scheme, SchemeConfig
+from common.schemes import SchemeConfig
 from common.stats import GenerationStats
 
 CSV_COLUMNS = [

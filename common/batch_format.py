@@ -104,7 +104,7 @@ def _check_draft(d: Draft, config: SchemeConfig) -> int:
 
 def pack(drafts: Sequence[Draft], config: SchemeConfig) -> PackedBatch:
     """Pack the drafts of one batch (the order is the draft order)."""
-    v, ell = config.vocab_size, config.ell
+    v = config.vocab_size
     w = MixedRadixWriter()
     raw = bytearray()
     formula = 0.0

@@ -28,7 +28,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from common.metrics import Metrics
-from common.schemes import Scheme, SchemeConfig
 from edge.client import ClientConfig, CloudClient, CloudError
 from edge.drafter import DraftConfig, Drafter
 from edge.generate import GenerationResult, generate
@@ -99,15 +98,8 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
         from sqs_models.cached_lm import CachedLM
 
         m = state["model"]
-        scheme = Scheme.NONE if req.draft_len == 0 else Scheme(req.sparsifier)
         try:
-            dcfg = DraftConfig(
-                scheme=SchemeConfig(scheme, vocab_size=m.vocab_size, k=req.k, ell=req.ell,
-                                    drop_zeros=req.drop_zeros and scheme.lattice,
-                                    beta0=req.beta0, eta=req.eta, alpha=req.alpha),
-                max_draft_len=req.draft_len, budget_bits=req.budget_bits, budget_accounting=req.budget_accounting,
-                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-            )
+            dcfg = DraftConfig.from_options(req, m.vocab_size)
         except ValueError as exc:
             raise HTTPException(422, detail=str(exc)) from None
         prompt_ids = list(m.tokenizer.encode(req.prompt))
@@ -123,7 +115,7 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
                 result = generate(prompt_ids, drafter, client, max_new_tokens=req.max_new_tokens,
                                   vocab_fingerprint=m.fingerprint, on_tokens=on_tokens, metrics=metrics)
             log.info("generation session=%s sparsifier=%s tokens=%d rounds=%d", result.session_id,
-                     scheme.value, result.stats.generated, result.stats.rounds)
+                     dcfg.scheme.scheme.value, result.stats.generated, result.stats.rounds)
             return result
         except CloudError as exc:
             raise HTTPException(_http_status(exc), detail=str(exc)) from None

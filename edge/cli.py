@@ -9,18 +9,11 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 from common.logs import setup_logging
-from common.schemes import Scheme, SchemeConfig
+from common.schemes import Scheme
 
 SPARSIFIERS = [s.value for s in Scheme]
-
-
-@dataclass(frozen=True)
-class EdgeModelConfig:
-    draft_model: str = "tiny"
-    dtype: str | None = None
 
 
 def add_generation_args(ap: argparse.ArgumentParser) -> None:
@@ -47,23 +40,9 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
                     help="one gRPC stream per session (default) or one unary call per round")
 
 
-def build_draft_config(a: argparse.Namespace, vocab_size: int):
-    from edge.drafter import DraftConfig
-
-    scheme = Scheme.NONE if a.draft_len == 0 else Scheme(a.sparsifier)
-    return DraftConfig(
-        scheme=SchemeConfig(
-            scheme, vocab_size=vocab_size, k=a.k, ell=a.ell, drop_zeros=a.drop_zeros and scheme.lattice,
-            beta0=a.beta0, eta=a.eta, alpha=a.alpha,
-        ),
-        max_draft_len=a.draft_len, budget_bits=a.budget_bits, budget_accounting=a.budget_accounting,
-        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-    )
-
-
 def cmd_generate(a: argparse.Namespace) -> int:
     from edge.client import ClientConfig, CloudClient, CloudError
-    from edge.drafter import Drafter
+    from edge.drafter import DraftConfig, Drafter
     from edge.generate import generate
     from sqs_models.cached_lm import CachedLM
     from sqs_models.registry import ModelNotInstalled, load_model
@@ -80,7 +59,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not prompt_ids:
         return _fail("the prompt encodes to no tokens")
     try:
-        dcfg = build_draft_config(a, model.vocab_size)
+        dcfg = DraftConfig.from_options(a, model.vocab_size)
     except ValueError as exc:
         return _fail(str(exc))
     drafter = Drafter(CachedLM(model.model, model.vocab_size), dcfg, model.eos_token_ids)

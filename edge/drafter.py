@@ -37,6 +37,22 @@ class DraftConfig:
     top_p: float = 1.0
     seed: int = 0
 
+    @classmethod
+    def from_options(cls, o, vocab_size: int) -> "DraftConfig":
+        """From any object with the `sqs-edge generate` option names (argparse namespace, HTTP
+        request, load-test config): sparsifier, k, ell, drop_zeros, beta0, eta, alpha, draft_len,
+        budget_bits, budget_accounting, temperature, top_k, top_p, seed. draft_len 0 = plain
+        target decoding. Raises ValueError with the reason for inconsistent options."""
+        scheme = Scheme.NONE if o.draft_len == 0 else Scheme(o.sparsifier)
+        return cls(
+            scheme=SchemeConfig(
+                scheme, vocab_size=vocab_size, k=o.k, ell=o.ell, drop_zeros=o.drop_zeros and scheme.lattice,
+                beta0=o.beta0, eta=o.eta, alpha=o.alpha,
+            ),
+            max_draft_len=o.draft_len, budget_bits=o.budget_bits, budget_accounting=o.budget_accounting,
+            temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
+        )
+
     def __post_init__(self) -> None:
         if self.budget_accounting not in ("honest", "formula"):
             raise ValueError("budget_accounting must be 'honest' or 'formula'")
@@ -70,7 +86,7 @@ class Drafter:
         ctx = list(context)
         rng = np.random.default_rng([cfg.seed, len(ctx), 0xED6E])  # keyed by position: restart-safe
         drafts: list[Draft] = []
-        honest_total = formula_total = 0.0
+        honest_total = formula_total = spent = 0.0
         while len(drafts) < limit:
             logits = self.lm.logits(ctx, want=1)[0]  # [V]
             q = target_probs(logits.astype(np.float64), cfg.temperature, cfg.top_k, cfg.top_p)  # [V]
@@ -78,8 +94,9 @@ class Drafter:
             d = describe(q, scheme, beta=beta)
             honest, formula = draft_bits(scheme, int(d.support.size))
             cost = honest if cfg.budget_accounting == "honest" else formula
-            if (honest_total if cfg.budget_accounting == "honest" else formula_total) + cost > cfg.budget_bits:
+            if spent + cost > cfg.budget_bits:  # stop before the draft that would exceed B
                 break
+            spent += cost
             d = draw(d, scheme.ell, rng)
             if self.controller:
                 self.controller.observe(d.dropped_mass)

@@ -141,24 +141,6 @@ class LoadTestConfig:
             check_loopback(self.cloud)
 
 
-def build_draft_config(config: LoadTestConfig, vocab_size: int):
-    """The edge DraftConfig of `sqs-edge generate` with the same options (seed set per request)."""
-    from common.schemes import Scheme, SchemeConfig
-    from edge.drafter import DraftConfig
-
-    scheme = Scheme.NONE if config.draft_len == 0 else Scheme(config.sparsifier)
-    return DraftConfig(
-        scheme=SchemeConfig(
-            scheme, vocab_size=vocab_size, k=config.k, ell=config.ell,
-            drop_zeros=config.drop_zeros and scheme.lattice,
-            beta0=config.beta0, eta=config.eta, alpha=config.alpha,
-        ),
-        max_draft_len=config.draft_len, budget_bits=config.budget_bits,
-        budget_accounting=config.budget_accounting, temperature=config.temperature,
-        top_k=config.top_k, top_p=config.top_p, seed=config.seed,
-    )
-
-
 class LocalCloud:
     """sqs-cloud inside this process: the gRPC aio server on its own event-loop thread, 127.0.0.1.
 
@@ -588,6 +570,7 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
     handled the same way; the report then has interrupted=True and the levels run so far).
     """
     from edge.client import ClientConfig
+    from edge.drafter import DraftConfig
     from sqs_models.registry import load_model
 
     config.validate()
@@ -597,7 +580,7 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
     prompt_ids = [list(model.tokenizer.encode(p)) for p in config.prompts]
     if any(not ids for ids in prompt_ids):
         raise ValueError("a prompt encodes to no tokens")
-    draft_config = build_draft_config(config, model.vocab_size)
+    draft_config = DraftConfig.from_options(config, model.vocab_size)
     cloud = None
     if config.cloud is None:
         cloud = LocalCloud(config.target_model, config.dtype, workers=config.cloud_workers,

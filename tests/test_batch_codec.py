@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import batch_format, bits, codec, ranking
+from common import bits, codec, ranking
 from common.batch_format import PayloadError, draft_bits, draft_radices, pack, unpack
 from common.packing import MixedRadixWriter, log2_int
 from common.pb.v1 import sqs_pb2 as pb

@@ -119,7 +119,7 @@ def test_uplink_time_follows_the_shaped_rate(runs, which):
 
 def test_faster_uplink_is_clearly_faster(runs):
     """(c) Same tokens, same rounds; 8x the uplink rate: well under half the uplink time."""
-    (slow, _), (fast, fast_model) = runs["slow"], runs["fast"]
+    (slow, _), (fast, _) = runs["slow"], runs["fast"]
     assert fast.result["token_ids"] == slow.result["token_ids"]
     assert fast.result["rounds"] == slow.result["rounds"]
     assert fast.qdisc["uplink"]["rate_bps"] == 2_000_000 and slow.qdisc["uplink"]["rate_bps"] == 256_000

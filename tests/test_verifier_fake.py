@@ -60,7 +60,7 @@ def first_tokens(seed: int, temperature: float, n_out: int, n_drafts: int) -> li
             ctx.append(d.token)
         batch, _ = codec.encode_batch(s.id, len(s.context), drafts, cfg)
         before = len(s.context)
-        r = v.verify(s, batch)
+        v.verify(s, batch)
         out.extend(s.context[before:])
     return out[:n_out]
 
