@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class CloudConfig:
     workers: int = 2  # threads running torch work
     max_message_bytes: int = 16 * 1024 * 1024
     grace_s: float = 5.0
+    calibrate: bool = True  # time forward passes by rows before serving (edges plan rounds with them)
     verifier: VerifierConfig = VerifierConfig()
 
 
@@ -79,6 +81,9 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise RuntimeError(f"could not bind {config.host}:{config.port}")
+    if config.calibrate:
+        table = await asyncio.get_running_loop().run_in_executor(executor, verifier.calibrate)
+        log.info("forward pass ms by rows: %s", {r: round(ms, 1) for r, ms in table.items()})
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)

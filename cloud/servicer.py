@@ -82,8 +82,10 @@ class VerifierServicer:
             await self._abort(context, exc)
         self.metrics.sessions.set(self.verifier.active_sessions)
         t = self.verifier.target
+        passes = self.verifier.pass_table()
         return pb.OpenSessionResponse(
-            session_id=session.id, target_model=t.name, vocab_size=t.vocab_size, eos_token_ids=list(t.eos_token_ids)
+            session_id=session.id, target_model=t.name, vocab_size=t.vocab_size, eos_token_ids=list(t.eos_token_ids),
+            pass_rows=list(passes), pass_ms=list(passes.values()),
         )
 
     async def _round(self, session_id: str, request, context) -> pb.Verdict:
@@ -105,7 +107,8 @@ class VerifierServicer:
         )
         return pb.Verdict(
             accepted=result.accepted, token=result.token, position=result.position,
-            received_unix_us=received, sent_unix_us=_now_us(),
+            received_unix_us=received, sent_unix_us=_now_us(), forward_us=round(result.forward_ms * 1e3),
+            plain_tokens=list(result.plain_tokens),
         )
 
     async def Verify(self, request_iterator: AsyncIterator, context) -> AsyncIterator[pb.Verdict]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from common import codec
 from common.bits import formula_bits
+from common.costmodel import PassTimes
 from common.pb.v1 import sqs_pb2 as pb
 from common.rejection import SparseRow, target_probs, verify_sparse
 from common.schemes import Scheme
@@ -47,6 +48,8 @@ class VerifierConfig:
     session_ttl_s: float = 600.0
     max_drafts: int = 256  # per batch, whatever the edge asks for
     max_context: int = 32768  # accepted context length at which a session is refused more rounds
+    max_plain_steps: int = 64  # plain target steps one request may ask for after its token
+    calibrate_rows: tuple[int, ...] = (1, 2, 3, 5, 9, 17)  # forward passes timed at start (edges plan with them)
 
 
 class SessionError(Exception):
@@ -79,7 +82,9 @@ class RoundResult:
     scheme: Scheme
     payload_bytes: int
     formula_bits: float
-    verify_ms: float
+    verify_ms: float  # the whole round in the cloud: decode, forward passes, sampling
+    forward_ms: float  # the target forward passes alone
+    plain_tokens: tuple[int, ...] = ()  # tokens of the plain steps after `token`
 
 
 class Verifier:
@@ -89,6 +94,34 @@ class Verifier:
         self.config = config
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
+        self._pass_times = PassTimes()  # process-wide, by rows scored; guarded by _lock
+
+    # -- measured forward cost --------------------------------------------------------------
+    def calibrate(self, context_len: int = 32) -> dict[int, float]:
+        """Time warm-cache forward passes of config.calibrate_rows rows on a scratch LM.
+
+        Seeds the table the edges plan with before any round has run (every round refines it).
+        """
+        lm = self._new_lm()
+        base = [i % self.target.vocab_size for i in range(context_len)]
+        lm.logits(base, want=1)  # prefill, not timed
+        for rows in self.config.calibrate_rows:
+            extra = [(7 * j + 3) % self.target.vocab_size for j in range(rows)]
+            lm.logits(base + extra, want=rows)  # warm-up of this shape
+            for _ in range(2):
+                t0 = time.perf_counter()
+                lm.logits(base + extra, want=rows)
+                self._record_pass(rows, (time.perf_counter() - t0) * 1e3)
+        return self.pass_table()
+
+    def _record_pass(self, rows: int, ms: float) -> None:
+        with self._lock:
+            self._pass_times.add(rows, ms)
+
+    def pass_table(self) -> dict[int, float]:
+        """Median forward time (ms) by rows scored, as measured by this process."""
+        with self._lock:
+            return self._pass_times.table()
 
     # -- sessions ---------------------------------------------------------------------------
     def open(self, msg: pb.OpenSessionRequest) -> Session:
@@ -160,23 +193,44 @@ class Verifier:
             if len(session.context) + len(drafts) + 1 > self.config.max_context:
                 raise SessionError("OUT_OF_RANGE", f"session context would exceed {self.config.max_context} tokens")
             tokens = [d.token for d in drafts]
-            logits = session.lm.logits(session.context + tokens, want=len(tokens) + 1)  # [L+1, V]
+            steps = min(int(msg.plain_steps), self.config.max_plain_steps)
             s = req.sampling
+            t_fwd = time.perf_counter()
+            logits = session.lm.logits(session.context + tokens, want=len(tokens) + 1)  # [L+1, V]
+            forward_ms = (time.perf_counter() - t_fwd) * 1e3
+            self._record_pass(len(tokens) + 1, forward_ms)
             p = target_probs(logits.astype(np.float64), s.temperature, s.top_k, s.top_p)  # [L+1, V]
             rng = np.random.default_rng([s.seed, len(session.context)])
             rows = [SparseRow(d.support, d.probs) for d in drafts]
             accepted, token = verify_sparse(tokens, rows, p, rng)
             session.context.extend(tokens[:accepted])
             session.context.append(token)
+            round_token = token
+            plain: list[int] = []
+            eos = set(self.target.eos_token_ids)
+            # Cloud-only steps: each is exactly a zero-draft round at its position (same draw).
+            while len(plain) < steps and token not in eos and len(session.context) + 1 < self.config.max_context:
+                t_fwd = time.perf_counter()
+                row = session.lm.logits(session.context, want=1)  # [1, V]
+                step_ms = (time.perf_counter() - t_fwd) * 1e3
+                forward_ms += step_ms
+                self._record_pass(1, step_ms)
+                p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
+                _, token = verify_sparse([], [], p1, np.random.default_rng([s.seed, len(session.context)]))
+                session.context.append(token)
+                plain.append(token)
             session.rounds += 1
-            formula = sum(formula_bits(req.scheme, int(d.support.size)) for d in drafts)
+            scheme = codec.batch_scheme(msg, req.scheme)
+            formula = sum(formula_bits(scheme, int(d.support.size)) for d in drafts)
             return RoundResult(
                 accepted=accepted,
-                token=token,
+                token=round_token,
                 position=len(session.context),
                 drafted=len(drafts),
                 scheme=req.scheme.scheme,
                 payload_bytes=len(msg.packed) + len(msg.raw),
                 formula_bits=formula,
                 verify_ms=(time.perf_counter() - t0) * 1e3,
+                forward_ms=forward_ms,
+                plain_tokens=tuple(plain),
             )

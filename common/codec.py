@@ -7,7 +7,7 @@ never an IndexError), so the server can answer INVALID_ARGUMENT and keep serving
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from common.batch_format import PackedBatch, PayloadError, pack, unpack
@@ -112,15 +112,31 @@ def decode_open(msg: pb.OpenSessionRequest, target_vocab_size: int) -> OpenReque
 def encode_batch(
     session_id: str, position: int, drafts: Sequence[Draft], config: SchemeConfig
 ) -> tuple[pb.DraftBatch, PackedBatch]:
+    """`config` is this batch's description (its k and ell travel with the batch)."""
     packed = pack(drafts, config)
     msg = pb.DraftBatch(
-        session_id=session_id, position=position, num_drafts=len(drafts), packed=packed.payload, raw=packed.raw
+        session_id=session_id, position=position, num_drafts=len(drafts), packed=packed.payload, raw=packed.raw,
+        k=config.k, ell=config.ell,
     )
     return msg, packed
 
 
-def decode_batch(msg: pb.DraftBatch, config: SchemeConfig, max_drafts: int) -> list[Draft]:
+def batch_scheme(msg: pb.DraftBatch, session: SchemeConfig) -> SchemeConfig:
+    """The description a batch was packed with: the session's scheme with the batch's k and ell."""
+    k, ell = int(msg.k) or session.k, int(msg.ell) or session.ell
+    if session.scheme.lattice and not 1 <= ell <= MAX_ELL:
+        raise PayloadError(f"ell must lie in [1, {MAX_ELL}], got {ell}")
+    if (k, ell) == (session.k, session.ell):
+        return session
+    try:
+        return replace(session, k=k, ell=ell)
+    except ValueError as exc:
+        raise PayloadError(f"batch scheme: {exc}") from None
+
+
+def decode_batch(msg: pb.DraftBatch, session: SchemeConfig, max_drafts: int) -> list[Draft]:
     """The drafts of a batch, validated against the session's scheme and limits."""
+    config = batch_scheme(msg, session)
     n = msg.num_drafts
     if n > max_drafts:
         raise PayloadError(f"num_drafts {n} exceeds the session's max_drafts {max_drafts}")

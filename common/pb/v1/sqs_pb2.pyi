@@ -69,44 +69,58 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, context_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., scheme: _Optional[_Union[SchemeParams, _Mapping]] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_drafts: _Optional[int] = ..., client_session_id: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "target_model", "vocab_size", "eos_token_ids")
+    __slots__ = ("session_id", "target_model", "vocab_size", "eos_token_ids", "pass_rows", "pass_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PASS_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PASS_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     target_model: str
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    pass_rows: _containers.RepeatedScalarFieldContainer[int]
+    pass_ms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pass_rows: _Optional[_Iterable[int]] = ..., pass_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
-    __slots__ = ("session_id", "position", "num_drafts", "packed", "raw")
+    __slots__ = ("session_id", "position", "num_drafts", "packed", "raw", "k", "ell", "plain_steps")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    ELL_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     num_drafts: int
     packed: bytes
     raw: bytes
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_drafts: _Optional[int] = ..., packed: _Optional[bytes] = ..., raw: _Optional[bytes] = ...) -> None: ...
+    k: int
+    ell: int
+    plain_steps: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_drafts: _Optional[int] = ..., packed: _Optional[bytes] = ..., raw: _Optional[bytes] = ..., k: _Optional[int] = ..., ell: _Optional[int] = ..., plain_steps: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us")
+    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us", "forward_us", "plain_tokens")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_UNIX_US_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_US_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_US_FIELD_NUMBER: _ClassVar[int]
+    PLAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     token: int
     position: int
     received_unix_us: int
     sent_unix_us: int
-    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ...) -> None: ...
+    forward_us: int
+    plain_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., plain_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -1,0 +1,118 @@
+"""Measured costs of a round, estimated online (pure: numpy only, no clocks read here).
+
+Every figure comes from measurements handed in by the caller; nothing is a hand-set constant:
+
+  PassTimes      the target's forward pass by rows scored (the cloud keeps one process-wide,
+                 the edge one per session, seeded from the cloud's table at open)
+  LinkEstimate   uplink RTT and ms per byte from (uplink wire bytes, network time) pairs, where
+                 network time = round trip seen by the edge - time the cloud held the batch, so
+                 clocks need not be synchronised
+  Smoothed       a robust running value (median of a window) for the draft time per position
+                 and the cloud's per-round overhead outside the forward pass
+
+Units: milliseconds and bytes throughout.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Smoothed:
+    """Median of the last `window` samples; `default` until the first sample."""
+
+    def __init__(self, window: int = 16, default: float = 0.0) -> None:
+        self._samples: deque[float] = deque(maxlen=window)
+        self.default = default
+
+    def add(self, value: float) -> None:
+        if np.isfinite(value):
+            self._samples.append(float(value))
+
+    @property
+    def count(self) -> int:
+        return len(self._samples)
+
+    @property
+    def value(self) -> float:
+        return float(np.median(self._samples)) if self._samples else self.default
+
+
+class PassTimes:
+    """Cost of one forward pass scoring `rows` positions (ms): median per measured row count,
+    piecewise-linear in between, extrapolated along the last measured segment (never falling)."""
+
+    def __init__(self, window: int = 9) -> None:
+        self._by_rows: dict[int, deque[float]] = {}
+        self._window = window
+
+    def add(self, rows: int, ms: float) -> None:
+        if rows >= 1 and np.isfinite(ms) and ms >= 0:
+            self._by_rows.setdefault(int(rows), deque(maxlen=self._window)).append(float(ms))
+
+    def seed(self, rows: list[int], ms: list[float]) -> None:
+        for r, m in zip(rows, ms):
+            self.add(int(r), float(m))
+
+    def table(self) -> dict[int, float]:
+        return {r: float(np.median(v)) for r, v in sorted(self._by_rows.items()) if v}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_rows)
+
+    def predict(self, rows: int) -> float:
+        t = self.table()
+        if not t:
+            return 0.0
+        xs = np.array(list(t.keys()), dtype=np.float64)
+        ys = np.maximum.accumulate(np.array(list(t.values()), dtype=np.float64))  # more rows never cheaper
+        if rows <= xs[-1]:
+            return float(np.interp(rows, xs, ys))
+        if xs.size == 1:
+            return float(ys[0] * rows / xs[0])  # one point: proportional is the cautious guess
+        slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+        return float(ys[-1] + slope * (rows - xs[-1]))
+
+
+@dataclass(frozen=True)
+class Link:
+    rtt_ms: float  # fixed network time of a round (both directions, downlink verdict included)
+    ms_per_byte: float  # uplink serialisation time per wire byte
+
+
+class LinkEstimate:
+    """Fits network_ms = rtt + ms_per_byte * uplink_bytes over a window of rounds.
+
+    Least squares when the window spans enough sizes; otherwise the slope keeps its last value
+    (rounds of one size say nothing about it) and the intercept is the median residual.
+    """
+
+    def __init__(self, window: int = 32) -> None:
+        self._pts: deque[tuple[float, float]] = deque(maxlen=window)
+        self._slope = 0.0
+
+    def add(self, uplink_bytes: float, network_ms: float) -> None:
+        if np.isfinite(network_ms) and uplink_bytes >= 0:
+            self._pts.append((float(uplink_bytes), max(0.0, float(network_ms))))
+
+    @property
+    def count(self) -> int:
+        return len(self._pts)
+
+    def estimate(self) -> Link:
+        pts = list(self._pts)
+        if not pts:
+            return Link(0.0, 0.0)
+        x = np.array([p[0] for p in pts])
+        y = np.array([p[1] for p in pts])
+        spread = x.max() - x.min()
+        if x.size >= 3 and spread >= 64:  # sizes differ enough to see the rate
+            xm, ym = x.mean(), y.mean()
+            var = float(((x - xm) ** 2).sum())
+            slope = float(((x - xm) * (y - ym)).sum() / var) if var > 0 else self._slope
+            self._slope = max(0.0, slope)
+        rtt = float(np.median(y - self._slope * x))
+        return Link(max(0.0, rtt), self._slope)
