@@ -88,10 +88,12 @@ class RoundResult:
 
 
 class Verifier:
-    def __init__(self, target: TargetInfo, new_lm: Callable[[], LM], config: VerifierConfig = VerifierConfig()):
+    def __init__(self, target: TargetInfo, new_lm: Callable[[], LM], config: VerifierConfig = VerifierConfig(),
+                 clock: Callable[[], float] = time.monotonic):
         self.target = target
         self._new_lm = new_lm
         self.config = config
+        self._clock = clock  # session expiry (seconds); tests inject a fake one
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self._pass_times = PassTimes()  # process-wide, by rows scored; guarded by _lock
@@ -138,7 +140,8 @@ class Verifier:
         if len(req.context) > self.config.max_context:
             raise SessionError("INVALID_ARGUMENT", f"context longer than {self.config.max_context} tokens")
         sid = req.client_session_id or uuid.uuid4().hex
-        session = Session(sid, list(req.context), req, self._new_lm(), min(req.max_drafts, self.config.max_drafts))
+        session = Session(sid, list(req.context), req, self._new_lm(), min(req.max_drafts, self.config.max_drafts),
+                          last_used=self._clock())
         with self._lock:
             self._expire_locked()
             self._sessions.pop(sid, None)
@@ -156,7 +159,7 @@ class Verifier:
             if session is None:
                 raise SessionError("NOT_FOUND", f"unknown or expired session {session_id[:64]!r}")
             self._sessions.move_to_end(session_id)
-            session.last_used = time.monotonic()
+            session.last_used = self._clock()
             return session
 
     def close(self, session_id: str) -> bool:
@@ -169,7 +172,7 @@ class Verifier:
             return len(self._sessions)
 
     def _expire_locked(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         for sid in [s.id for s in self._sessions.values() if now - s.last_used > self.config.session_ttl_s]:
             del self._sessions[sid]
             log.info("session expired session=%s", sid)

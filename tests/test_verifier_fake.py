@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
+import logging
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from scipy import stats
 
 from cloud.verifier import SessionError, TargetInfo, Verifier, VerifierConfig
 from common import codec
+from common.logs import JsonFormatter
 from common.metrics import Metrics
 from common.rejection import target_probs
 from common.schemes import SchemeConfig, describe, draw
@@ -32,9 +36,9 @@ class TableLM:
         return np.stack([self.table[t] for t in context[len(context) - want :]]).astype(np.float32)
 
 
-def make_verifier(**cfg) -> Verifier:
+def make_verifier(clock=time.monotonic, **cfg) -> Verifier:
     info = TargetInfo("table", V, "fp", ())
-    return Verifier(info, lambda: TableLM(TARGET_LOGITS), VerifierConfig(**cfg))
+    return Verifier(info, lambda: TableLM(TARGET_LOGITS), VerifierConfig(**cfg), clock=clock)
 
 
 def open_msg(seed: int, temperature: float, scheme="topk", k=3, ell=20, max_drafts=4, context=(0,)):
@@ -123,13 +127,18 @@ def test_limits_lru_ttl_and_errors():
     with pytest.raises(SessionError) as e:
         v.open(mismatch)
     assert e.value.code == "FAILED_PRECONDITION"
-    short_ttl = make_verifier(session_ttl_s=0.0)
-    s = short_ttl.open(open_msg(0, 1.0)[0])
-    import time
 
-    time.sleep(0.01)
-    with pytest.raises(SessionError):
-        short_ttl.get(s.id)
+
+def test_sessions_expire_after_the_ttl_of_the_injected_clock():
+    now = [100.0]
+    v = make_verifier(clock=lambda: now[0], session_ttl_s=10.0)
+    s = v.open(open_msg(0, 1.0)[0])
+    now[0] += 10.0  # exactly the TTL: still alive, and get() refreshes it
+    assert v.get(s.id) is s
+    now[0] += 10.5
+    with pytest.raises(SessionError) as e:
+        v.get(s.id)
+    assert e.value.code == "NOT_FOUND" and v.active_sessions == 0
 
 
 def test_bad_batch_closes_only_that_session():
@@ -163,3 +172,13 @@ def test_metrics_exporter_counts_rounds():
     assert g("sqs_uplink_formula_bits_total", {"sparsifier": "topk"}) == 350.0
     assert g("sqs_batch_latency_seconds_count", {"sparsifier": "topk", "part": "verify"}) == 1
     assert g("sqs_conformal_threshold", {"sparsifier": "topk"}) == 0.02
+
+
+def test_session_logs_are_json_with_session_id_and_no_prompt(caplog):
+    caplog.set_level(logging.INFO, logger="sqs.cloud")
+    v = make_verifier()
+    s = v.open(open_msg(0, 1.0, context=(3, 1, 4))[0])
+    records = [r for r in caplog.records if r.name == "sqs.cloud"]
+    assert records, "opening a session logs at INFO"
+    line = json.loads(JsonFormatter().format(records[-1]))
+    assert line["level"] == "INFO" and s.id in line["msg"] and "3, 1, 4" not in line["msg"]
