@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edge.cli import int_or_auto
+
 
 def _parse_scheme(spec: str) -> dict:
     """'topk:8' -> {scheme: topk, k: 8}; 'conformal:0.01' -> beta0 0.01; 'none', 'dense', ..."""
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     e.add_argument("--prompts", nargs="+", default=["def fibonacci(n):"])
     e.add_argument("--max-new-tokens", type=int, default=48)
-    e.add_argument("--draft-len", type=int, default=16)
+    e.add_argument("--draft-len", type=int_or_auto, default="auto", help="auto (planned per round) or a fixed N")
     e.add_argument("--budget-bits", type=float, default=5000.0)
     e.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run", help="the paper's experiments: all schemes side by side -> results.csv + plots")
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--alpha", type=float, default=0.0005)
     r.add_argument("--ell", type=int, default=100)
     r.add_argument("--budget-bits", type=float, default=5000.0)
-    r.add_argument("--draft-len", type=int, default=16, help="max drafts per batch besides the bit budget")
+    r.add_argument("--draft-len", type=int_or_auto, default="auto",
+                   help="auto: each round planned from measured costs; N: a fixed plan of up to N drafts")
     r.add_argument("--prompts", type=int, default=4, help="Wikipedia-summary prompts per setting")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--no-baselines", action="store_true")

@@ -73,11 +73,12 @@ def grid(temperatures, ks, betas, etas, baselines=True, alpha=0.0005, ell=100, b
 
 
 def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, target_model: str,
-        max_new_tokens: int, max_draft_len: int = 16, seed: int = 0, show_progress: bool = True) -> list[SettingResult]:
+        max_new_tokens: int, max_draft_len: int | str = "auto", seed: int = 0,
+        show_progress: bool = True) -> list[SettingResult]:
     from tqdm import tqdm
 
     from edge.client import ClientConfig, CloudClient
-    from edge.drafter import DraftConfig, Drafter
+    from edge.drafter import DraftConfig, Drafter, parse_auto
     from edge.generate import generate
     from sqs_models.cached_lm import CachedLM
     from sqs_models.registry import load_model
@@ -96,7 +97,8 @@ def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, targ
                 cfg = DraftConfig(
                     scheme=SchemeConfig(st.scheme, m.vocab_size, k=st.k, ell=st.ell, beta0=st.beta0, eta=st.eta,
                                         alpha=st.alpha),
-                    max_draft_len=max_draft_len, budget_bits=st.budget_bits, temperature=st.temperature,
+                    max_draft_len=parse_auto(max_draft_len, "draft_len", 256), budget_bits=st.budget_bits,
+                    temperature=st.temperature,
                     seed=seed + i,
                 )
                 drafter = Drafter(CachedLM(m.model, m.vocab_size), cfg, m.eos_token_ids)

@@ -6,6 +6,15 @@ updates of the positions whose context survives: the accepted drafts and, if one
 rejected position (its q and support are the edge's, and the dropped mass does not depend on which
 token the cloud resampled). Over the counted positions the updates telescope, which gives
 Theorem 2: mean dropped mass <= alpha + (|beta_1| + 1 + eta*alpha) / (eta * T).
+
+Under an uplink budget the edge may not afford the threshold set: it sends the most probable prefix
+that fits and counts the mass the cap drops as dropped mass (honest accounting). Counting it pushes
+beta down (more dropped mass asks for a lower threshold), and since the budget, not beta, now
+decides the support, beta would drift without bound and describe every later position, however
+peaked, with the largest support the budget allows. So observe() first projects beta onto the
+thresholds the budget could honour (beta >= the smallest kept probability when the cap bound): the
+projected online update of conformal prediction. Theorem 2's bound assumes no projection; with the
+cap binding, alpha is out of reach, and the reported mean dropped mass says so.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ class ConformalController:
     beta_initial: float = field(init=False)
     counted_positions: int = 0  # positions whose update survived (T in Theorem 2)
     counted_dropped_mass: float = 0.0  # sum of their dropped masses
+    projections: int = 0  # positions where the budget cap bound and beta was projected up
     _batch_betas: list[float] = field(default_factory=list, repr=False)  # beta before each position
     _batch_dropped: list[float] = field(default_factory=list, repr=False)
 
@@ -31,10 +41,17 @@ class ConformalController:
             raise ValueError("alpha must lie in [0, 1]")
         self.beta_initial = self.beta
 
-    def observe(self, dropped_mass: float) -> float:
-        """Apply the update for one drafted position; returns the new beta."""
+    def observe(self, dropped_mass: float, feasible_floor: float | None = None) -> float:
+        """Apply the update for one drafted position; returns the new beta.
+
+        feasible_floor: the threshold the budget actually allowed at this position (the smallest
+        kept probability when the support was capped); beta is projected up to it first.
+        """
         self._batch_betas.append(self.beta)
         self._batch_dropped.append(dropped_mass)
+        if feasible_floor is not None and feasible_floor > self.beta:
+            self.projections += 1
+            self.beta = feasible_floor
         self.beta = self.beta - self.eta * (dropped_mass - self.alpha)
         return self.beta
 

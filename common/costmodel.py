@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.planner import Costs
+
 
 class Smoothed:
     """Median of the last `window` samples; `default` until the first sample."""
@@ -116,3 +118,36 @@ class LinkEstimate:
             self._slope = max(0.0, slope)
         rtt = float(np.median(y - self._slope * x))
         return Link(max(0.0, rtt), self._slope)
+
+
+class CostModel:
+    """The edge's per-session view of every cost a round has, fed by measurements of real rounds.
+
+    Seeded at open with the cloud's forward times by rows and with one timed draft step; refined by
+    every verdict (cloud forward and overhead times) and every drafted position.
+    """
+
+    def __init__(self) -> None:
+        self.draft = Smoothed(window=32)  # ms per drafted position
+        self.passes = PassTimes()  # target forward ms by rows
+        self.cloud_overhead = Smoothed(default=0.0)  # cloud round time outside its forward passes
+        self.framing = Smoothed(default=0.0)  # uplink wire bytes per round beyond the payload
+        self.link = LinkEstimate()
+        self.rounds = 0
+
+    def observe_round(self, *, rows: int, plain_steps: int, forward_ms: float, cloud_ms: float,
+                      round_trip_ms: float, uplink_bytes: int, payload_bytes: int) -> None:
+        """One verdict: rows = drafts + 1; plain_steps extra one-row passes ran after it."""
+        if plain_steps:
+            self.passes.add(1, forward_ms / (1 + plain_steps))  # L = 0 rounds: all passes are steps
+        else:
+            self.passes.add(rows, forward_ms)
+        self.cloud_overhead.add(max(0.0, cloud_ms - forward_ms))
+        self.framing.add(max(0, uplink_bytes - payload_bytes))
+        self.link.add(uplink_bytes, round_trip_ms - cloud_ms)
+        self.rounds += 1
+
+    def costs(self) -> Costs:
+        link = self.link.estimate()
+        fixed = link.rtt_ms + link.ms_per_byte * self.framing.value + self.cloud_overhead.value
+        return Costs(self.draft.value, fixed, link.ms_per_byte, self.passes.predict)

@@ -6,12 +6,15 @@ Series (label `sparsifier` only: never a session id or a prompt):
   sqs_uplink_wire_bytes_total, sqs_uplink_formula_bits_total   (counters)
   sqs_batch_latency_seconds{part=draft|uplink|verify|downlink|total}   (histogram)
   sqs_conformal_threshold                                            (gauge)
+  sqs_plan_draft_len (drafts the plan sent per round; 0 = plain target steps)   (histogram, edge)
+  sqs_plan_time_error_ratio (|measured - predicted| / measured round time)       (histogram, edge)
   sqs_active_sessions                                                (gauge)
 
 PromQL for a dashboard:
   acceptance:  sum(rate(sqs_accepted_tokens_total[1m])) / sum(rate(sqs_draft_tokens_total[1m]))
   resampling:  sum(rate(sqs_resampled_tokens_total[1m])) / sum(rate(sqs_batches_total[1m]))
   p95 by part: histogram_quantile(0.95, sum by (le, part) (rate(sqs_batch_latency_seconds_bucket[1m])))
+  mean L:      sum(rate(sqs_plan_draft_len_sum[5m])) / sum(rate(sqs_plan_draft_len_count[5m]))
   bits/token:  sum(rate(sqs_uplink_formula_bits_total[1m]))
                / (sum(rate(sqs_accepted_tokens_total[1m])) + sum(rate(sqs_batches_total[1m])))
 """
@@ -44,16 +47,21 @@ class Metrics:
         )
         self.threshold = Gauge("sqs_conformal_threshold", "Current C-SQS threshold beta", lab, registry=r)
         self.sessions = Gauge("sqs_active_sessions", "Open generation sessions", registry=r)
+        self.plan_len = Histogram("sqs_plan_draft_len", "Drafts the round's plan sent (0 = plain target steps)",
+                                  lab, buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.plan_error = Histogram("sqs_plan_time_error_ratio", "|measured - predicted| / measured round time",
+                                    lab, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0), registry=r)
 
     def observe_round(
         self, sparsifier: str, *, drafted: int, accepted: int, payload_bytes: int, formula_bits: float,
         wire_bytes: int = 0, latency_ms: dict[str, float] | None = None, beta: float | None = None,
+        plain: int = 0,
     ) -> None:
         self.batches.labels(sparsifier).inc()
         self.drafted.labels(sparsifier).inc(drafted)
         self.accepted.labels(sparsifier).inc(accepted)
         (self.resampled if accepted < drafted else self.bonus).labels(sparsifier).inc()
-        self.generated.labels(sparsifier).inc(accepted + 1)
+        self.generated.labels(sparsifier).inc(accepted + 1 + plain)
         self.payload_bytes.labels(sparsifier).inc(payload_bytes)
         self.wire_bytes.labels(sparsifier).inc(wire_bytes)
         self.formula_bits.labels(sparsifier).inc(formula_bits)
@@ -66,5 +74,8 @@ class Metrics:
         self.observe_round(
             sparsifier, drafted=r.drafted, accepted=r.accepted, payload_bytes=r.payload_bytes,
             formula_bits=r.formula_bits, wire_bytes=r.uplink_wire_bytes,
-            latency_ms={p: getattr(r, f"{p}_ms") for p in PARTS}, beta=r.beta,
+            latency_ms={p: getattr(r, f"{p}_ms") for p in PARTS}, beta=r.beta, plain=r.plain,
         )
+        self.plan_len.labels(sparsifier).observe(r.drafted)
+        if r.predicted_ms > 0 and r.total_ms > 0:
+            self.plan_error.labels(sparsifier).observe(abs(r.total_ms - r.predicted_ms) / r.total_ms)

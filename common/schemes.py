@@ -95,11 +95,12 @@ class Draft:
     dropped_mass: float = 0.0  # sparsifier's dropped mass of q (before zero-drop)
 
 
-def describe(q: np.ndarray, config: SchemeConfig, beta: float | None = None) -> Draft:
+def describe(q: np.ndarray, config: SchemeConfig, beta: float | None = None, max_support: int | None = None) -> Draft:
     """Sparsify and quantize q (float [V], sums to 1) without sampling; token is -1.
 
     Splitting this from the draw lets the edge price a position against the bit budget before it
-    spends randomness on it.
+    spends randomness on it. max_support caps a threshold support to its most probable entries
+    (C-SQS under the bit budget); the mass the cap drops counts as dropped mass like any other.
     """
     s = config.scheme
     if s in (Scheme.TOPK, Scheme.FP16_TOPK):
@@ -110,6 +111,8 @@ def describe(q: np.ndarray, config: SchemeConfig, beta: float | None = None) -> 
         if beta is None:
             raise ValueError("the conformal scheme needs a threshold beta")
         sup = sparsify.threshold(q, beta)
+        if max_support is not None and sup.tokens.size > max_support:
+            sup = sparsify.top_k(q, max(1, max_support))
     elif s in (Scheme.DENSE, Scheme.FP32):
         sup = sparsify.dense(q)
     else:

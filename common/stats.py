@@ -30,6 +30,19 @@ class RoundRecord:
     downlink_ms: float
     total_ms: float
     beta: float | None = None  # conformal threshold after the round
+    plain: int = 0  # cloud-only tokens after the round's token (plain target steps)
+    # The round's plan and what it predicted (edge/drafter.py, common/planner.py)
+    k: int = 0  # support size of the drafts' description (0: no drafts)
+    ell: int = 0  # lattice resolution of the drafts' description
+    forward_ms: float = 0.0  # the cloud's forward passes alone (verify_ms adds queueing, decoding, sampling)
+    planned_max_drafts: int = 0
+    predicted_ms: float = 0.0  # the plan's round time for what was sent
+    predicted_tokens: float = 1.0  # the plan's expected committed tokens
+
+    @property
+    def committed(self) -> int:
+        """Tokens the round committed: accepted drafts, the resampled or bonus token, plain steps."""
+        return self.accepted + 1 + self.plain
 
 
 @dataclass
@@ -39,6 +52,7 @@ class GenerationStats:
     accepted: int = 0
     resampled: int = 0
     bonus: int = 0
+    plain: int = 0  # tokens from plain target steps (cloud-only rounds)
     generated: int = 0
     formula_bits: float = 0.0
     honest_bits: float = 0.0
@@ -56,6 +70,7 @@ class GenerationStats:
         self.rounds += 1
         self.drafted += r.drafted
         self.accepted += r.accepted
+        self.plain += r.plain
         if r.accepted < r.drafted:
             self.resampled += 1
         else:
@@ -89,7 +104,7 @@ class GenerationStats:
         d.pop("latency_ms")
         for part in PARTS:
             d[f"{part}_ms"] = round(self.latency_ms[part], 3)
-        per_tok = max(self.accepted + self.rounds, 1)
+        per_tok = max(self.accepted + self.rounds + self.plain, 1)
         d.update(
             acceptance_rate=self.acceptance_rate,
             acceptance_rate_definition="accepted drafts / drafted tokens",
@@ -100,6 +115,29 @@ class GenerationStats:
             formula_bits_per_draft=self.formula_bits / self.drafted if self.drafted else 0.0,
             formula_bits_per_accepted_token=self.formula_bits / per_tok,
             wire_bytes_per_accepted_token=self.uplink_wire_bytes / per_tok,
-            per_accepted_token_definition="per token committed by rounds (accepted + one new per round)",
+            per_accepted_token_definition="per token committed by rounds (accepted + one new per round + plain steps)",
+            controller=self.controller_summary(),
         )
         return d
+
+    def controller_summary(self) -> dict:
+        """The plans' totals: chosen lengths and how well the cost model predicted each round."""
+        recs = [r for r in self.records if r.predicted_ms > 0]
+        errs = [abs(r.total_ms - r.predicted_ms) / r.total_ms for r in recs if r.total_ms > 0]
+        return {
+            "rounds_speculative": sum(1 for r in self.records if r.drafted),
+            "rounds_plain": sum(1 for r in self.records if not r.drafted),
+            "mean_draft_len": self.drafted / self.rounds if self.rounds else 0.0,
+            "mean_abs_round_time_error": sum(errs) / len(errs) if errs else None,
+            "predicted_tokens": sum(r.predicted_tokens for r in recs),
+            "committed_tokens": sum(r.committed for r in recs),
+        }
+
+    def plans(self) -> list[dict]:
+        """The plan of every round: L, K, ell, plain steps, predicted vs measured time."""
+        return [
+            {"drafted": r.drafted, "accepted": r.accepted, "plain": r.plain, "k": r.k, "ell": r.ell,
+             "predicted_ms": round(r.predicted_ms, 3), "measured_ms": round(r.total_ms, 3),
+             "predicted_tokens": round(r.predicted_tokens, 3), "committed": r.committed}
+            for r in self.records
+        ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -16,25 +17,54 @@ from common.schemes import Scheme
 SPARSIFIERS = [s.value for s in Scheme]
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (NaN and infinities are refused with a one-line error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def int_or_auto(text: str) -> int | str:
+    """argparse type: 'auto' (the planner chooses per round) or a non-negative integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_generation_args(ap: argparse.ArgumentParser) -> None:
     env = os.environ.get
     ap.add_argument("--cloud", default=env("SQS_CLOUD", "127.0.0.1:50051"), help="HOST:PORT of sqs-cloud")
     ap.add_argument("--draft-model", default=env("SQS_DRAFT_MODEL", "tiny"))
     ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"])
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=finite_float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0, help="target/draft sampling top-k (0 = off)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="target/draft sampling top-p (1 = off)")
+    ap.add_argument("--top-p", type=finite_float, default=1.0, help="target/draft sampling top-p (1 = off)")
     ap.add_argument("--sparsifier", choices=SPARSIFIERS, default="topk")
-    ap.add_argument("--k", type=int, default=8, help="support size for topk / fp16-topk")
-    ap.add_argument("--ell", type=int, default=100, help="lattice resolution")
+    ap.add_argument("--k", type=int_or_auto, default="auto",
+                    help="support size for topk / fp16-topk; auto (default): the planner picks K per round")
+    ap.add_argument("--ell", type=int_or_auto, default="auto",
+                    help="lattice resolution; auto (default): the planner picks ell per round")
     ap.add_argument("--drop-zeros", action="store_true", help="leave zero-count entries out of the support")
-    ap.add_argument("--beta0", type=float, default=0.01, help="C-SQS initial threshold")
-    ap.add_argument("--eta", type=float, default=0.001, help="C-SQS learning rate")
-    ap.add_argument("--alpha", type=float, default=0.0005, help="C-SQS target dropped mass")
-    ap.add_argument("--budget-bits", type=float, default=5000.0, help="uplink bit budget B per batch")
+    ap.add_argument("--beta0", type=finite_float, default=0.01, help="C-SQS initial threshold")
+    ap.add_argument("--eta", type=finite_float, default=0.001, help="C-SQS learning rate")
+    ap.add_argument("--alpha", type=finite_float, default=0.0005, help="C-SQS target dropped mass")
+    ap.add_argument("--budget-bits", type=finite_float, default=5000.0, help="uplink bit budget B per batch")
     ap.add_argument("--budget-accounting", choices=["honest", "formula"], default="honest")
-    ap.add_argument("--draft-len", type=int, default=8, help="max drafts per batch; 0 = plain target decoding")
+    ap.add_argument("--draft-len", type=int_or_auto, default="auto",
+                    help="drafts per batch: auto (default) plans each round from measured costs (0..32 drafts, "
+                         "or plain target steps when speculation does not pay); N = a fixed plan of up to N; "
+                         "0 = plain target decoding")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transport", choices=["stream", "unary"], default="stream",
                     help="one gRPC stream per session (default) or one unary call per round")
@@ -100,6 +130,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             "final_beta": drafter.beta,
             "mean_dropped_mass": result.mean_dropped_mass,
             "theorem2_bound": result.theorem2_bound,
+            "draft_len": a.draft_len,
+            "plans": s.plans(),
             **summary,
         }))
     else:

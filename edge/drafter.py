@@ -1,24 +1,35 @@
-"""The edge's half of a round: draft, sparsify, quantize, sample, price against the bit budget.
+"""The edge's half of a round: plan, draft, sparsify, quantize, sample, price against the bit budget.
 
+Per round the planner (common/planner.py) decides from measured costs whether to speculate at all
+(else the cloud runs plain target steps), which K and ell describe the drafts, and the most drafts
+worth sending; with a fixed --draft-len the plan is that length and the given K and ell.
 Per position: q = SLM next-token distribution (session temperature/top-k/top-p; T = 0 is one-hot),
 described by the scheme (support + lattice counts or float values), priced in bits, and only if it
 fits the budget B is the draft token sampled from exactly the q_hat that will be sent. Stops at B,
-the max draft length, the token limit, or an EOS draft. After the verdict, settle() rolls the
-conformal threshold back to the surviving positions; the KV cache follows the context by itself.
+the plan's length, the token limit, an EOS draft, or (auto) when one more draft does not raise the
+expected tokens per second. After the verdict, settle() rolls the conformal threshold back to the
+surviving positions and feeds the measured costs and outcomes back to the planner; the KV cache
+follows the context by itself (sqs_models/cached_lm.py crops it on the next call).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from common.batch_format import draft_bits
 from common.conformal import ConformalController
+from common.costmodel import CostModel
+from common.planner import (
+    ELL_MENU, K_MENU, AcceptanceModel, Description, Planner, PlannerConfig, QuantLoss, Round, RoundPlan, confidence,
+)
 from common.rejection import target_probs
-from common.schemes import Draft, Scheme, SchemeConfig, describe, draw
+from common.schemes import MAX_RANKED_SUPPORT, Draft, Scheme, SchemeConfig, describe, draw
+
+AUTO = "auto"
 
 
 class LM(Protocol):
@@ -26,46 +37,87 @@ class LM(Protocol):
         ...
 
 
+def parse_auto(value, name: str, high: int) -> int | None:
+    """'auto' -> None (the planner chooses), else an int in [0, high]."""
+    if value is None or value == AUTO:
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer or 'auto', got {value!r}") from None
+    if not 0 <= n <= high or n != float(value):
+        raise ValueError(f"{name} must be an integer in [0, {high}] or 'auto', got {value!r}")
+    return n
+
+
 @dataclass(frozen=True)
 class DraftConfig:
-    scheme: SchemeConfig
-    max_draft_len: int = 8
+    scheme: SchemeConfig  # k and ell here are the session's defaults and the fixed choice
+    max_draft_len: int | None = None  # None: auto (the planner chooses L per round, up to auto_max_draft_len)
     budget_bits: float = 5000.0  # uplink budget B per batch
     budget_accounting: str = "honest"  # "honest": what is packed; "formula": the paper's eq. 1 bits
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    k_auto: bool = False  # topk / fp16-topk: the planner picks K per round
+    ell_auto: bool = False  # lattice schemes: the planner picks ell per round
+    auto_max_draft_len: int = 32
 
     @classmethod
     def from_options(cls, o, vocab_size: int) -> "DraftConfig":
         """From any object with the `sqs-edge generate` option names (argparse namespace, HTTP
         request, load-test config): sparsifier, k, ell, drop_zeros, beta0, eta, alpha, draft_len,
-        budget_bits, budget_accounting, temperature, top_k, top_p, seed. draft_len 0 = plain
-        target decoding. Raises ValueError with the reason for inconsistent options."""
-        scheme = Scheme.NONE if o.draft_len == 0 else Scheme(o.sparsifier)
+        budget_bits, budget_accounting, temperature, top_k, top_p, seed. draft_len, k and ell take
+        'auto'; draft_len 0 = plain target decoding. Raises ValueError with the reason."""
+        draft_len = parse_auto(o.draft_len, "draft_len", 256)
+        k, ell = parse_auto(o.k, "k", MAX_RANKED_SUPPORT), parse_auto(o.ell, "ell", 1 << 16)
+        scheme = Scheme.NONE if draft_len == 0 else Scheme(o.sparsifier)
+        for name, value in (("budget_bits", o.budget_bits), ("beta0", o.beta0), ("eta", o.eta),
+                            ("alpha", o.alpha), ("temperature", o.temperature), ("top_p", o.top_p)):
+            if not np.isfinite(float(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         return cls(
             scheme=SchemeConfig(
-                scheme, vocab_size=vocab_size, k=o.k, ell=o.ell, drop_zeros=o.drop_zeros and scheme.lattice,
-                beta0=o.beta0, eta=o.eta, alpha=o.alpha,
+                scheme, vocab_size=vocab_size, k=min(k or 8, vocab_size), ell=ell or 100,
+                drop_zeros=o.drop_zeros and scheme.lattice, beta0=o.beta0, eta=o.eta, alpha=o.alpha,
             ),
-            max_draft_len=o.draft_len, budget_bits=o.budget_bits, budget_accounting=o.budget_accounting,
+            max_draft_len=draft_len, budget_bits=float(o.budget_bits), budget_accounting=o.budget_accounting,
             temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
+            k_auto=k is None and scheme in (Scheme.TOPK, Scheme.FP16_TOPK), ell_auto=ell is None and scheme.lattice,
         )
 
     def __post_init__(self) -> None:
         if self.budget_accounting not in ("honest", "formula"):
             raise ValueError("budget_accounting must be 'honest' or 'formula'")
-        if self.max_draft_len < 0:
+        if self.max_draft_len is not None and self.max_draft_len < 0:
             raise ValueError("max_draft_len must be >= 0")
+        if not (np.isfinite(self.budget_bits) and self.budget_bits > 0):
+            raise ValueError("budget_bits must be a positive finite number")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.max_draft_len is None
+
+    @property
+    def max_drafts(self) -> int:
+        """Most drafts any batch of this configuration carries (announced at session open)."""
+        return self.auto_max_draft_len if self.adaptive else self.max_draft_len
 
 
 @dataclass
 class DraftedBatch:
     drafts: list[Draft]
+    scheme: SchemeConfig  # this batch's description (its k and ell travel with it)
     honest_bits: float
     formula_bits: float
     draft_ms: float
+    plain_steps: int = 0  # cloud-only steps requested after the round's token
+    plan: RoundPlan | None = None
+    predicted_ms: float = 0.0  # the plan's round time for the drafts actually sent
+    predicted_tokens: float = 1.0
+    confidences: list[float] = field(default_factory=list)  # per draft, for the acceptance model
+    tv_losses: list[float] = field(default_factory=list)  # per draft: TV(q, q_hat)
 
 
 class Drafter:
@@ -77,40 +129,145 @@ class Drafter:
         self.controller = (
             ConformalController(s.beta0, eta=s.eta, alpha=s.alpha) if s.scheme == Scheme.CONFORMAL else None
         )
+        self.costs = CostModel()
+        self.acceptance = AcceptanceModel()
+        self.loss = QuantLoss()
+        self.planner = Planner(
+            PlannerConfig(
+                max_draft_len=config.auto_max_draft_len,
+                k_menu=tuple(k for k in K_MENU if k <= s.vocab_size) if config.k_auto else (s.max_support,),
+                ell_menu=ELL_MENU if config.ell_auto else (s.ell,),
+                lattice=s.scheme.lattice,
+            ),
+            self._bits,
+        )
+        self._pending: DraftedBatch | None = None
+
+    def _bits(self, k: int, ell: int) -> float:
+        honest, formula = draft_bits(self._scheme_for(k, ell), k)
+        return honest if self.config.budget_accounting == "honest" else formula
+
+    def _scheme_for(self, k: int, ell: int) -> SchemeConfig:
+        s = self.config.scheme
+        if s.scheme in (Scheme.TOPK, Scheme.FP16_TOPK):
+            return s if (k, ell) == (s.k, s.ell) else replace(s, k=k, ell=ell)
+        return s if ell == s.ell else replace(s, ell=ell)
+
+    # -- costs measured before the first round ----------------------------------------------
+    def calibrate(self, context: Sequence[int], pass_rows: Sequence[int], pass_ms: Sequence[float]) -> None:
+        """Seed the cost model: the cloud's forward times by rows, and one timed draft step."""
+        self.costs.passes.seed(list(pass_rows), list(pass_ms))
+        if self.config.scheme.scheme == Scheme.NONE:
+            return
+        ctx = list(context)
+        row = self.lm.logits(ctx, want=1)[0]  # prefill (needed for the first draft anyway)
+        t0 = time.perf_counter()
+        self.lm.logits(ctx + [int(np.argmax(row))], want=1)  # one step; the cache crops it next call
+        self.costs.draft.add((time.perf_counter() - t0) * 1e3)
+
+    # -- one round ----------------------------------------------------------------------------
+    def plan(self, remaining_tokens: int) -> RoundPlan:
+        cfg, s = self.config, self.config.scheme
+        costs = self.costs.costs()
+        if s.scheme == Scheme.NONE:
+            return self.planner.plain(costs, remaining_tokens)
+        if cfg.adaptive:
+            return self.planner.plan(costs, self.acceptance, self.loss, cfg.budget_bits, remaining_tokens,
+                                     beta=self.controller.beta if self.controller else None)
+        return RoundPlan(True, Description(s.k, s.ell, 0.0, 0.0), cfg.max_draft_len, 0, 0.0, 0.0,
+                         self.acceptance.typical())
 
     def draft(self, context: Sequence[int], max_drafts: int) -> DraftedBatch:
-        """Draft up to min(max_drafts, max_draft_len) tokens continuing `context`."""
+        """Plan and draft the next batch continuing `context`; at most max_drafts drafts."""
         t0 = time.perf_counter()
-        cfg, scheme = self.config, self.config.scheme
-        limit = min(max_drafts, cfg.max_draft_len) if scheme.scheme != Scheme.NONE else 0
+        plan = self.plan(max_drafts + 1)
+        costs = self.costs.costs()
+        if not plan.speculate:
+            return DraftedBatch([], self.config.scheme, 0.0, 0.0, 0.0, plan.plain_steps, plan,
+                                plan.predicted_ms, plan.expected_tokens)
+        cfg = self.config
+        d0 = plan.description
+        scheme = self._scheme_for(d0.k, d0.ell)
+        limit = min(max_drafts, plan.max_drafts)
         ctx = list(context)
         rng = np.random.default_rng([cfg.seed, len(ctx), 0xED6E])  # keyed by position: restart-safe
-        drafts: list[Draft] = []
-        honest_total = formula_total = spent = 0.0
-        while len(drafts) < limit:
-            logits = self.lm.logits(ctx, want=1)[0]  # [V]
-            q = target_probs(logits.astype(np.float64), cfg.temperature, cfg.top_k, cfg.top_p)  # [V]
-            beta = self.controller.beta if self.controller else None
-            d = describe(q, scheme, beta=beta)
-            honest, formula = draft_bits(scheme, int(d.support.size))
+        rnd = Round(costs, plan)
+        batch = DraftedBatch([], scheme, 0.0, 0.0, 0.0, 0, plan)
+        spent = 0.0
+        while len(batch.drafts) < limit:
+            t_pos = time.perf_counter()
+            logits = self.lm.logits(ctx, want=1)[0].astype(np.float64)  # [V]
+            q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # [V]
+            feature_q = q if cfg.temperature > 0 else target_probs(logits, 1.0, cfg.top_k, cfg.top_p)
+            c = confidence(feature_q)
+            d, honest, formula, capped = self._describe(q, scheme, cfg.budget_bits - spent)
             cost = honest if cfg.budget_accounting == "honest" else formula
-            if spent + cost > cfg.budget_bits:  # stop before the draft that would exceed B
+            if d is None or spent + cost > cfg.budget_bits:  # stop before the draft that would exceed B
+                break
+            kept = q[d.support]
+            tv = 0.5 * (float(np.abs(kept - d.probs).sum()) + max(0.0, 1.0 - float(kept.sum())))  # TV(q, q_hat)
+            a = max(0.0, self.acceptance.predict(c) - tv)
+            self.loss.seen(q)
+            self.acceptance.seen(c)
+            if cfg.adaptive and batch.drafts and not rnd.keep(a, cost):
+                rnd.drafted_only()
+                self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
                 break
             spent += cost
             d = draw(d, scheme.ell, rng)
             if self.controller:
-                self.controller.observe(d.dropped_mass)
-            drafts.append(d)
-            honest_total += honest
-            formula_total += formula
+                self.controller.observe(d.dropped_mass, float(kept.min()) if capped else None)
+            batch.drafts.append(d)
+            batch.confidences.append(c)
+            batch.tv_losses.append(tv)
+            batch.honest_bits += honest
+            batch.formula_bits += formula
+            rnd.add(a, cost)
             ctx.append(d.token)
-            if d.token in self.eos:
+            self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
+            if d.token in self.eos or (cfg.adaptive and not rnd.more()):
                 break
-        return DraftedBatch(drafts, honest_total, formula_total, (time.perf_counter() - t0) * 1e3)
+        batch.draft_ms = (time.perf_counter() - t0) * 1e3
+        batch.predicted_ms, batch.predicted_tokens = rnd.total_ms(), rnd.e
+        self._pending = batch
+        return batch
+
+    def _describe(self, q: np.ndarray, scheme: SchemeConfig, left_bits: float) -> tuple[Draft | None, float, float, bool]:
+        """The description of q, its (honest, formula) bits, and whether the budget capped it:
+        C-SQS sends the largest most-probable prefix of its threshold set that fits what is left of
+        the budget (common/conformal.py: the capped mass is dropped mass, beta is projected)."""
+        beta = self.controller.beta if self.controller else None
+        d = describe(q, scheme, beta=beta)
+        honest, formula = draft_bits(scheme, int(d.support.size))
+        cost = honest if self.config.budget_accounting == "honest" else formula
+        if self.controller is None or cost <= left_bits:
+            return d, honest, formula, False
+        # Largest prefix (by probability) whose bits fit; bits grow with k up to V/2 (the subset
+        # term C(V, k) peaks there), so the search stays below it.
+        lo, hi = 0, min(int(d.support.size) - 1, scheme.vocab_size // 2)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._bits_at(scheme, mid) <= left_bits:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo < 1:
+            return None, 0.0, 0.0, False
+        d = describe(q, scheme, beta=beta, max_support=lo)
+        honest, formula = draft_bits(scheme, int(d.support.size))
+        return d, honest, formula, True
+
+    def _bits_at(self, scheme: SchemeConfig, k: int) -> float:
+        honest, formula = draft_bits(scheme, k)
+        return honest if self.config.budget_accounting == "honest" else formula
 
     def settle(self, accepted: int, drafted: int) -> None:
+        """After the verdict: roll the conformal threshold back, learn from the outcome."""
         if self.controller:
             self.controller.settle(accepted, drafted)
+        batch, self._pending = self._pending, None
+        if batch is not None and batch.drafts:
+            self.acceptance.observe(batch.confidences, batch.tv_losses, accepted)
 
     @property
     def beta(self) -> float | None:

@@ -1,7 +1,12 @@
 """One generation, end to end, from the edge: the per-round hot path in one place.
 
-    open session -> repeat { draft (drafter) -> pack (codec) -> send/verify (client)
-                             -> append accepted + new token -> settle conformal state }
+    open session -> calibrate costs -> repeat { plan + draft (drafter) -> pack (codec)
+        -> send/verify (client) -> append accepted + new token (+ plain steps)
+        -> settle (conformal rollback, acceptance and cost model learn from the round) }
+
+A `LinkModel` replaces the measured network time of each round by bits / rate + RTT (the analytic
+link of the benchmarks, for sweeping link settings without shaping a real one): the records, the
+cost model and the totals then describe that link, and `GenerationResult.link` says so.
 """
 
 from __future__ import annotations
@@ -21,6 +26,20 @@ from edge.drafter import Drafter
 log = logging.getLogger("sqs.edge")
 
 
+@dataclass(frozen=True)
+class LinkModel:
+    """Analytic link: rates in bit/s, RTT in ms (both directions' propagation together)."""
+
+    uplink_bps: float
+    downlink_bps: float
+    rtt_ms: float
+
+    def network_ms(self, uplink_bytes: int, downlink_bytes: int) -> tuple[float, float]:
+        """(uplink ms, downlink ms) of one round."""
+        up = self.rtt_ms / 2 + uplink_bytes * 8e3 / self.uplink_bps
+        return up, self.rtt_ms / 2 + downlink_bytes * 8e3 / self.downlink_bps
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int]  # generated tokens (prompt excluded)
@@ -33,6 +52,7 @@ class GenerationResult:
     counted_positions: int = 0
     mean_dropped_mass: float | None = None
     theorem2_bound: float | None = None
+    link: str = "measured"  # "measured" or "model:<up bps>/<down bps>/<rtt ms>"
 
 
 def generate(
@@ -42,9 +62,9 @@ def generate(
     *,
     max_new_tokens: int,
     vocab_fingerprint: str,
-    max_drafts: int = 64,
     on_tokens: Callable[[list[int]], None] | None = None,
     metrics: Metrics | None = None,
+    link: LinkModel | None = None,
 ) -> GenerationResult:
     cfg = drafter.config
     sampling = codec.Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
@@ -53,25 +73,34 @@ def generate(
     stats = GenerationStats()
 
     def open_request() -> codec.OpenRequest:
-        return codec.OpenRequest(list(context), sampling, cfg.scheme, vocab_fingerprint, max_drafts)
+        return codec.OpenRequest(list(context), sampling, cfg.scheme, vocab_fingerprint, cfg.max_drafts)
 
     t_start = time.perf_counter()
     wire0 = client.wire_counts()
     opened = client.open(open_request())
     eos = set(opened.eos_token_ids) | drafter.eos
+    drafter.calibrate(context, opened.pass_rows, opened.pass_ms)
     stop_reason = "length"
     betas: list[float] = []
     while len(out) < max_new_tokens:
         # Each round commits at least one token; drafts beyond the remaining budget are wasted.
-        batch = drafter.draft(context, max_drafts=min(max_drafts, max_new_tokens - len(out) - 1))
-        msg, packed = codec.encode_batch("", len(context), batch.drafts, cfg.scheme)
+        batch = drafter.draft(context, max_drafts=max_new_tokens - len(out) - 1)
+        msg, packed = codec.encode_batch("", len(context), batch.drafts, batch.scheme)
+        msg.plain_steps = batch.plain_steps
         reply = client.round(msg, reopen=open_request)
         v = reply.verdict
         n = len(batch.drafts)
-        if v.accepted > n or v.position != len(context) + v.accepted + 1:
+        plain = list(v.plain_tokens)
+        if v.accepted > n or len(plain) > batch.plain_steps or v.position != len(context) + v.accepted + 1 + len(plain):
             raise RuntimeError(f"inconsistent verdict: accepted {v.accepted} of {n}, position {v.position}")
-        new = [d.token for d in batch.drafts[: v.accepted]] + [v.token]
+        new = [d.token for d in batch.drafts[: v.accepted]] + [v.token] + plain
         drafter.settle(v.accepted, n)
+        rec = _record(batch, packed, msg, reply, v, drafter.beta, link)
+        drafter.costs.observe_round(
+            rows=n + 1, plain_steps=len(plain), forward_ms=v.forward_us / 1e3, cloud_ms=rec.verify_ms,
+            round_trip_ms=rec.uplink_ms + rec.verify_ms + rec.downlink_ms,
+            uplink_bytes=rec.uplink_wire_bytes or rec.message_bytes, payload_bytes=rec.payload_bytes,
+        )
         context.extend(new)
         keep = new[: max_new_tokens - len(out)]
         for i, t in enumerate(keep):
@@ -80,7 +109,6 @@ def generate(
                 stop_reason = "eos"
                 break
         out.extend(keep)
-        rec = _record(batch, packed, msg, reply, v, drafter.beta)
         stats.add(rec)
         if drafter.beta is not None:
             betas.append(drafter.beta)
@@ -97,6 +125,9 @@ def generate(
     up1, _ = client.wire_counts()
     stats.setup_wire_bytes = (up1 - wire0[0]) - stats.uplink_wire_bytes
     result = GenerationResult(out, stats, stop_reason, client.session_id, opened.target_model, betas)
+    if link is not None:
+        result.link = f"model:{link.uplink_bps:g}/{link.downlink_bps:g}/{link.rtt_ms:g}"
+        stats.wall_s = stats.latency_ms["total"] / 1e3  # the modelled link's time, not this loopback's
     if drafter.controller is not None:
         c = drafter.controller
         result.counted_positions = c.counted_positions
@@ -106,13 +137,19 @@ def generate(
     return result
 
 
-def _record(batch, packed, msg, reply, v, beta) -> RoundRecord:
+def _record(batch, packed, msg, reply, v, beta, link: LinkModel | None) -> RoundRecord:
     round_trip_ms = (reply.received_unix_us - reply.sent_unix_us) / 1e3
     verify_ms = (v.sent_unix_us - v.received_unix_us) / 1e3
     uplink_ms = (v.received_unix_us - reply.sent_unix_us) / 1e3
     downlink_ms = (reply.received_unix_us - v.sent_unix_us) / 1e3
     if uplink_ms < 0 or downlink_ms < 0:  # clocks not synchronised: split the network time evenly
         uplink_ms = downlink_ms = max(0.0, round_trip_ms - verify_ms) / 2
+    if link is not None:
+        uplink_ms, downlink_ms = link.network_ms(
+            reply.uplink_wire_bytes or msg.ByteSize(), reply.downlink_wire_bytes or v.ByteSize()
+        )
+        round_trip_ms = uplink_ms + verify_ms + downlink_ms
+    plan = batch.plan
     return RoundRecord(
         drafted=len(batch.drafts),
         accepted=v.accepted,
@@ -128,4 +165,11 @@ def _record(batch, packed, msg, reply, v, beta) -> RoundRecord:
         downlink_ms=downlink_ms,
         total_ms=batch.draft_ms + round_trip_ms,
         beta=beta,
+        plain=len(v.plain_tokens),
+        k=batch.scheme.k if batch.drafts else 0,
+        ell=batch.scheme.ell if batch.drafts else 0,
+        forward_ms=v.forward_us / 1e3,
+        planned_max_drafts=plan.max_drafts if plan else 0,
+        predicted_ms=batch.predicted_ms,
+        predicted_tokens=batch.predicted_tokens,
     )
