@@ -7,8 +7,8 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
+from cloud.health import NotServing, wait_serving
 from common.stats import GenerationStats
 
 
@@ -45,23 +45,13 @@ def start_cloud(model: str, port: int, cpus: set[int] | None = None) -> subproce
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sqs-cloud exited: {proc.stderr.read()[-500:]}")
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-        try:
-            if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                return proc
-        except grpc.RpcError:
-            time.sleep(0.5)
-        finally:
-            ch.close()
-    proc.kill()
-    raise RuntimeError("sqs-cloud did not become healthy")
+    try:
+        wait_serving(f"127.0.0.1:{port}", 300, process=proc)
+    except NotServing as exc:
+        if proc.poll() is None:
+            proc.kill()
+        raise RuntimeError(f"{exc}; stderr: {proc.stderr.read()[-500:]}") from None
+    return proc
 
 
 def merge_stats(acc: GenerationStats, s: GenerationStats) -> None:

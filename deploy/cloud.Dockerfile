@@ -54,6 +54,7 @@ ENV SQS_TARGET_MODEL=${TARGET_MODEL} \
 USER sqs
 WORKDIR /home/sqs
 EXPOSE 50051 9101
+# Shell form, so that a port changed with SQS_PORT at run time is the one probed.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + os.environ.get('SQS_PORT', '50051'))).Check(h.HealthCheckRequest(service='sqs.v1.Verifier'), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+    CMD sqs-cloud check "127.0.0.1:${SQS_PORT:-50051}" --timeout 4
 CMD ["sqs-cloud"]

@@ -27,6 +27,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+from cloud.health import NotServing, Probe, wait_serving
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -206,19 +209,25 @@ class NetnsLink:
             return ""
         return " | ".join(lines[-n:])
 
-    def _wait_for_line(self, role: str, needle: str, timeout_s: float) -> None:
+    def _wait_until(self, role: str, ready: Callable[[], bool], timeout_s: float) -> None:
         p = self._procs[role]
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if needle in (self.workdir / f"{role}.log").read_text(errors="replace"):
-                    return
-            except OSError:
-                pass
+        while not ready():
             if p.poll() is not None:
                 raise NetnsError(f"{role} exited with {p.returncode}: {self.log_tail(role)}")
+            if time.monotonic() >= deadline:
+                raise NetnsError(f"{role} not ready within {timeout_s:.0f} s: {self.log_tail(role)}")
             time.sleep(0.05)
-        raise NetnsError(f"{role} not ready within {timeout_s:.0f} s: {self.log_tail(role)}")
+
+    def _check_in(self, role: str) -> Probe:
+        """`sqs-cloud check` run inside the `role` namespace (this process's namespace cannot reach it)."""
+        def probe(address: str, timeout_s: float) -> str | None:
+            p = subprocess.run(["ip", "netns", "exec", self.ns[role], self.python, "-m", "cloud", "check", address,
+                                "--timeout", f"{timeout_s:g}"], cwd=REPO, env=self._env(), capture_output=True,
+                               text=True, timeout=timeout_s + 60)
+            return None if p.returncode == 0 else (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+
+        return probe
 
     def start_relay(self, timeout_s: float = 30) -> None:
         c = self.config
@@ -232,12 +241,19 @@ class NetnsLink:
         if c.downlink_delay_ms is not None:
             args += ["--downlink-delay-ms", f"{c.downlink_delay_ms:g}"]
         self._spawn("relay", self.ns["link"], args)
-        self._wait_for_line("relay", "linksim-relay: listening", timeout_s)
+        self._wait_until("relay", self.relay_stats.exists, timeout_s)  # written once the relay listens
 
     def start_cloud(self, model: str = "tiny", timeout_s: float = 120, extra: list[str] = ()) -> None:
-        self._spawn("cloud", self.ns["cloud"], ["-m", "cloud", "--model", model, "--host", CLOUD_IP, "--port",
-                                                str(self.config.port), "--metrics-port", "0", *extra])
-        self._wait_for_line("cloud", "sqs-cloud: model", timeout_s)
+        """Start sqs-cloud in its namespace; return once its health check says SERVING."""
+        proc = self._spawn("cloud", self.ns["cloud"], ["-m", "cloud", "--model", model, "--host", CLOUD_IP, "--port",
+                                                       str(self.config.port), "--metrics-port", "0", *extra])
+        # Probed over the cloud namespace's own address (its loopback): no byte on the measured veths.
+        # One Python per probe, so once a second: faster polling would slow the cloud's start-up.
+        try:
+            wait_serving(f"{CLOUD_IP}:{self.config.port}", timeout_s, process=proc, probe=self._check_in("cloud"),
+                         interval_s=1.0)
+        except NotServing as exc:
+            raise NetnsError(f"{exc}; cloud log: {self.log_tail('cloud')}") from None
 
     # --- measurements ---------------------------------------------------------------------------
 

@@ -27,7 +27,6 @@ new request starts and in-flight requests are cancelled at their next round (not
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import dataclasses
 import ipaddress
@@ -139,40 +138,6 @@ class LoadTestConfig:
             raise ValueError("--cloud-workers must be >= 1")
         if self.cloud is not None:
             check_loopback(self.cloud)
-
-
-class LocalCloud:
-    """sqs-cloud inside this process: the gRPC aio server on its own event-loop thread, 127.0.0.1.
-
-    Loads the target model (blocking) in the constructor; port 0 binds any free port.
-    """
-
-    def __init__(self, model: str = "tiny", dtype: str | None = None, workers: int = 2,
-                 max_sessions: int = 64, port: int = 0, start_timeout_s: float = 600.0) -> None:
-        from cloud.server import CloudConfig, create_server
-        from cloud.verifier import VerifierConfig
-
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="cloud-loop", daemon=True)
-        self._thread.start()
-        cfg = CloudConfig(model=model, dtype=dtype, host="127.0.0.1", port=port, metrics_port=0,
-                          workers=workers, verifier=VerifierConfig(max_sessions=max_sessions))
-        try:
-            self.running = asyncio.run_coroutine_threadsafe(create_server(cfg), self.loop).result(start_timeout_s)
-        except BaseException:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            raise
-        self.port = self.running.port
-        self.address = f"127.0.0.1:{self.port}"
-        self.target_model = self.running.verifier.target.name
-
-    def stop(self, grace_s: float = 0.0) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.running.stop(grace_s), self.loop).result(grace_s + 10)
-        except Exception as exc:  # shutting down anyway
-            log.debug("cloud stop: %s", exc)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 @dataclass
@@ -583,8 +548,11 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
     draft_config = DraftConfig.from_options(config, model.vocab_size)
     cloud = None
     if config.cloud is None:
-        cloud = LocalCloud(config.target_model, config.dtype, workers=config.cloud_workers,
-                           max_sessions=max(64, 2 * max(config.clients)))
+        from cloud.inprocess import LocalCloud
+        from cloud.verifier import VerifierConfig
+
+        cloud = LocalCloud(config.target_model, dtype=config.dtype, workers=config.cloud_workers,
+                           verifier=VerifierConfig(max_sessions=max(64, 2 * max(config.clients))))
         address = cloud.address
     else:
         address = check_loopback(config.cloud)

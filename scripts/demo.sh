@@ -17,17 +17,8 @@ fi
 "$BIN/sqs-cloud" --model "$TARGET" --port "$PORT" --metrics-port 0 --host 127.0.0.1 --log-level WARNING &
 CLOUD=$!
 trap 'kill $CLOUD 2>/dev/null; wait $CLOUD 2>/dev/null' EXIT
-for _ in $(seq 1 120); do
-  "$PY" - "$PORT" <<'PYEOF' && break
-import sys, grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-ch = grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}")
-try:
-    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-    sys.exit(0 if r.status == health_pb2.HealthCheckResponse.SERVING else 1)
-except grpc.RpcError:
-    sys.exit(1)
-PYEOF
+for _ in $(seq 1 120); do  # until the cloud's health check says SERVING (at most ~2 minutes)
+  "$BIN/sqs-cloud" check "127.0.0.1:$PORT" --timeout 1 >/dev/null 2>&1 && break
   kill -0 $CLOUD 2>/dev/null || { echo "demo: sqs-cloud exited" >&2; exit 1; }
   sleep 1
 done

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 
 import pytest
 from fastapi.testclient import TestClient
 
 from edge.api import EdgeServerConfig, create_app
-from tests.harness import CloudThread, draft_model, run_generation
 
 
 @pytest.fixture(scope="module")
-def cloud():
-    c = CloudThread()
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cloud):
-    app = create_app(EdgeServerConfig(cloud=cloud.address), model=draft_model())
+def client(cloud, draft_model):
+    app = create_app(EdgeServerConfig(cloud=cloud.address), model=draft_model)
     with TestClient(app) as c:
         yield c
 
 
-def test_generate_matches_the_library_path(client, cloud):
+def test_generate_matches_the_library_path(client, cloud, draft_model, run_generation):
     body = {"prompt": "Hello", "max_new_tokens": 10, "temperature": 1.0, "seed": 4, "sparsifier": "topk", "k": 4,
             "draft_len": 4}
     r = client.post("/v1/generate", json=body)
@@ -35,7 +26,7 @@ def test_generate_matches_the_library_path(client, cloud):
     d = r.json()
     ref = run_generation(cloud.address, "Hello", scheme="topk", k=4, max_new_tokens=10, temperature=1.0, seed=4)
     assert d["token_ids"] == ref.token_ids
-    assert d["text"] == draft_model().tokenizer.decode(ref.token_ids)
+    assert d["text"] == draft_model.tokenizer.decode(ref.token_ids)
     for key in ("rounds", "drafted", "accepted", "resampled", "uplink_wire_bytes", "formula_bits", "total_ms"):
         assert key in d["stats"]
 
@@ -101,11 +92,9 @@ def test_concurrent_requests_are_served(client):
     assert results == {s: 200 for s in range(4)}
 
 
-def test_cloud_down_is_503_not_a_hang():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
-    app = create_app(EdgeServerConfig(cloud=dead, connect_timeout_s=0.5, retries=0), model=draft_model())
+def test_cloud_down_is_503_not_a_hang(free_port, draft_model):
+    dead = f"127.0.0.1:{free_port()}"
+    app = create_app(EdgeServerConfig(cloud=dead, connect_timeout_s=0.5, retries=0), model=draft_model)
     with TestClient(app) as c:
         r = c.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 3})
         assert r.status_code == 503 and "detail" in r.json()

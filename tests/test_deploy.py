@@ -74,24 +74,6 @@ def exported_metric_names() -> tuple[set[str], set[str]]:
     return samples, histograms
 
 
-def dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
-
-def dashboard_exprs(d: dict | None = None) -> list[str]:
-    """Every PromQL expression of the dashboard's panels (targets[].expr)."""
-    d = d or dashboard()
-    out = []
-
-    def walk(panels):
-        for p in panels:
-            out.extend(t["expr"] for t in p.get("targets", []) if t.get("expr"))
-            walk(p.get("panels", []))  # rows
-
-    walk(d["panels"])
-    return out
-
-
 def compose_services(cfg: dict) -> dict:
     return cfg["services"]
 
@@ -147,7 +129,7 @@ def check_topology(cfg: dict) -> None:
             assert spec.get("condition") == "service_healthy", (name, dep, spec)
     edges = {(name, dep) for name, svc in services.items() for dep in depends_of(svc)}
     assert EXPECTED_DEPENDS <= edges, edges
-    assert "grpc_health" in " ".join(services["cloud"]["healthcheck"]["test"])
+    assert services["cloud"]["healthcheck"]["test"][:3] == ["CMD", "sqs-cloud", "check"]
     assert "/healthz" in " ".join(services["edge"]["healthcheck"]["test"])
     assert "health" in services["link"]["healthcheck"]["test"]
 
@@ -192,11 +174,8 @@ def _compose_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict:
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.skip("docker-compose is not installed (scripts/install_test_deps.sh installs Debian's 1.29)")
-    proc = subprocess.run([exe, "--project-directory", str(ROOT), "-f", str(COMPOSE), "config"], cwd=ROOT,
+def rendered(docker_compose) -> dict:
+    proc = subprocess.run([docker_compose, "--project-directory", str(ROOT), "-f", str(COMPOSE), "config"], cwd=ROOT,
                           env=_compose_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "is not set" not in proc.stderr, proc.stderr
@@ -290,6 +269,9 @@ def test_dockerfile(name, model_arg, command):
     users = [i.split()[1] for i in final if i.upper().startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the final stage must run as a non-root user"
     assert any(i.upper().startswith("HEALTHCHECK ") and " CMD " in i for i in final)
+    if name == "cloud":  # the one probe: sqs-cloud check, on the port the container serves
+        assert any(i.startswith("HEALTHCHECK ") and 'CMD sqs-cloud check "127.0.0.1:${SQS_PORT:-50051}"' in i
+                   for i in final)
     assert any(i.startswith("CMD ") and command in i for i in final)
     assert any(i.startswith("COPY --from=models /models /models") for i in final)
 
@@ -375,22 +357,12 @@ def test_link_plan_rejects_bad_settings(bad):
     assert proc.returncode != 0 and "link: error:" in proc.stderr, (proc.stdout, proc.stderr)
 
 
-def _netns_available() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "iproute2 (ip, tc) is not installed"
-    return None
-
-
+@pytest.mark.usefixtures("netns")
 def test_link_shape_in_network_namespace(tmp_path):
     """Run the entrypoint's `shape` for real on a veth pair in a throwaway network namespace."""
-    why = _netns_available()
-    if why:
-        pytest.skip(why)
     ns = f"sqs-link-{uuid.uuid4().hex[:8]}"
-    if subprocess.run(["ip", "netns", "add", ns], capture_output=True).returncode != 0:
-        pytest.skip("cannot create a network namespace here")
+    made = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
     try:
         def nsrun(*cmd, env=None, check=True):
             proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], env=env, capture_output=True, text=True,
@@ -435,7 +407,7 @@ def test_link_shape_in_network_namespace(tmp_path):
 # Prometheus and Grafana
 
 
-def test_prometheus_config_scrapes_both_processes():
+def test_prometheus_config_scrapes_both_processes(dashboard):
     cfg = yaml.safe_load(PROMETHEUS_YML.read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     targets = {name: [t for sc in j["static_configs"] for t in sc["targets"]] for name, j in jobs.items()}
@@ -444,7 +416,7 @@ def test_prometheus_config_scrapes_both_processes():
     assert targets["edge"] == [f"edge:{environment_of(compose['edge'])['SQS_EDGE_PORT']}"]
     assert jobs["edge"].get("metrics_path", "/metrics") == "/metrics"
     # The dashboard's `job` variable offers exactly the scrape jobs of the two processes.
-    var = next(v for v in dashboard()["templating"]["list"] if v["name"] == "job")
+    var = next(v for v in dashboard["templating"]["list"] if v["name"] == "job")
     assert {o["value"] for o in var["options"]} == {"edge", "cloud"}
     promtool = shutil.which("promtool")
     if promtool:
@@ -466,8 +438,8 @@ def test_grafana_provisioning_parses():
     assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
 
 
-def test_dashboard_structure():
-    d = dashboard()
+def test_dashboard_structure(dashboard):
+    d = dashboard
     assert d["uid"] and d["title"] and d["schemaVersion"] >= 30
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
@@ -483,11 +455,10 @@ def test_dashboard_structure():
         assert want in titles, want
 
 
-def test_dashboard_metric_names_are_exported():
+def test_dashboard_metric_names_are_exported(dashboard, dashboard_exprs):
     samples, histograms = exported_metric_names()
     known = samples | histograms
-    d = dashboard()
-    texts = dashboard_exprs(d) + [json.dumps(v.get("query", "")) for v in d["templating"]["list"]]
+    texts = dashboard_exprs + [json.dumps(v.get("query", "")) for v in dashboard["templating"]["list"]]
     used = set()
     for text in texts:
         for name in METRIC_RE.findall(text):
@@ -500,11 +471,11 @@ def test_dashboard_metric_names_are_exported():
                 "sqs_conformal_threshold", "sqs_active_sessions"}
     assert required <= used, f"the dashboard does not show {sorted(required - used)}"
     # Grouping and matching only on labels that exist.
-    for expr in dashboard_exprs(d):
+    for expr in dashboard_exprs:
         for group in re.findall(r"\bby \(([^)]*)\)", expr):
             labels = {x.strip() for x in group.split(",") if x.strip()}
             assert labels <= KNOWN_LABELS, (expr, labels)
         for selector in re.findall(r"sqs_[a-z_]+\{([^}]*)\}", expr):
             labels = {m.split("=")[0].strip().rstrip("!~") for m in selector.split(",") if m.strip()}
             assert labels <= KNOWN_LABELS, (expr, labels)
-    assert all("histogram_quantile" not in e or "_bucket" in e for e in dashboard_exprs(d))
+    assert all("histogram_quantile" not in e or "_bucket" in e for e in dashboard_exprs)

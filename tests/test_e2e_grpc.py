@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -14,8 +16,9 @@ from scipy import stats
 
 from common.pb.v1 import sqs_pb2 as pb
 from common.pb.v1 import sqs_pb2_grpc
+from cloud.health import check, wait_serving
+from cloud.inprocess import LocalCloud
 from common.rejection import target_probs
-from tests.harness import CloudThread, draft_model, run_generation
 
 PROMPT = "The quick brown fox"
 SCHEMES = [
@@ -29,14 +32,7 @@ SCHEMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cloud():
-    c = CloudThread()
-    yield c
-    c.stop()
-
-
-def test_t0_every_scheme_prints_the_reference_tokens(cloud):
+def test_t0_every_scheme_prints_the_reference_tokens(cloud, run_generation):
     """At T = 0 (fp32) speculative output equals plain target decoding token for token."""
     ref = run_generation(cloud.address, PROMPT, scheme="none", max_new_tokens=24).token_ids
     assert len(ref) == 24
@@ -47,24 +43,24 @@ def test_t0_every_scheme_prints_the_reference_tokens(cloud):
             assert res.stats.drafted > 0, scheme
 
 
-def _exact_first_token_probs(temperature: float) -> np.ndarray:
+def _exact_first_token_probs(temperature: float, tokenizer) -> np.ndarray:
     from cloud.server import load_target
 
     _, new_lm = load_target("tiny")
-    ids = draft_model().tokenizer.encode(PROMPT)
+    ids = tokenizer.encode(PROMPT)
     logits = new_lm().logits(ids, want=1)[0]
     return target_probs(logits.astype(np.float64), temperature)
 
 
 @pytest.mark.parametrize("scheme,kw", [("topk", {"k": 2}), ("conformal", {"beta0": 0.05})])
-def test_t1_first_tokens_follow_the_target_distribution(cloud, scheme, kw):
+def test_t1_first_tokens_follow_the_target_distribution(cloud, run_generation, draft_model, scheme, kw):
     """Through the whole stack the first generated token ~ p(. | prompt): chi-square p > 1e-3.
 
     max_new_tokens = 3 lets up to two drafts through, so the first token is an accepted draft, a
     resampled token or (rarely) ... every path of the verifier contributes.
     """
     temperature, n = 0.8, 600
-    p = _exact_first_token_probs(temperature)
+    p = _exact_first_token_probs(temperature, draft_model.tokenizer)
     counts = np.zeros(p.size)
     drafted = 0
     for seed in range(n):
@@ -83,7 +79,7 @@ def test_t1_first_tokens_follow_the_target_distribution(cloud, scheme, kw):
     assert pval > 1e-3, (pval, obs, exp)
 
 
-def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(cloud):
+def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(cloud, run_generation, draft_model):
     ch = grpc.insecure_channel(cloud.address)
     raw_open = ch.unary_unary("/sqs.v1.Verifier/OpenSession", request_serializer=None, response_deserializer=None)
     raw_batch = ch.unary_unary("/sqs.v1.Verifier/VerifyBatch", request_serializer=None, response_deserializer=None)
@@ -95,7 +91,7 @@ def test_malformed_requests_get_invalid_argument_and_server_keeps_serving(cloud)
                 call(junk, timeout=5)
             assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), e.value
     stub = sqs_pb2_grpc.VerifierStub(ch)
-    m = draft_model()
+    m = draft_model
     good = pb.OpenSessionRequest(
         context_token_ids=[1, 2, 3], vocab_size=m.vocab_size, vocab_fingerprint=m.fingerprint, max_drafts=8,
         scheme=pb.SchemeParams(scheme=pb.SCHEME_TOPK, k=4, ell=100), sampling=pb.SamplingParams(temperature=1.0),
@@ -166,9 +162,9 @@ def test_health_and_reflection(cloud):
     ch.close()
 
 
-def test_cloud_restart_mid_generation_gives_identical_output():
+def test_cloud_restart_mid_generation_gives_identical_output(run_generation):
     """Kill the cloud after the first rounds; the edge re-opens with its context and finishes the same."""
-    first = CloudThread()
+    first = LocalCloud("tiny")
     port = first.port
     reference = run_generation(first.address, PROMPT, scheme="conformal", max_new_tokens=30, temperature=1.0, seed=7)
     holder = {"cloud": first}
@@ -181,7 +177,7 @@ def test_cloud_restart_mid_generation_gives_identical_output():
         calls["n"] += 1
         if calls["n"] == 2:
             holder["cloud"].stop()
-            holder["cloud"] = CloudThread(port=port)
+            holder["cloud"] = LocalCloud("tiny", port=port)
         return original(*a, **kw)
 
     gen_mod._record = restart_after_two_rounds
@@ -194,7 +190,7 @@ def test_cloud_restart_mid_generation_gives_identical_output():
     assert resumed.token_ids == reference.token_ids
 
 
-def test_two_concurrent_sessions_match_their_solo_runs(cloud):
+def test_two_concurrent_sessions_match_their_solo_runs(cloud, run_generation):
     solo = [run_generation(cloud.address, PROMPT, scheme="topk", k=4, temperature=1.0, seed=s, max_new_tokens=20)
             .token_ids for s in (1, 2)]
     results: dict[int, list[int]] = {}
@@ -237,7 +233,7 @@ def test_cli_unreachable_cloud_is_one_line_error():
     assert len(lines) == 1 and lines[0].startswith("sqs-edge: error:"), out.stderr
 
 
-def test_cloud_metrics_match_the_edge_stats(cloud):
+def test_cloud_metrics_match_the_edge_stats(cloud, run_generation):
     g = cloud.running.metrics.registry.get_sample_value
     lab = {"sparsifier": "conformal"}
     before = {n: g(n, lab) or 0.0 for n in ("sqs_batches_total", "sqs_draft_tokens_total", "sqs_accepted_tokens_total",
@@ -251,31 +247,15 @@ def test_cloud_metrics_match_the_edge_stats(cloud):
     assert g("sqs_uplink_payload_bytes_total", lab) - before["sqs_uplink_payload_bytes_total"] == s.uplink_payload_bytes
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sqs_cloud_process_serves_and_exports_metrics():
-    import time
+def test_sqs_cloud_process_serves_and_exports_metrics(free_port, run_generation):
     import urllib.request
 
-    port, mport = _free_port(), _free_port()
+    port, mport = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cloud", "--port", str(port), "--metrics-port", str(mport),
                              "--host", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                res = run_generation(f"127.0.0.1:{port}", PROMPT, max_new_tokens=6)
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.5)
+        wait_serving(f"127.0.0.1:{port}", 60, process=proc)
+        res = run_generation(f"127.0.0.1:{port}", PROMPT, max_new_tokens=6)
         assert len(res.token_ids) == 6
         body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
         for name in ("sqs_batches_total", "sqs_draft_tokens_total", "sqs_accepted_tokens_total",
@@ -284,12 +264,54 @@ def test_sqs_cloud_process_serves_and_exports_metrics():
             assert name in body, name
         assert 'sparsifier="topk"' in body
         assert "session=" not in body and "session_id" not in body and "prompt" not in body  # bounded labels
+        probe = subprocess.run([sys.executable, "-m", "cloud", "check", f"127.0.0.1:{port}"], capture_output=True,
+                               text=True, timeout=60)
+        assert probe.returncode == 0 and probe.stderr == "" and "SERVING" in probe.stdout, probe
     finally:
         proc.terminate()
         proc.wait(20)
 
 
-def test_unary_transport_gives_the_same_tokens_with_more_framing(cloud):
+def test_check_exit_status_and_one_line_reasons(cloud, free_port, capsys):
+    """`sqs-cloud check HOST:PORT`: 0 when SERVING; 1 and one line on stderr when the port is dead, when
+    nothing answers within --timeout, or when the verifier is not serving."""
+    from cloud.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as e:
+            main(["check", *argv])
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    assert run(cloud.address) == (0, f"{cloud.address}: sqs.v1.Verifier SERVING\n", "")
+    dead = f"127.0.0.1:{free_port()}"
+    code, out, err = run(dead)
+    assert code == 1 and out == "" and err.startswith(f"sqs-cloud check: {dead} does not answer") and \
+        err.count("\n") == 1, err
+    with socket.socket() as mute:  # accepts connections (the kernel's backlog) but never speaks HTTP/2
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        address = f"127.0.0.1:{mute.getsockname()[1]}"
+        assert run(address, "--timeout", "0.5") == (1, "", f"sqs-cloud check: {address} does not answer within 0.5 s\n")
+    code, _, err = run("no-port-here")
+    assert code == 2 and "HOST:PORT" in err
+    assert check(cloud.address, service="no.such.Service").endswith("(not a sqs-cloud?)")
+
+
+def test_check_reports_not_serving_during_shutdown():
+    with LocalCloud("tiny") as c:
+        asyncio.run_coroutine_threadsafe(c.running.health.enter_graceful_shutdown(), c.loop).result(10)
+        assert check(c.address) == f"{c.address}: sqs.v1.Verifier is NOT_SERVING"
+
+
+def test_serving_options_are_unchanged_by_the_check_word():
+    from cloud.cli import parse_args
+
+    cfg = parse_args(["--model", "tiny", "--port", "0", "--host", "127.0.0.1", "--max-sessions", "3"])
+    assert (cfg.model, cfg.port, cfg.host, cfg.verifier.max_sessions) == ("tiny", 0, "127.0.0.1", 3)
+
+
+def test_unary_transport_gives_the_same_tokens_with_more_framing(cloud, draft_model):
     """Same seeds over VerifyBatch (unary) and Verify (stream): identical output; the unary call
     pays HEADERS and trailers every round, so its measured uplink bytes per round are larger."""
     from edge.client import ClientConfig, CloudClient
@@ -298,7 +320,7 @@ def test_unary_transport_gives_the_same_tokens_with_more_framing(cloud):
     from common.schemes import SchemeConfig
     from sqs_models.cached_lm import CachedLM
 
-    m = draft_model()
+    m = draft_model
     out = {}
     for transport in ("stream", "unary"):
         cfg = DraftConfig(scheme=SchemeConfig("topk", m.vocab_size, k=4), max_draft_len=4, temperature=1.0, seed=11)

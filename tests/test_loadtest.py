@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 import threading
 import time
 
 import pytest
 
+import loadtest.runner
 from loadtest.cli import run as cli_run
-from loadtest.runner import LoadTestConfig, LocalCloud, check_loopback, run_load_test
+from loadtest.runner import LoadTestConfig, check_loopback, run_load_test
 
 FAST = dict(max_new_tokens=8, draft_len=4, progress=False)
-
-
-@pytest.fixture(scope="module")
-def cloud():
-    c = LocalCloud("tiny")
-    yield c
-    c.stop()
 
 
 def _check_level(s: dict, clients: int, requests: int, max_new_tokens: int) -> None:
@@ -67,15 +60,11 @@ def test_levels_1_and_4_in_process_cloud(tmp_path):
     assert "clients" in report.table() and len(report.table().splitlines()) == 3
 
 
-def test_dead_port_counts_errors_by_status_and_does_not_hang():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    cfg = LoadTestConfig(clients=(2,), requests=3, duration_s=20, warmup=1, cloud=f"127.0.0.1:{port}",
+@pytest.mark.timeout(15)  # does not hang: every request fails within its 0.5 s connect timeout
+def test_dead_port_counts_errors_by_status_and_does_not_hang(free_port):
+    cfg = LoadTestConfig(clients=(2,), requests=3, duration_s=20, warmup=1, cloud=f"127.0.0.1:{free_port()}",
                          connect_timeout_s=0.5, retries=0, **FAST)
-    t0 = time.monotonic()
     report = run_load_test(cfg)
-    assert time.monotonic() - t0 < 15
     s = report.levels[0].summary()
     assert s["requests"] == 3 and s["ok"] == 0 and s["errors"] == 3
     assert set(s["errors_by_status"]) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
@@ -91,10 +80,15 @@ def test_stop_ends_the_level_promptly(cloud):
     stop = threading.Event()
     cfg = LoadTestConfig(clients=(2, 4), requests=100_000, duration_s=60, warmup=0, cloud=cloud.address,
                          max_new_tokens=64, draft_len=4, progress=False)
+    batches = cloud.running.metrics.registry.get_sample_value
+    before = batches("sqs_batches_total", {"sparsifier": "topk"}) or 0.0
     box: list = []
     t = threading.Thread(target=lambda: box.append(run_load_test(cfg, stop=stop)), daemon=True)
     t.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    while (batches("sqs_batches_total", {"sparsifier": "topk"}) or 0.0) <= before:  # the level is running
+        assert t.is_alive() and time.monotonic() < deadline, "the N = 2 level verified no batch"
+        time.sleep(0.01)
     stop.set()
     t.join(15)
     assert not t.is_alive() and box
@@ -123,10 +117,12 @@ def test_loopback_targets_are_accepted(target):
 
 @pytest.mark.parametrize("target", ["10.0.0.5:50051", "example.com:50051", "0.0.0.0:50051", "[::ffff:127.0.0.1]:1",
                                     "192.168.1.2:443", "[2001:db8::1]:50051"])
-def test_cli_refuses_a_non_loopback_cloud(target, capsys):
-    t0 = time.monotonic()
-    assert cli_run(["--cloud", target, "--no-progress"]) == 2
-    assert time.monotonic() - t0 < 2  # refused before any model is loaded
+def test_cli_refuses_a_non_loopback_cloud(target, capsys, monkeypatch):
+    def must_not_run(*a, **kw):
+        raise AssertionError("refused too late: the load test started")
+
+    monkeypatch.setattr(loadtest.runner, "run_load_test", must_not_run)
+    assert cli_run(["--cloud", target, "--no-progress"]) == 2  # refused before any model is loaded
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a loopback address" in err and err.startswith("sqs-loadtest: error:")
 

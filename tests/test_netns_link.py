@@ -9,21 +9,20 @@ The payload scheme is dense fp32 with a large budget (--budget-bits 80000 --draf
 uplink per round, 130 ms at 256 kbit/s), so the uplink rate, not the relay delay, dominates the
 uplink time; tbf lets one bucket (1600 B) through at line rate per round, which the bounds account for.
 
-Skipped (with the reason) when not root or when `ip netns add` fails. Plus one loopback test of the
-relay alone (no root needed).
+Needs root and network namespaces (the `netns` fixture of tests/conftest.py says when it skips). Plus
+one loopback test of the relay alone (no root needed).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import time
 
 import pytest
 
-from linksim.netns import LinkConfig, NetnsError, NetnsLink, uplink_time_model
+from linksim.netns import LinkConfig, NetnsLink, uplink_time_model
 from linksim.relay import DelayRelay, DirectionDelay
 
 DELAY_MS = 10.0
@@ -42,26 +41,11 @@ UPPER_FACTOR, UPPER_PER_ROUND_MS = 1.5, 10.0  # measured <= 1.5 x (bits/rate + r
 FAST_MAX_RATIO = 0.5  # predicted ~0.2 (nominal model); measured ~0.23
 
 
-def _netns_available() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, veth, tc)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not installed"
-    return None
-
-
 @pytest.fixture(scope="module")
-def runs():
-    reason = _netns_available()
-    if reason:
-        pytest.skip(reason)
+def runs(netns):
     link = NetnsLink(LinkConfig(uplink_rate=SLOW, downlink_rate=FAST, delay_ms=DELAY_MS))
     try:
-        try:
-            link.setup()
-        except NetnsError as exc:  # e.g. `ip netns add` refused in an unprivileged container
-            pytest.skip(f"cannot build the namespaces: {exc}")
+        link.setup()
         link.start_relay()
         link.start_cloud("tiny", timeout_s=90)
         t0 = time.monotonic()

@@ -1,20 +1,18 @@
 """A real Prometheus scraping a real sqs-cloud and a real `sqs-edge serve` (tiny models, loopback).
 
 Uses the shipped deploy/prometheus/prometheus.yml with its targets moved to loopback ports and a
-1 s scrape interval, runs generations (directly against the cloud with tests.harness, and through
+1 s scrape interval, runs generations (directly against the cloud on the library path, and through
 the edge's HTTP API), waits for the sqs_* series to appear in Prometheus, then evaluates every
 PromQL expression of the Grafana dashboard for both processes. Also runs the compose file's cloud
-and edge healthcheck commands against the live processes. Skips if /usr/bin/prometheus is absent
-(scripts/install_test_deps.sh installs Debian's prometheus).
+and edge healthcheck commands against the live processes. Needs /usr/bin/prometheus
+(scripts/install_test_deps.sh installs Debian's package; see tests/conftest.py for when it skips).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,20 +24,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import run_generation
-from tests.test_deploy import COMPOSE, PROMETHEUS_YML, dashboard, dashboard_exprs
+from cloud.health import check
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+COMPOSE = ROOT / "docker-compose.yml"
+PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 RATE_WINDOW = "1m"  # stands in for Grafana's $__rate_interval
 # Process start-up: about 10 s on 2 idle cores (torch import); generous for a loaded machine.
 STARTUP_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_all(procs, timeout: float = 8.0) -> None:
@@ -88,10 +80,14 @@ def _tail(p: subprocess.Popen) -> str:
     return Path(log).read_text()[-3000:] if log and Path(log).exists() else ""
 
 
-def compose_healthcheck(service: str) -> list[str]:
+def compose_healthcheck(service: str, port: int) -> list[str]:
+    """The compose healthcheck of `service` as a command for this machine, aimed at `port` instead of
+    the fixed container port: `sqs-cloud` is this venv's, `python` this interpreter."""
     test = yaml.safe_load(COMPOSE.read_text())["services"][service]["healthcheck"]["test"]
-    assert test[0] == "CMD" and test[1] == "python", test
-    return [sys.executable, *test[2:]]
+    assert test[0] == "CMD", test
+    exe = {"python": sys.executable, "sqs-cloud": str(Path(sys.executable).with_name("sqs-cloud"))}[test[1]]
+    container_port = {"cloud": 50051, "edge": 8080}[service]
+    return [exe, *(a.replace(f"127.0.0.1:{container_port}", f"127.0.0.1:{port}") for a in test[2:])]
 
 
 def scrape_config(tmp: Path, cloud_metrics: int, edge_port: int, prom_port: int) -> Path:
@@ -117,9 +113,8 @@ def spawn(name: str, cmd: list[str], tmp: Path, env: dict[str, str] | None = Non
     return proc
 
 
-def test_prometheus_scrapes_cloud_and_edge_and_dashboard_queries_work(tmp_path):
-    if not os.access(PROMETHEUS, os.X_OK):
-        pytest.skip("prometheus is not installed (scripts/install_test_deps.sh installs Debian's package)")
+def test_prometheus_scrapes_cloud_and_edge_and_dashboard_queries_work(tmp_path, prometheus, free_port, run_generation,
+                                                                     dashboard, dashboard_exprs):
     grpc_port, metrics_port, edge_port, prom_port = (free_port() for _ in range(4))
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -130,7 +125,7 @@ def test_prometheus_scrapes_cloud_and_edge_and_dashboard_queries_work(tmp_path):
                                   tmp_path)
         config = scrape_config(tmp_path, metrics_port, edge_port, prom_port)
         procs["prometheus"] = spawn("prometheus", [
-            PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], tmp_path)
         prom = f"http://127.0.0.1:{prom_port}"
 
@@ -142,12 +137,12 @@ def test_prometheus_scrapes_cloud_and_edge_and_dashboard_queries_work(tmp_path):
 
         # Wait cheaply (in-process probes), then run the compose healthchecks once each, as compose
         # would run them (ports moved by env): spawning a Python per poll would starve the startup.
-        wait_until(lambda: _grpc_serving(f"127.0.0.1:{grpc_port}"), STARTUP_S, "sqs-cloud to serve", procs)
+        wait_until(lambda: check(f"127.0.0.1:{grpc_port}") is None, STARTUP_S, "sqs-cloud to serve", procs)
         wait_until(lambda: _http_ok(f"http://127.0.0.1:{edge_port}/healthz"), STARTUP_S, "sqs-edge /healthz", procs)
         wait_until(lambda: _http_ok(f"{prom}/-/ready"), STARTUP_S, "prometheus to be ready", procs)
-        for service, env in (("cloud", {"SQS_PORT": str(grpc_port)}), ("edge", {"SQS_EDGE_PORT": str(edge_port)})):
-            hc = subprocess.run(compose_healthcheck(service), env={**os.environ, **env}, capture_output=True,
-                                text=True, timeout=30)
+        for service, port in (("cloud", grpc_port), ("edge", edge_port)):
+            hc = subprocess.run(compose_healthcheck(service, port), env={**os.environ, "SQS_EDGE_PORT": str(edge_port)},
+                                capture_output=True, text=True, timeout=30)
             assert hc.returncode == 0, f"the compose healthcheck of {service} failed: {hc.stderr[-2000:]}"
 
         def generate_once() -> None:
@@ -169,9 +164,8 @@ def test_prometheus_scrapes_cloud_and_edge_and_dashboard_queries_work(tmp_path):
         time.sleep(1.0)
         generate_once()
 
-        exprs = dashboard_exprs()
         for job in ("edge", "cloud"):
-            for expr in exprs:
+            for expr in dashboard_exprs:
                 promql = (expr.replace("$__rate_interval", RATE_WINDOW).replace("$job", job)
                           .replace("$sparsifier", ".*"))
                 # The cloud never sets the conformal threshold (the edge's controller owns it).
@@ -189,7 +183,7 @@ def test_prometheus_scrapes_cloud_and_edge_and_dashboard_queries_work(tmp_path):
         status, body = http_json(f"{prom}/api/v1/label/sparsifier/values?"
                                  + urllib.parse.urlencode({"match[]": 'sqs_batches_total{job="edge"}'}))
         assert status == 200 and {"topk", "conformal"} <= set(body["data"])
-        assert any("sparsifier" in json.dumps(v) for v in dashboard()["templating"]["list"])
+        assert any("sparsifier" in json.dumps(v) for v in dashboard["templating"]["list"])
     finally:
         stop_all(list(procs.values()))
 
@@ -200,19 +194,6 @@ def _http_ok(url: str) -> bool:
             return r.status == 200
     except (OSError, urllib.error.URLError):
         return False
-
-
-def _grpc_serving(address: str) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as ch:
-        try:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="sqs.v1.Verifier"),
-                                                     timeout=2)
-        except grpc.RpcError:
-            return False
-    return r.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _positive(result: list[dict]) -> bool:

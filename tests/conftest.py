@@ -1,0 +1,154 @@
+"""Shared fixtures: a tiny sqs-cloud on a free loopback port, free ports, the tiny draft model and
+one generation through a cloud, the Grafana dashboard, and the tools of the integration tests.
+
+Integration tools (docker-compose, prometheus, network namespaces): a test whose tool is missing
+skips with the reason, or fails when SQS_REQUIRE_INTEGRATION=1 (.ci/run sets it, after
+scripts/install_test_deps.sh installed them), so CI cannot go green by skipping. Missing real Qwen
+models are not tools: the tests that need them still skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Callable, NoReturn
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "sqs-sd.json"
+REQUIRE_INTEGRATION = os.environ.get("SQS_REQUIRE_INTEGRATION") == "1"
+
+
+def require_tool(reason: str) -> NoReturn:
+    """An integration tool is missing: skip, or fail under SQS_REQUIRE_INTEGRATION=1."""
+    if REQUIRE_INTEGRATION:
+        pytest.fail(f"{reason} (SQS_REQUIRE_INTEGRATION=1: integration tests may not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+# --- integration tools ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_compose() -> str:
+    """docker-compose, to render docker-compose.yml (`config` needs no Docker engine)."""
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        require_tool("docker-compose is not installed (scripts/install_test_deps.sh installs Debian's 1.29)")
+    return exe
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> str:
+    """A real Prometheus server binary."""
+    exe = shutil.which("prometheus") or "/usr/bin/prometheus"
+    if not os.access(exe, os.X_OK):
+        require_tool("prometheus is not installed (scripts/install_test_deps.sh installs Debian's package)")
+    return exe
+
+
+@pytest.fixture(scope="session")
+def netns() -> None:
+    """Root, iproute2 (ip, tc), and a kernel that lets us make a namespace with a veth pair in it."""
+    if os.geteuid() != 0:
+        require_tool("needs root (network namespaces, veth, tc)")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            require_tool(f"`{tool}` is not installed (scripts/install_test_deps.sh installs iproute2)")
+    name = f"sqs-probe-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=30)
+    if made.returncode != 0:
+        require_tool(f"cannot create a network namespace here: {made.stderr.strip() or 'ip netns add failed'}")
+    try:
+        veth = subprocess.run(["ip", "-n", name, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    if veth.returncode != 0:
+        require_tool(f"cannot create a veth pair in a network namespace: {veth.stderr.strip()}")
+
+
+# --- ports and a cloud ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """free_port() -> a TCP port of 127.0.0.1 that nothing listens on (also a dead address)."""
+    return _free_port
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    """sqs-cloud serving the tiny target on 127.0.0.1 (a free port), in this process; one per module."""
+    from cloud.inprocess import LocalCloud
+
+    with LocalCloud("tiny") as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def draft_model():
+    """The tiny draft model (LoadedModel)."""
+    from sqs_models.registry import load_model
+
+    return load_model("tiny", role="draft")
+
+
+@pytest.fixture(scope="session")
+def run_generation(draft_model):
+    """run_generation(address, prompt, *, scheme="topk", max_new_tokens=16, temperature=0.0, seed=0,
+    max_draft_len=4, **scheme_kw) -> GenerationResult: the edge library path with the tiny draft."""
+    from common.schemes import SchemeConfig
+    from edge.client import ClientConfig, CloudClient
+    from edge.drafter import DraftConfig, Drafter
+    from edge.generate import generate
+    from sqs_models.cached_lm import CachedLM
+
+    m = draft_model
+
+    def run(address: str, prompt: str, *, scheme: str = "topk", max_new_tokens: int = 16,
+            temperature: float = 0.0, seed: int = 0, max_draft_len: int = 4, **scheme_kw):
+        cfg = DraftConfig(
+            scheme=SchemeConfig(scheme, vocab_size=m.vocab_size, **scheme_kw), max_draft_len=max_draft_len,
+            temperature=temperature, seed=seed,
+        )
+        drafter = Drafter(CachedLM(m.model, m.vocab_size), cfg, m.eos_token_ids)
+        with CloudClient(ClientConfig(address, retries=8, backoff_s=0.1)) as client:
+            return generate(m.tokenizer.encode(prompt), drafter, client, max_new_tokens=max_new_tokens,
+                            vocab_fingerprint=m.fingerprint)
+
+    return run
+
+
+# --- the Grafana dashboard -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+@pytest.fixture(scope="session")
+def dashboard_exprs(dashboard) -> list[str]:
+    """Every PromQL expression of the dashboard's panels (targets[].expr), rows included."""
+    out: list[str] = []
+
+    def walk(panels):
+        for p in panels:
+            out.extend(t["expr"] for t in p.get("targets", []) if t.get("expr"))
+            walk(p.get("panels", []))
+
+    walk(dashboard["panels"])
+    return out
