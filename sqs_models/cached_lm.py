@@ -22,14 +22,6 @@ class CachedLM:
         self._cache = DynamicCache()
         self._tokens: list[int] = []  # tokens whose key/values are in the cache, in order
 
-    def reset(self) -> None:
-        self._cache = DynamicCache()
-        self._tokens = []
-
-    @property
-    def cached_tokens(self) -> int:
-        return len(self._tokens)
-
     def logits(self, context: Sequence[int], want: int) -> np.ndarray:
         """Next-token logits after each of the last `want` positions of context: float32 [want, V].
 
