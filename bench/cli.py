@@ -61,6 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--link-rtt-ms", type=float, default=50.0)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true")
+    ad = sub.add_parser("adaptive", help="planned rounds vs fixed plans vs cloud-only per link cell -> adaptive.csv")
+    ad.add_argument("--out", required=True, help="output directory")
+    ad.add_argument("--quick", action="store_true", help="tiny pair, 2+2 prompts x 16 tokens: under two minutes")
+    ad.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
+    ad.add_argument("--target-model", default="qwen2.5-coder-1.5b")
+    ad.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    ad.add_argument("--rates", nargs="+", type=float, default=[64e3, 1e6, 100e6], help="link rates, bit/s")
+    ad.add_argument("--rtts", nargs="+", type=float, default=[5.0, 50.0, 200.0], help="link RTTs, ms")
+    ad.add_argument("--prompts", type=int, default=4, help="prompts per kind (code, prose)")
+    ad.add_argument("--max-new-tokens", type=int, default=32)
+    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--no-progress", action="store_true")
     rp = sub.add_parser("report", help="rebuild the link sweep and plots from DIR/results.csv")
     rp.add_argument("--results", required=True, help="directory holding results.csv")
     rp.add_argument("--link-rate", type=float, default=1e6)
@@ -73,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.cmd == "adaptive":
+        from bench.adaptive import main_adaptive
+
+        sys.exit(main_adaptive(a))
     if a.cmd == "batching":
         from bench.batching import main_batching
 
