@@ -96,15 +96,15 @@ class LoadTestConfig:
     top_k: int = 0
     top_p: float = 1.0
     sparsifier: str = "topk"
-    k: int = 8
-    ell: int = 100
+    k: int | str = "auto"  # "auto": the planner picks K per round
+    ell: int | str = "auto"
     drop_zeros: bool = False
     beta0: float = 0.01
     eta: float = 0.001
     alpha: float = 0.0005
     budget_bits: float = 5000.0
     budget_accounting: str = "honest"
-    draft_len: int = 8  # 0 = plain target decoding
+    draft_len: int | str = "auto"  # "auto": planned per round; N: fixed plan; 0 = plain target decoding
     seed: int = 0  # first seed; every request of the run gets its own (seed, seed + 1, ...)
     connect_timeout_s: float = 10.0
     round_timeout_s: float = 60.0
@@ -126,8 +126,9 @@ class LoadTestConfig:
             raise ValueError("--max-new-tokens must be >= 1")
         if self.temperature < 0:
             raise ValueError("--temperature must be >= 0")
-        if self.draft_len < 0:
-            raise ValueError("--draft-len must be >= 0")
+        from edge.drafter import parse_auto
+
+        parse_auto(self.draft_len, "--draft-len", 256)
         if not self.prompts:
             raise ValueError("no prompts")
         if self.connect_timeout_s <= 0 or self.round_timeout_s <= 0:
