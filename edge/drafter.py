@@ -79,7 +79,7 @@ class DraftConfig:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         return cls(
             scheme=SchemeConfig(
-                scheme, vocab_size=vocab_size, k=min(k or 8, vocab_size), ell=ell or 100,
+                scheme, vocab_size=vocab_size, k=min(8, vocab_size) if k is None else k, ell=100 if ell is None else ell,
                 drop_zeros=o.drop_zeros and scheme.lattice, beta0=o.beta0, eta=o.eta, alpha=o.alpha,
             ),
             max_draft_len=draft_len, budget_bits=float(o.budget_bits), budget_accounting=o.budget_accounting,
