@@ -1,4 +1,10 @@
-"""Builds the cloud gRPC server: Verifier + health + reflection, metrics over HTTP."""
+"""Builds the cloud gRPC server: Verifier + health + reflection, metrics over HTTP.
+
+The port is bound first, without SO_REUSEPORT (grpc turns it on by default, and then two clouds on
+one port silently split the sessions between them): a second process on a taken port fails at once
+with a clear OSError, before any model is loaded. A timer task reaps expired and orphaned sessions
+so the sessions gauge follows them without waiting for a request.
+"""
 
 from __future__ import annotations
 
@@ -51,41 +57,75 @@ class RunningCloud:
     metrics: Metrics
     health: HealthServicer
     executor: ThreadPoolExecutor
+    reaper: asyncio.Task | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.reaper is not None:
+            self.reaper.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+async def reap_sessions(verifier: Verifier, metrics: Metrics, interval_s: float) -> None:
+    """Every interval_s: drop expired and orphaned sessions, refresh the sessions gauge."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            verifier.reap()
+            metrics.sessions.set(verifier.active_sessions)
+        except Exception:  # the timer must outlive any one failure
+            log.exception("session reaper failed")
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind host:port (0 = any free port) or raise OSError saying why."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(
+            f"cannot listen on {host}:{port}: the port is taken (another sqs-cloud?) or the address is not "
+            f"available here"
+        )
+    return bound
+
+
 async def create_server(config: CloudConfig, verifier: Verifier | None = None, metrics: Metrics | None = None) -> RunningCloud:
     """Start serving; with config.port == 0 the bound port is in the result."""
-    if verifier is None:
-        info, new_lm = load_target(config.model, config.dtype)
-        verifier = Verifier(info, new_lm, config.verifier)
-    metrics = metrics or Metrics()
-    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Find dead edges (killed, or a link gone): their streams end and their sessions become orphans.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
+    port = bind(server, config.host, config.port)  # before the model: a taken port fails in a second
+    if verifier is None:
+        info, new_lm = load_target(config.model, config.dtype)
+        verifier = Verifier(info, new_lm, config.verifier)
+    metrics = metrics or Metrics()
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
     add_to_server(VerifierServicer(verifier, metrics, executor), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise RuntimeError(f"could not bind {config.host}:{config.port}")
     if config.calibrate:
         table = await asyncio.get_running_loop().run_in_executor(executor, verifier.calibrate)
         log.info("forward pass ms by rows: %s", {r: round(ms, 1) for r, ms in table.items()})
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    reaper = asyncio.get_running_loop().create_task(
+        reap_sessions(verifier, metrics, verifier.config.reap_interval_s), name="session-reaper"
+    )
     log.info("verifier %s serving on %s:%d", verifier.target.name, config.host, port)
-    return RunningCloud(server, port, verifier, metrics, health, executor)
+    return RunningCloud(server, port, verifier, metrics, health, executor, reaper)

@@ -1,8 +1,13 @@
 """gRPC adapter for the Verifier: thin, validates nothing itself, maps SessionError to statuses.
 
-Torch work runs in a thread pool so the event loop keeps serving every other session's I/O.
-Requests are deserialized by a wrapper that turns unparsable bytes into INVALID_ARGUMENT instead of
-grpc's generic INTERNAL.
+Torch work runs in a thread pool so the event loop keeps serving every other session's I/O; an
+opened context is prefilled one chunk per pool job. Requests are deserialized by a wrapper that
+turns unparsable bytes into INVALID_ARGUMENT instead of grpc's generic INTERNAL.
+
+One Verify stream serves one session: its first batch names it, a later batch naming another is
+INVALID_ARGUMENT. When a stream ends (half-close, cancel, reset, keepalive timeout: grpc.aio does
+not tell them apart reliably) the session is released (Verifier.release): with no stream left it
+is an orphan, kept orphan_ttl_s for the edge to resume, then reaped. CloseSession ends it at once.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ _CODES = {
     "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
     "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "OUT_OF_RANGE": grpc.StatusCode.OUT_OF_RANGE,
+    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
 }
 
 
@@ -78,9 +84,11 @@ class VerifierServicer:
         await self._check(request, context)
         try:
             session = await self._run(self.verifier.open, request)
+            self.metrics.sessions.set(self.verifier.active_sessions)
+            while not await self._run(self.verifier.prefill_step, session):
+                pass
         except SessionError as exc:
             await self._abort(context, exc)
-        self.metrics.sessions.set(self.verifier.active_sessions)
         t = self.verifier.target
         passes = self.verifier.pass_table()
         return pb.OpenSessionResponse(
@@ -96,14 +104,15 @@ class VerifierServicer:
         except SessionError as exc:
             self.metrics.sessions.set(self.verifier.active_sessions)
             await self._abort(context, exc)
-        self.metrics.observe_round(
-            result.scheme.value, drafted=result.drafted, accepted=result.accepted,
-            payload_bytes=result.payload_bytes, formula_bits=result.formula_bits,
-            latency_ms={"verify": result.verify_ms},
-        )
+        if not result.replayed:  # a replayed verdict was counted when it was computed
+            self.metrics.observe_round(
+                result.scheme.value, drafted=result.drafted, accepted=result.accepted,
+                payload_bytes=result.payload_bytes, formula_bits=result.formula_bits,
+                latency_ms={"verify": result.verify_ms},
+            )
         log.debug(
-            "round session=%s drafted=%d accepted=%d verify_ms=%.1f",
-            session_id, result.drafted, result.accepted, result.verify_ms,
+            "round session=%s drafted=%d accepted=%d verify_ms=%.1f replayed=%s",
+            session_id, result.drafted, result.accepted, result.verify_ms, result.replayed,
         )
         return pb.Verdict(
             accepted=result.accepted, token=result.token, position=result.position,
@@ -113,12 +122,27 @@ class VerifierServicer:
 
     async def Verify(self, request_iterator: AsyncIterator, context) -> AsyncIterator[pb.Verdict]:
         session_id = ""
-        async for request in request_iterator:
-            await self._check(request, context)
-            session_id = request.session_id or session_id
-            if not session_id:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first batch of a stream must name its session")
-            yield await self._round(session_id, request, context)
+        try:
+            async for request in request_iterator:
+                await self._check(request, context)
+                if not session_id:
+                    if not request.session_id:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            "the first batch of a stream must name its session")
+                    try:
+                        self.verifier.attach(request.session_id)
+                    except SessionError as exc:
+                        await self._abort(context, exc)
+                    session_id = request.session_id
+                elif request.session_id and request.session_id != session_id:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"this stream serves session {session_id}; one stream, one session (open a new stream)",
+                    )
+                yield await self._round(session_id, request, context)
+        finally:
+            if session_id:
+                self.verifier.release(session_id)
 
     async def VerifyBatch(self, request, context):
         await self._check(request, context)
@@ -128,8 +152,10 @@ class VerifierServicer:
 
     async def CloseSession(self, request, context):
         await self._check(request, context)
-        self.verifier.close(request.session_id)
+        closed = self.verifier.close(request.session_id)
         self.metrics.sessions.set(self.verifier.active_sessions)
+        if not closed:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown or expired session {request.session_id[:64]!r}")
         return pb.CloseSessionResponse()
 
 

@@ -5,16 +5,34 @@ scheme the edge describes its drafts with. A round decodes the batch, runs ONE t
 over [pending token] + drafts, turns the L+1 logit rows into target distributions p and calls the
 lossless rejection sampler with a generator keyed by (seed, position), so the same round gives the
 same verdict after a cloud restart and a re-open with the same context.
+
+Sessions survive what the network and the edge do to them:
+- Rounds are idempotent. The session keeps its last verdict and the digest of the batch that
+  produced it; the same batch sent again (its verdict was lost) gets that verdict again without a
+  second forward pass; a different batch for an already verified position is refused.
+- Session ids are 128-bit random capabilities issued here. `client_session_id` (a re-open after a
+  restart or an expiry) may only bring back an id this service does not hold; it never replaces a
+  live session (ALREADY_EXISTS), except that an identical re-open (same accepted context and
+  parameters: the edge retrying an open whose reply was lost) returns the live session unchanged.
+- A context is refused at open when no round fits under `max_context`; the first prefill runs in
+  chunks of `prefill_chunk` tokens (`prefill_step`, one executor job each), so a long prompt never
+  holds a verify worker for more than one chunk.
+- Expired sessions are reaped by `reap()` (the server calls it on a timer). A session whose every
+  stream ended without a CloseSession is an orphan: it is kept `orphan_ttl_s` for the edge to
+  resume (see release(); a re-open with the accepted context is always correct, so a short orphan
+  TTL only costs a prefill).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
+import secrets
 import threading
 import time
-import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -50,6 +68,9 @@ class VerifierConfig:
     max_context: int = 32768  # accepted context length at which a session is refused more rounds
     max_plain_steps: int = 64  # plain target steps one request may ask for after its token
     calibrate_rows: tuple[int, ...] = (1, 2, 3, 5, 9, 17)  # forward passes timed at start (edges plan with them)
+    prefill_chunk: int = 256  # tokens of an opened context fed per forward pass (one executor job each)
+    orphan_ttl_s: float = 60.0  # a session whose streams all ended without a close is kept this long
+    reap_interval_s: float = 5.0  # the server reaps expired and orphaned sessions this often
 
 
 class SessionError(Exception):
@@ -61,16 +82,19 @@ class SessionError(Exception):
         self.reason = reason
 
 
-@dataclass
-class Session:
-    id: str
-    context: list[int]
-    request: codec.OpenRequest
-    lm: LM
-    max_drafts: int
-    last_used: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    rounds: int = 0
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")  # what new_session_id() issues
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
+def batch_digest(msg: pb.DraftBatch) -> bytes:
+    """sha256 of a batch without its session_id (sent on the first message of a stream only)."""
+    m = pb.DraftBatch()
+    m.CopyFrom(msg)
+    m.ClearField("session_id")
+    return hashlib.sha256(m.SerializeToString(deterministic=True)).digest()
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,30 @@ class RoundResult:
     verify_ms: float  # the whole round in the cloud: decode, forward passes, sampling
     forward_ms: float  # the target forward passes alone
     plain_tokens: tuple[int, ...] = ()  # tokens of the plain steps after `token`
+    replayed: bool = False  # the verdict of an earlier identical batch, sent again (no new work)
+
+
+@dataclass(frozen=True)
+class LastRound:
+    position: int  # accepted context length the batch continued
+    digest: bytes  # batch_digest of that batch
+    result: RoundResult
+
+
+@dataclass
+class Session:
+    id: str
+    context: list[int]
+    request: codec.OpenRequest
+    lm: LM
+    max_drafts: int
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    rounds: int = 0
+    prefilled: int = 0  # tokens of the context fed to lm by prefill_step
+    last: LastRound | None = None  # for idempotent rounds
+    streams: int = 0  # Verify streams serving it now (guarded by the verifier's lock)
+    orphan: bool = False  # every stream that served it ended without a CloseSession
 
 
 class Verifier:
@@ -127,6 +175,11 @@ class Verifier:
 
     # -- sessions ---------------------------------------------------------------------------
     def open(self, msg: pb.OpenSessionRequest) -> Session:
+        """A new session, or with `client_session_id` a re-open (see the module docstring).
+
+        The context is not fed to the LM here: the caller runs prefill_step() until it returns
+        True (one executor job per chunk); a round on a session not prefilled feeds the rest itself.
+        """
         try:
             req = codec.decode_open(msg, self.target.vocab_size)
         except codec.PayloadError as exc:
@@ -137,52 +190,161 @@ class Verifier:
                 f"vocabulary fingerprint {req.vocab_fingerprint[:12] or '(none)'}... does not match the target "
                 f"model {self.target.name} ({self.target.fingerprint[:12]}...): draft and target must share a tokenizer",
             )
-        if len(req.context) > self.config.max_context:
-            raise SessionError("INVALID_ARGUMENT", f"context longer than {self.config.max_context} tokens")
-        sid = req.client_session_id or uuid.uuid4().hex
+        n, limit = len(req.context), self.config.max_context
+        if n + 2 > limit:  # a round adds at least one draft's worth and a token
+            raise SessionError(
+                "INVALID_ARGUMENT",
+                f"context of {n} tokens leaves no room for a round: this cloud keeps at most {limit} tokens per "
+                f"session (context + one draft + one token)",
+            )
+        cid = req.client_session_id
+        if cid and not _SESSION_ID.fullmatch(cid):
+            raise SessionError("INVALID_ARGUMENT", "client_session_id must be a session id this service issued")
+        if cid:
+            with self._lock:
+                self._expire_locked()
+                live = self._reopen_locked(cid, req)
+            if live is not None:
+                return live
+        sid = cid or new_session_id()
         session = Session(sid, list(req.context), req, self._new_lm(), min(req.max_drafts, self.config.max_drafts),
                           last_used=self._clock())
         with self._lock:
             self._expire_locked()
-            self._sessions.pop(sid, None)
+            live = self._reopen_locked(sid, req)  # an identical re-open raced this one
+            if live is not None:
+                return live
             while len(self._sessions) >= self.config.max_sessions:
                 old_id, _ = self._sessions.popitem(last=False)  # least recently used
                 log.info("session evicted (LRU) session=%s", old_id)
             self._sessions[sid] = session
-        log.info("session opened session=%s scheme=%s context=%d", sid, req.scheme.scheme.value, len(req.context))
+        log.info("session %s session=%s scheme=%s context=%d", "re-opened" if cid else "opened", sid,
+                 req.scheme.scheme.value, n)
         return session
+
+    def _reopen_locked(self, sid: str, req: codec.OpenRequest) -> Session | None:
+        """The live session `sid` if `req` re-opens it identically; ALREADY_EXISTS if it differs."""
+        live = self._sessions.get(sid)
+        if live is None:
+            return None
+        same = live.context == req.context and replace(live.request, context=[], client_session_id="") == replace(
+            req, context=[], client_session_id=""
+        )
+        if not same:
+            raise SessionError(
+                "ALREADY_EXISTS",
+                f"session {sid} is live with another context or parameters; a re-open can only bring back a "
+                f"session this cloud does not hold",
+            )
+        self._sessions.move_to_end(sid)
+        live.last_used = self._clock()
+        return live
+
+    def prefill_step(self, session: Session) -> bool:
+        """Feed the next prefill_chunk tokens of the opened context to the LM; True when done.
+
+        Bounds the work of one call (a worker is held one chunk at a time, the LM's logits rows one
+        chunk wide); everything but the last context token is fed, which the first round feeds
+        with its drafts.
+        """
+        with session.lock:
+            target = len(session.context) - 1
+            if session.rounds or session.prefilled >= target:
+                return True
+            end = min(session.prefilled + self.config.prefill_chunk, target)
+            session.lm.logits(session.context[:end], want=1)
+            session.prefilled = end
+            return end >= target
 
     def get(self, session_id: str) -> Session:
         with self._lock:
-            self._expire_locked()
+            return self._get_locked(session_id)
+
+    def attach(self, session_id: str) -> Session:
+        """get() for the first batch of a Verify stream: the stream now serves this session."""
+        with self._lock:
+            session = self._get_locked(session_id)
+            session.streams += 1
+            return session
+
+    def _get_locked(self, session_id: str) -> Session:
+        self._expire_locked()
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionError("NOT_FOUND", f"unknown or expired session {session_id[:64]!r}")
+        self._sessions.move_to_end(session_id)
+        session.last_used = self._clock()
+        session.orphan = False
+        return session
+
+    def release(self, session_id: str) -> None:
+        """A stream that served `session_id` ended. When no stream serves it any more, the session
+        becomes an orphan, kept orphan_ttl_s for the edge to resume on a new stream.
+
+        Why not close it at once: the server cannot tell a client that is done from one whose link
+        broke. grpc.aio often shows a client's cancel (and a connection reset) as a normal end of
+        the request stream, just like a half-close. Closing on that would make every hiccup cost
+        the edge a re-open and a full prefill; an orphan TTL bounds what a killed client leaves
+        behind instead, and our edge ends its sessions with CloseSession anyway.
+        """
+        with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
-                raise SessionError("NOT_FOUND", f"unknown or expired session {session_id[:64]!r}")
-            self._sessions.move_to_end(session_id)
-            session.last_used = self._clock()
-            return session
+                return
+            session.streams = max(0, session.streams - 1)
+            if not session.streams:
+                session.orphan = True
+                session.last_used = self._clock()
 
     def close(self, session_id: str) -> bool:
         with self._lock:
             return self._sessions.pop(session_id, None) is not None
+
+    def reap(self) -> int:
+        """Drop expired sessions and orphans past orphan_ttl_s; returns how many (the server's timer)."""
+        with self._lock:
+            return self._expire_locked()
 
     @property
     def active_sessions(self) -> int:
         with self._lock:
             return len(self._sessions)
 
-    def _expire_locked(self) -> None:
-        now = self._clock()
-        for sid in [s.id for s in self._sessions.values() if now - s.last_used > self.config.session_ttl_s]:
-            del self._sessions[sid]
-            log.info("session expired session=%s", sid)
+    def _expire_locked(self) -> int:
+        now, ttl, orphan_ttl = self._clock(), self.config.session_ttl_s, self.config.orphan_ttl_s
+        gone = [
+            s.id for s in self._sessions.values()
+            if now - s.last_used > ttl or (s.orphan and not s.streams and now - s.last_used > orphan_ttl)
+        ]
+        for sid in gone:
+            orphan = self._sessions.pop(sid).orphan
+            log.info("session %s session=%s", "orphan reaped" if orphan else "expired", sid)
+        return len(gone)
 
     # -- one round --------------------------------------------------------------------------
     def verify(self, session: Session, msg: pb.DraftBatch) -> RoundResult:
-        """Verify one batch; a malformed batch closes the session (SessionError INVALID_ARGUMENT)."""
+        """Verify one batch; a malformed batch closes the session (SessionError INVALID_ARGUMENT).
+
+        The batch that was verified last may come again (its verdict was lost on the way): it gets
+        the same verdict, marked replayed, with no model work. A different batch for that position
+        is refused: the edge must resend exactly what it sent.
+        """
         with session.lock:
             t0 = time.perf_counter()
             req = session.request
+            start = len(session.context)
+            digest = batch_digest(msg)
+            last = session.last
+            if last is not None and msg.position == last.position:
+                if digest == last.digest:
+                    log.info("round replayed session=%s position=%d", session.id, last.position)
+                    return replace(last.result, replayed=True)
+                self.close(session.id)
+                raise SessionError(
+                    "INVALID_ARGUMENT",
+                    f"position {msg.position} was already verified with a different batch: a batch whose verdict "
+                    f"was lost must be resent unchanged",
+                )
             try:
                 if msg.position != len(session.context):
                     raise codec.PayloadError(
@@ -225,7 +387,7 @@ class Verifier:
             session.rounds += 1
             scheme = codec.batch_scheme(msg, req.scheme)
             formula = sum(formula_bits(scheme, int(d.support.size)) for d in drafts)
-            return RoundResult(
+            result = RoundResult(
                 accepted=accepted,
                 token=round_token,
                 position=len(session.context),
@@ -237,3 +399,5 @@ class Verifier:
                 forward_ms=forward_ms,
                 plain_tokens=tuple(plain),
             )
+            session.last = LastRound(start, digest, result)
+            return result
