@@ -1,19 +1,37 @@
 """gRPC client of the cloud verifier: one session, one bidirectional Verify stream.
 
-Rounds go over the stream (a few bytes of framing each). A broken stream is re-established; when the
-cloud no longer knows the session (NOT_FOUND, e.g. after a restart) the session is re-opened with the
-whole accepted context under the same id and the same batch is sent again. The cloud keys its draws
-by (seed, position), so the retried round gives the verdict the first attempt would have given: no
-token is lost or duplicated.
+Rounds go over the stream (a few bytes of framing each). The client rides out what a real link and
+a real cloud do, for `outage_window_s` (default 180 s) from the first failure of a round:
+
+- A broken stream or a round without a verdict (round_timeout_s) is retried on a new stream after
+  an exponential backoff with jitter (capped at backoff_max_s). The batch is sent again unchanged:
+  the cloud answers a batch it has already verified with the same verdict (idempotent rounds), so
+  a lost verdict costs a round trip, never the generation.
+- When the cloud no longer knows the session (NOT_FOUND: a restart, an expiry, an eviction) the
+  session is re-opened with the whole accepted context under the same id, and the same batch is
+  sent again. The cloud keys its draws by (seed, position), so the retried round gives the verdict
+  the first attempt would have given: no token is lost or duplicated.
+
+The first connect is different: a cloud that does not answer within connect_timeout_s is an error
+naming its HOST:PORT at once (a typo, a cloud not started), unless connect_wait_s asks to wait for
+it. Why 180 s: a cold start of the cloud measured 6-17 s with the tiny pair and takes about a
+minute with the Qwen pair (weights, calibration); a container restart adds its health-check delay,
+and link stalls of 30-130 s were seen. Three minutes covers those with margin, and a generation
+whose cloud is really gone still ends with an error a person will wait for.
+
+A `cancel` event (set by the HTTP API when its client goes away) stops the generation between two
+waits: every wait polls it, and round()/open() raise Cancelled.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import grpc
@@ -26,25 +44,50 @@ from edge.wire_meter import ByteCountingRelay
 log = logging.getLogger("sqs.edge")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+_POLL_S = 0.1  # how often a wait looks at the cancel event
+_MAX_REOPENS = 3  # re-opens within one round before the cloud is declared unable to keep the session
 
 
 class CloudError(Exception):
-    """The cloud refused or could not be reached; str() is a one-line reason, code the gRPC status."""
+    """The cloud refused or could not be reached; str() is a one-line reason, code the gRPC status.
 
-    def __init__(self, code: grpc.StatusCode | None, reason: str) -> None:
+    at_open: the refusal came at session open (the request itself: limits, parameters), not from a
+    round of a running session.
+    """
+
+    def __init__(self, code: grpc.StatusCode | None, reason: str, at_open: bool = False) -> None:
         super().__init__(reason)
         self.code = code
+        self.at_open = at_open
+
+
+class Cancelled(Exception):
+    """The generation was cancelled through the client's cancel event."""
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     target: str  # HOST:PORT of the cloud
-    round_timeout_s: float = 120.0  # one round (edge send -> verdict)
-    connect_timeout_s: float = 10.0
-    retries: int = 6
-    backoff_s: float = 0.25  # doubles each retry, capped at 4 s
+    round_timeout_s: float = 120.0  # one round (edge send -> verdict), and one OpenSession with its prefill
+    connect_timeout_s: float = 5.0  # first connect: the cloud must answer within this
+    connect_wait_s: float = 0.0  # first connect: keep waiting for the cloud this much longer (0 = don't)
+    outage_window_s: float = 180.0  # a running session rides out an outage this long (see the docstring)
+    retries: int | None = None  # optional cap on the retries of one round (None: only the window bounds them)
+    backoff_s: float = 0.25  # first retry delay; doubles with jitter up to backoff_max_s
+    backoff_max_s: float = 2.0
     meter: bool = True  # route through a byte-counting relay to measure wire bytes
     transport: str = "stream"  # "stream": one Verify stream per session; "unary": one VerifyBatch call per round
+
+    def __post_init__(self) -> None:
+        for name in ("round_timeout_s", "connect_timeout_s", "connect_wait_s", "outage_window_s", "backoff_s",
+                     "backoff_max_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.retries is not None and self.retries < 0:
+            raise ValueError("retries must be >= 0 (or None)")
+        if self.transport not in ("stream", "unary"):
+            raise ValueError(f"transport must be 'stream' or 'unary', got {self.transport!r}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +97,20 @@ class RoundReply:
     received_unix_us: int
     uplink_wire_bytes: int
     downlink_wire_bytes: int
+
+
+class _Backoff:
+    """Exponential backoff with jitter: the n-th delay lies in [d/2, d], d = first * 2^n capped."""
+
+    def __init__(self, first_s: float, cap_s: float) -> None:
+        self._next = first_s
+        self._cap = cap_s
+        self._rng = random.Random()  # jitter only; never touches a token draw
+
+    def __call__(self) -> float:
+        d = min(self._next, self._cap)
+        self._next = min(self._next * 2, self._cap)
+        return d * (0.5 + 0.5 * self._rng.random())
 
 
 class _Stream:
@@ -66,16 +123,25 @@ class _Stream:
         self._call = stub.Verify(iter(self._requests.get, self._END))
         self.fresh = True
 
-    def round(self, msg: pb.DraftBatch, timeout_s: float) -> pb.Verdict:
+    def round(self, msg: pb.DraftBatch, timeout_s: float, cancel: threading.Event) -> pb.Verdict:
         self._requests.put(msg)
         self.fresh = False
         box: list = []
-        t = threading.Thread(target=lambda: box.append(self._next()), daemon=True)
-        t.start()
-        t.join(timeout_s)
-        if not box:
-            self._call.cancel()
-            raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no verdict within {timeout_s:.0f} s")
+        done = threading.Event()
+
+        def receive() -> None:
+            box.append(self._next())
+            done.set()
+
+        threading.Thread(target=receive, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not done.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
+            if cancel.is_set():
+                self._call.cancel()
+                raise Cancelled("generation cancelled")
+            if time.monotonic() >= deadline:
+                self._call.cancel()
+                raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no verdict within {timeout_s:g} s")
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
@@ -89,17 +155,22 @@ class _Stream:
             return exc
 
     def close(self) -> None:
-        self._requests.put(self._END)
+        """Cancel, then end the request iterator (its feeding thread must not wait forever).
+
+        Cancel first: a clean half-close would tell the cloud the session is finished, while a
+        dropped stream is one the edge resumes on a new stream.
+        """
         self._call.cancel()
+        self._requests.put(self._END)
 
 
 class CloudClient:
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, cancel: threading.Event | None = None) -> None:
         self.config = config
         host, _, port = config.target.rpartition(":")
         if not host or not port.isdigit():
             raise CloudError(None, f"--cloud must be HOST:PORT, got {config.target!r}")
-        self.relay = ByteCountingRelay(host, int(port)) if config.meter else None
+        self.relay = ByteCountingRelay(host.strip("[]"), int(port)) if config.meter else None
         self._channel = grpc.insecure_channel(
             self.relay.address if self.relay else config.target,
             options=[
@@ -114,72 +185,146 @@ class CloudClient:
         )
         self._stub = sqs_pb2_grpc.VerifierStub(self._channel)
         self._stream: _Stream | None = None
+        self._cancel = cancel or threading.Event()
         self.session_id = ""
         self.reopens = 0
+        self.resends = 0  # batches sent again after a lost verdict or a broken stream
 
     def wire_counts(self) -> tuple[int, int]:
         return self.relay.counts() if self.relay else (0, 0)
 
+    # -- session ----------------------------------------------------------------------------
     def open(self, request: codec.OpenRequest) -> pb.OpenSessionResponse:
-        msg = codec.encode_open(request)
-        reply = self._with_retries(
-            lambda: self._stub.OpenSession(msg, timeout=self.config.connect_timeout_s, wait_for_ready=True)
-        )
+        """First connect: fail within connect_timeout_s (+ connect_wait_s) if the cloud does not answer."""
+        c = self.config
+        until = time.monotonic() + c.connect_timeout_s + c.connect_wait_s
+        reply = self._open(codec.encode_open(request), until, at_open=True)
         self.session_id = reply.session_id
         self._drop_stream()
         return reply
 
-    def round(self, batch: pb.DraftBatch, reopen: Callable[[], codec.OpenRequest]) -> RoundReply:
-        """Send one batch and wait for its verdict, riding out restarts; reopen() gives the context."""
-        delay = self.config.backoff_s
-        for attempt in range(self.config.retries + 1):
+    def _reopen(self, request: codec.OpenRequest, until: float) -> None:
+        """Re-open this session (the cloud lost it) with the accepted context, under the same id."""
+        log.info("session %s unknown to the cloud; re-opening with the %d-token accepted context",
+                 self.session_id, len(request.context))
+        self._open(codec.encode_open(replace(request, client_session_id=self.session_id)), until, at_open=False)
+        self.reopens += 1
+
+    def _open(self, msg: pb.OpenSessionRequest, until: float, at_open: bool) -> pb.OpenSessionResponse:
+        backoff = _Backoff(self.config.backoff_s, self.config.backoff_max_s)
+        while True:
+            if not self._wait_ready(until):
+                raise self._unreachable(until)
             try:
-                msg = pb.DraftBatch()
-                msg.CopyFrom(batch)
-                if self.config.transport == "unary":
-                    msg.session_id = self.session_id
-                    call = lambda: self._stub.VerifyBatch(msg, timeout=self.config.round_timeout_s)  # noqa: E731
-                else:
-                    if self._stream is None:
-                        self._stream = _Stream(self._stub)
-                    msg.session_id = self.session_id if self._stream.fresh else ""
-                    stream = self._stream
-                    call = lambda: stream.round(msg, self.config.round_timeout_s)  # noqa: E731
-                up0, down0 = self.wire_counts()
-                sent = time.time_ns() // 1000
-                verdict = call()
-                received = time.time_ns() // 1000
-                up1, down1 = self.wire_counts()
-                return RoundReply(verdict, sent, received, up1 - up0, down1 - down0)
+                return self._stub.OpenSession(msg, timeout=self.config.round_timeout_s)
+            except grpc.RpcError as exc:
+                self._check_cancel()
+                if exc.code() in _RETRYABLE and time.monotonic() < until:
+                    self._sleep(backoff())
+                    continue
+                raise self._error(exc.code(), exc.details(), at_open=at_open) from None
+
+    # -- one round --------------------------------------------------------------------------
+    def round(self, batch: pb.DraftBatch, reopen: Callable[[], codec.OpenRequest]) -> RoundReply:
+        """Send one batch and wait for its verdict, riding out outages; reopen() gives the context."""
+        c = self.config
+        backoff = _Backoff(c.backoff_s, c.backoff_max_s)
+        outage_since: float | None = None
+        attempts = reopens = 0
+        while True:
+            self._check_cancel()
+            try:
+                return self._send(batch)
             except (grpc.RpcError, CloudError) as exc:
                 code = exc.code() if isinstance(exc, grpc.RpcError) else exc.code
                 reason = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
                 self._drop_stream()
-                if code == grpc.StatusCode.NOT_FOUND and attempt < self.config.retries:
-                    log.info("session %s unknown to the cloud; re-opening with the accepted context", self.session_id)
-                    req = reopen()
-                    self.open(codec.OpenRequest(**{**req.__dict__, "client_session_id": self.session_id}))
-                    self.reopens += 1
+                self._check_cancel()
+                attempts += 1
+                now = time.monotonic()
+                outage_since = outage_since if outage_since is not None else now
+                until = outage_since + c.outage_window_s
+                within = now < until and (c.retries is None or attempts <= c.retries)
+                if code == grpc.StatusCode.NOT_FOUND and within and reopens < _MAX_REOPENS:
+                    self._reopen(reopen(), until)
+                    reopens += 1
                     continue
-                if code in _RETRYABLE and attempt < self.config.retries:
-                    log.info("round failed (%s: %s); retrying in %.2f s", code, reason, delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 4.0)
+                if code in _RETRYABLE and within:
+                    if attempts == 1:
+                        log.warning("cloud %s: %s (%s); resending for up to %.0f s", c.target,
+                                    code.name, self._scrub(reason), c.outage_window_s)
+                    self.resends += 1
+                    self._sleep(backoff())
                     continue
-                raise CloudError(code, f"cloud {self.config.target}: {code.name if code else 'error'}: {reason}") from None
-        raise CloudError(grpc.StatusCode.UNAVAILABLE, "retries exhausted")
+                raise self._error(code, reason) from None
 
-    def _with_retries(self, call):
-        delay = self.config.backoff_s
-        for attempt in range(self.config.retries + 1):
+    def _send(self, batch: pb.DraftBatch) -> RoundReply:
+        msg = pb.DraftBatch()
+        msg.CopyFrom(batch)
+        if self.config.transport == "unary":
+            msg.session_id = self.session_id
+            call = lambda: self._unary(msg)  # noqa: E731
+        else:
+            if self._stream is None:
+                self._stream = _Stream(self._stub)
+            msg.session_id = self.session_id if self._stream.fresh else ""
+            stream = self._stream
+            call = lambda: stream.round(msg, self.config.round_timeout_s, self._cancel)  # noqa: E731
+        up0, down0 = self.wire_counts()
+        sent = time.time_ns() // 1000
+        verdict = call()
+        received = time.time_ns() // 1000
+        up1, down1 = self.wire_counts()
+        return RoundReply(verdict, sent, received, up1 - up0, down1 - down0)
+
+    def _unary(self, msg: pb.DraftBatch) -> pb.Verdict:
+        future = self._stub.VerifyBatch.future(msg, timeout=self.config.round_timeout_s)
+        while True:
             try:
-                return call()
-            except grpc.RpcError as exc:
-                if exc.code() in _RETRYABLE and attempt < self.config.retries:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 4.0)
+                return future.result(timeout=_POLL_S)
+            except grpc.FutureTimeoutError:
+                if self._cancel.is_set():
+                    future.cancel()
+                    raise Cancelled("generation cancelled") from None
+
+    # -- waiting ----------------------------------------------------------------------------
+    def _wait_ready(self, until: float) -> bool:
+        """Wait until the channel has a connection to the cloud (through the relay), or `until`."""
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            while True:
+                self._check_cancel()
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                try:
+                    ready.result(timeout=min(_POLL_S, left))
+                    return True
+                except grpc.FutureTimeoutError:
                     continue
-                raise CloudError(exc.code(), f"cloud {self.config.target}: {exc.code().name}: {exc.details()}") from None
+        finally:
+            ready.cancel()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._cancel.wait(seconds):
+            raise Cancelled("generation cancelled")
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("generation cancelled")
+
+    # -- errors -----------------------------------------------------------------------------
+    def _unreachable(self, until: float) -> CloudError:
+        why = (self.relay.last_error if self.relay else "") or "no gRPC connection"
+        return CloudError(grpc.StatusCode.UNAVAILABLE, f"cloud {self.config.target} does not answer ({why})")
+
+    def _scrub(self, reason: str) -> str:
+        """The cloud's address instead of the local relay's in grpc's messages."""
+        return reason.replace(self.relay.address, self.config.target) if self.relay else reason
+
+    def _error(self, code: grpc.StatusCode | None, reason: str, at_open: bool = False) -> CloudError:
+        name = code.name if code else "error"
+        return CloudError(code, f"cloud {self.config.target}: {name}: {self._scrub(reason)}", at_open=at_open)
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
@@ -191,7 +336,7 @@ class CloudClient:
             try:
                 self._stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=2)
             except grpc.RpcError:
-                pass
+                pass  # unknown to the cloud (NOT_FOUND) or unreachable: it reaps the session itself
         self._drop_stream()
         self._channel.close()
         if self.relay:

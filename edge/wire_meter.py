@@ -21,6 +21,7 @@ class ByteCountingRelay:
         self.address = f"{listen_host}:{self._listener.getsockname()[1]}"
         self.uplink_bytes = 0  # edge -> cloud
         self.downlink_bytes = 0  # cloud -> edge
+        self.last_error = ""  # why the last connection to the target failed ("" after one succeeds)
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
@@ -39,7 +40,9 @@ class ByteCountingRelay:
             try:
                 upstream = socket.create_connection(self._target, timeout=10)
                 upstream.settimeout(None)
-            except OSError:
+                self.last_error = ""
+            except OSError as exc:
+                self.last_error = exc.strerror or str(exc)  # for the edge's message naming the cloud
                 client.close()  # the channel sees UNAVAILABLE, as without the relay
                 continue
             for s in (client, upstream):
