@@ -8,6 +8,12 @@
 
 Model and network work runs in a thread pool, never on the event loop; each request has its own
 KV cache and cloud session, sharing the draft model's weights.
+
+A generation rides out cloud restarts and link outages exactly like `sqs-edge generate` (the same
+ClientConfig: resend, re-open with the accepted context, for outage_window_s), and a cloud that
+does not answer at all is a 503 within connect_timeout_s. When the HTTP client goes away (plain or
+streaming), the generation is cancelled within a round or a poll interval and its cloud session
+closed. A request the cloud refuses at session open (its limits: prompt length, top_k) is a 422.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from common.metrics import Metrics
-from edge.client import ClientConfig, CloudClient, CloudError
+from edge.client import Cancelled, ClientConfig, CloudClient, CloudError
 from edge.drafter import DraftConfig, Drafter
 from edge.generate import GenerationResult, generate
 
@@ -43,8 +49,10 @@ class EdgeServerConfig:
     host: str = "0.0.0.0"
     port: int = 8080
     max_concurrency: int = 4  # generations running at once (threads)
-    connect_timeout_s: float = 2.0
-    retries: int = 1  # a cloud outage answers 503 after a few seconds, not a hang
+    connect_timeout_s: float = ClientConfig.connect_timeout_s  # a cloud down at the start: 503 after this
+    outage_window_s: float = ClientConfig.outage_window_s  # a running generation rides out outages this long
+    retries: int | None = None  # optional cap on the retries of one round (ClientConfig.retries)
+    disconnect_poll_s: float = 0.25  # how often a running request checks that its HTTP client is still there
 
 
 class GenerateRequest(BaseModel):
@@ -94,7 +102,7 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
     app = FastAPI(title="SQS-SD edge", version="1", lifespan=lifespan,
                   description="Speculative decoding with a local draft model and a cloud verifier.")
 
-    def run(req: GenerateRequest, on_tokens=None) -> GenerationResult:
+    def run(req: GenerateRequest, on_tokens=None, cancel: threading.Event | None = None) -> GenerationResult:
         from sqs_models.cached_lm import CachedLM
 
         m = state["model"]
@@ -110,8 +118,9 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
             state["active"] += 1
             metrics.sessions.set(state["active"])
         try:
-            cc = ClientConfig(config.cloud, connect_timeout_s=config.connect_timeout_s, retries=config.retries)
-            with CloudClient(cc) as client:
+            cc = ClientConfig(config.cloud, connect_timeout_s=config.connect_timeout_s,
+                              outage_window_s=config.outage_window_s, retries=config.retries)
+            with CloudClient(cc, cancel=cancel) as client:  # closing it closes the cloud session
                 result = generate(prompt_ids, drafter, client, max_new_tokens=req.max_new_tokens,
                                   vocab_fingerprint=m.fingerprint, on_tokens=on_tokens, metrics=metrics)
             log.info("generation session=%s sparsifier=%s tokens=%d rounds=%d", result.session_id,
@@ -131,13 +140,28 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
         ).model_dump()
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate_endpoint(req: GenerateRequest):
-        result = await asyncio.get_running_loop().run_in_executor(executor, run, req)
+    async def generate_endpoint(req: GenerateRequest, request: Request):
+        cancel = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(executor, run, req, None, cancel)
+        try:
+            while not (await asyncio.wait({job}, timeout=config.disconnect_poll_s))[0]:
+                if await request.is_disconnected():
+                    log.info("HTTP client went away; cancelling its generation")
+                    cancel.set()
+                    break
+        finally:
+            if not job.done():
+                cancel.set()
+        try:
+            result = await job
+        except Cancelled:
+            return Response(status_code=499)  # nobody reads it: the client closed the request
         return response_of(result)
 
     @app.post("/v1/generate/stream")
-    async def generate_stream(req: GenerateRequest):
+    async def generate_stream(req: GenerateRequest, request: Request):
         loop = asyncio.get_running_loop()
+        cancel = threading.Event()
         queue: asyncio.Queue = asyncio.Queue()
         tok = state["model"].tokenizer
         emitted: list[int] = []
@@ -151,8 +175,10 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
 
         def work() -> None:
             try:
-                result = run(req, on_tokens)
+                result = run(req, on_tokens, cancel)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", response_of(result)))
+            except Cancelled:
+                log.info("HTTP client went away; streamed generation cancelled")
             except HTTPException as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", {"status": exc.status_code, "detail": exc.detail}))
             except Exception as exc:  # the stream must end with an event, never hang
@@ -163,12 +189,20 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
 
         async def events():
             while True:
-                kind, data = await queue.get()
+                try:
+                    kind, data = await asyncio.wait_for(queue.get(), timeout=config.disconnect_poll_s)
+                except asyncio.TimeoutError:  # no round finished (a long round, an outage): still wanted?
+                    kind = None
+                if await request.is_disconnected():
+                    cancel.set()
+                    return
+                if kind is None:
+                    continue
                 yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
                 if kind in ("done", "error"):
                     return
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _CancellingStream(cancel, events(), media_type="text/event-stream")
 
     @app.get("/healthz")
     async def healthz():
@@ -189,7 +223,24 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
     return app
 
 
+class _CancellingStream(StreamingResponse):
+    """A streaming response that cancels its generation however the response ends (a failed send
+    to a client that went away included)."""
+
+    def __init__(self, cancel: threading.Event, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._cancel = cancel
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cancel.set()
+
+
 def _http_status(exc: CloudError) -> int:
+    if exc.at_open and exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return 422  # beyond the cloud's limits (prompt length, top_k): the request, not the gateway
     if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, None):
         return 503
     if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
