@@ -53,6 +53,7 @@ class EdgeServerConfig:
     outage_window_s: float = ClientConfig.outage_window_s  # a running generation rides out outages this long
     retries: int | None = None  # optional cap on the retries of one round (ClientConfig.retries)
     disconnect_poll_s: float = 0.25  # how often a running request checks that its HTTP client is still there
+    draft_len: int | str = "auto"  # for requests that name none: "auto" (planned per round), N, or 0
 
 
 class GenerateRequest(BaseModel):
@@ -62,15 +63,17 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     sparsifier: Literal["topk", "conformal", "dense", "token", "fp16-topk", "fp32", "none"] = "topk"
-    k: int = Field(8, ge=1, le=4096)
-    ell: int = Field(100, ge=1, le=65536)
+    k: int | Literal["auto"] = Field("auto", description="top-K support size, or auto (the planner picks per round)")
+    ell: int | Literal["auto"] = Field("auto", description="lattice resolution, or auto (the planner picks per round)")
     drop_zeros: bool = False
     beta0: float = Field(0.01, ge=-1.0, le=2.0)
     eta: float = Field(0.001, ge=0.0, le=1.0)
     alpha: float = Field(0.0005, ge=0.0, le=1.0)
     budget_bits: float = Field(5000.0, gt=0.0, le=1e9)
     budget_accounting: Literal["honest", "formula"] = "honest"
-    draft_len: int = Field(8, ge=0, le=256)
+    draft_len: int | Literal["auto"] | None = Field(
+        None, description="auto: each round planned from measured costs; N: fixed plan; 0: plain target decoding; "
+                          "omitted: the server's --draft-len (auto unless set)")
     seed: int = Field(0, ge=0, le=2**63 - 1)
 
 
@@ -107,6 +110,8 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
 
         m = state["model"]
         try:
+            if req.draft_len is None:
+                req = req.model_copy(update={"draft_len": config.draft_len})
             dcfg = DraftConfig.from_options(req, m.vocab_size)
         except ValueError as exc:
             raise HTTPException(422, detail=str(exc)) from None

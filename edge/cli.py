@@ -168,13 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     sv.add_argument("--host", default=env("SQS_EDGE_HOST", "0.0.0.0"))
     sv.add_argument("--port", type=int, default=int(env("SQS_EDGE_PORT", "8080")))
     sv.add_argument("--max-concurrency", type=int, default=int(env("SQS_EDGE_CONCURRENCY", "4")))
+    sv.add_argument("--draft-len", type=int_or_auto, default=env("SQS_DRAFT_LEN", "auto"),
+                    help="draft length for requests that name none: auto (planned per round), N, or 0")
     a = ap.parse_args(argv)
     setup_logging(a.log_level, a.log_format)
     if a.cmd == "serve":
         from edge.api import EdgeServerConfig, serve
 
         serve(EdgeServerConfig(cloud=a.cloud, draft_model=a.draft_model, dtype=a.dtype, host=a.host,
-                               port=a.port, max_concurrency=a.max_concurrency))
+                               port=a.port, max_concurrency=a.max_concurrency, draft_len=a.draft_len))
         sys.exit(0)
     sys.exit(cmd_generate(a))
 
