@@ -80,6 +80,13 @@ class AcceptanceModel:
             return self.overall
         return float(np.mean([self.predict(c) for c in self._recent]))
 
+    def optimistic(self) -> float:
+        """typical() plus one standard error of the overall rate: an upper confidence bound that
+        makes a session with few tested drafts try speculation (plain rounds teach nothing about
+        acceptance), and shrinks to typical() as verdicts come in."""
+        a = self.typical()
+        return min(1.0, a + float(np.sqrt(a * (1.0 - a) / (self.tested + 2.0))))
+
     def seen(self, c: float) -> None:
         """A drafted position's confidence (whether or not the cloud tests it)."""
         self._recent.append(c)
@@ -234,7 +241,7 @@ class Planner:
         limit = min(cfg.max_draft_len, remaining_tokens - 1)
         if limit < 1:
             return plain
-        a_q = acc.typical()
+        a_q = acc.optimistic()
         best: RoundPlan | None = None
         for desc in self._descriptions(loss, beta):
             if desc.bits > budget_bits:
