@@ -27,7 +27,10 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=env("SQS_TARGET_MODEL", "tiny"),
                     help="tiny | qwen2.5-coder-1.5b | qwen2.5-coder-0.5b | smollm2-135m | a local HF directory")
-    ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"])
+    ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"],
+                    help="torch engine dtype (default: the cheaper verify pass of bf16 and fp32, measured at start)")
+    ap.add_argument("--engine", default=env("SQS_ENGINE", "auto"), choices=["auto", "torch", "llama"],
+                    help="auto (default): llama.cpp where llama-cpp-python and the model's GGUF exist, else torch")
     ap.add_argument("--host", default=env("SQS_HOST", "0.0.0.0"))
     ap.add_argument("--port", type=int, default=int(env("SQS_PORT", "50051")))
     ap.add_argument("--metrics-port", type=int, default=int(env("SQS_METRICS_PORT", "9101")), help="0 disables")
@@ -36,17 +39,28 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
                     help="intra-op threads for torch (0 = torch's default: all cores)")
     ap.add_argument("--max-sessions", type=int, default=int(env("SQS_MAX_SESSIONS", "64")))
     ap.add_argument("--session-ttl", type=float, default=float(env("SQS_SESSION_TTL_S", "600")))
+    ap.add_argument("--batch-window-ms", type=float, default=float(env("SQS_BATCH_WINDOW_MS", "2")), metavar="MS",
+                    help="cross-session batched verification: a round waits at most MS for other sessions' rounds "
+                         "to share its forward pass (never when it is the only session attached); 0 disables")
+    ap.add_argument("--batch-max-rows", type=int, default=int(env("SQS_BATCH_MAX_ROWS", "64")),
+                    help="rows (L+1 per round) of one batched forward pass at most")
     ap.add_argument("--log-level", default=env("SQS_LOG_LEVEL", "INFO"))
     ap.add_argument("--log-format", choices=["text", "json"], default=env("SQS_LOG_FORMAT", "text"))
     a = ap.parse_args(argv)
+    if a.batch_window_ms < 0 or a.batch_max_rows < 1:
+        ap.error("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
+    if a.engine == "llama" and a.dtype:
+        ap.error("--dtype applies to the torch engine; llama.cpp runs the GGUF's own quantization")
     setup_logging(a.log_level, a.log_format)
     if a.torch_threads > 0:
         import torch
 
         torch.set_num_threads(a.torch_threads)
     return CloudConfig(
-        model=a.model, dtype=a.dtype, host=a.host, port=a.port, metrics_port=a.metrics_port, workers=a.workers,
-        verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl),
+        model=a.model, dtype=a.dtype, engine=a.engine, threads=max(a.torch_threads, 0), host=a.host, port=a.port,
+        metrics_port=a.metrics_port, workers=a.workers,
+        verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl,
+                                batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows),
     )
 
 
@@ -98,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # one line for the operator, not a traceback
         from sqs_models.registry import ModelNotInstalled
 
-        if isinstance(exc, (ModelNotInstalled, OSError)):
+        from sqs_models.engines import EngineUnavailable
+
+        if isinstance(exc, (ModelNotInstalled, OSError, EngineUnavailable)):
             print(f"sqs-cloud: error: {exc}", file=sys.stderr)
             sys.exit(2)
         raise

@@ -28,7 +28,9 @@ log = logging.getLogger("sqs.cloud")
 @dataclass(frozen=True)
 class CloudConfig:
     model: str = "tiny"
-    dtype: str | None = None  # default per model: fp32 for tiny, bf16 for the Qwen pair
+    dtype: str | None = None  # torch engine: None = measured (bf16 vs fp32) for the Qwen pair, fp32 for tiny
+    engine: str = "auto"  # auto | torch | llama (sqs_models.engines: auto = llama.cpp where it and a GGUF exist)
+    threads: int = 0  # llama.cpp threads (0 = all CPUs this process may use)
     host: str = "0.0.0.0"
     port: int = 50051  # 0 = any free port (tests)
     metrics_port: int = 9101  # 0 = no metrics HTTP server
@@ -39,14 +41,17 @@ class CloudConfig:
     verifier: VerifierConfig = VerifierConfig()
 
 
-def load_target(model: str, dtype: str | None = None):
-    """(TargetInfo, factory of per-session CachedLM) for a registered model name or directory."""
-    from sqs_models.cached_lm import CachedLM
-    from sqs_models.registry import load_model
+def load_target(model: str, dtype: str | None = None, engine: str = "auto", threads: int = 0):
+    """(TargetInfo, factory of per-session LMs) for a registered model name or directory.
 
-    loaded = load_model(model, role="target", dtype=dtype)
-    info = TargetInfo(loaded.name, loaded.vocab_size, loaded.fingerprint, tuple(loaded.eos_token_ids))
-    return info, lambda: CachedLM(loaded.model, loaded.vocab_size)
+    The engine (torch or llama.cpp, see sqs_models.engines) only decides how p is computed.
+    """
+    from sqs_models.engines import load_engine
+
+    eng = load_engine(model, "target", engine=engine, dtype=dtype, threads=threads)
+    log.info("target %s: %s", eng.name, eng.detail)
+    info = TargetInfo(eng.name, eng.vocab_size, eng.fingerprint, tuple(eng.eos_token_ids))
+    return info, eng.new_lm
 
 
 @dataclass
@@ -58,6 +63,7 @@ class RunningCloud:
     health: HealthServicer
     executor: ThreadPoolExecutor
     reaper: asyncio.Task | None = None
+    round_executor: ThreadPoolExecutor | None = None  # rounds, with cross-session batching on
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.reaper is not None:
@@ -65,6 +71,8 @@ class RunningCloud:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.round_executor is not None:
+            self.round_executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def reap_sessions(verifier: Verifier, metrics: Metrics, interval_s: float) -> None:
@@ -108,11 +116,18 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
     server = grpc.aio.server(options=options)
     port = bind(server, config.host, config.port)  # before the model: a taken port fails in a second
     if verifier is None:
-        info, new_lm = load_target(config.model, config.dtype)
+        info, new_lm = load_target(config.model, config.dtype, config.engine, config.threads)
         verifier = Verifier(info, new_lm, config.verifier)
     metrics = metrics or Metrics()
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
-    add_to_server(VerifierServicer(verifier, metrics, executor), server)
+    round_executor = None
+    vc = verifier.config
+    if vc.batch_window_ms > 0:
+        # A round's thread waits in the batcher for its share of the pass: one thread per session
+        # that may share a pass (the batcher runs one pass at a time, so torch work stays serial).
+        round_executor = ThreadPoolExecutor(max_workers=max(config.workers, min(vc.max_sessions, vc.batch_max_rows)),
+                                            thread_name_prefix="round")
+    add_to_server(VerifierServicer(verifier, metrics, executor, round_executor), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -127,5 +142,6 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
     reaper = asyncio.get_running_loop().create_task(
         reap_sessions(verifier, metrics, verifier.config.reap_interval_s), name="session-reaper"
     )
-    log.info("verifier %s serving on %s:%d", verifier.target.name, config.host, port)
-    return RunningCloud(server, port, verifier, metrics, health, executor, reaper)
+    log.info("verifier %s serving on %s:%d; cross-session batching %s", verifier.target.name, config.host, port,
+             f"window {vc.batch_window_ms:g} ms, {vc.batch_max_rows} rows at most" if vc.batch_window_ms > 0 else "off")
+    return RunningCloud(server, port, verifier, metrics, health, executor, reaper, round_executor)

@@ -15,6 +15,7 @@ from common.logs import setup_logging
 from common.schemes import Scheme
 
 SPARSIFIERS = [s.value for s in Scheme]
+ENGINES = ["auto", "torch", "llama"]  # sqs_models.engines.ENGINE_CHOICES (not imported: keeps --help light)
 
 
 def finite_float(text: str) -> float:
@@ -45,7 +46,11 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     env = os.environ.get
     ap.add_argument("--cloud", default=env("SQS_CLOUD", "127.0.0.1:50051"), help="HOST:PORT of sqs-cloud")
     ap.add_argument("--draft-model", default=env("SQS_DRAFT_MODEL", "tiny"))
-    ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"])
+    ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"],
+                    help="torch engine dtype (default: the cheaper one-token step of bf16 and fp32, measured at start)")
+    ap.add_argument("--engine", default=env("SQS_ENGINE", "auto"), choices=ENGINES,
+                    help="draft engine: auto (default) = llama.cpp where llama-cpp-python and the model's GGUF "
+                         "exist, else torch")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=finite_float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0, help="target/draft sampling top-k (0 = off)")
@@ -66,6 +71,8 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
                          "or plain target steps when speculation does not pay); N = a fixed plan of up to N; "
                          "0 = plain target decoding")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="do not draft the next batch while one is in flight (pipelined drafting is on by default)")
     ap.add_argument("--transport", choices=["stream", "unary"], default="stream",
                     help="one gRPC stream per session (default) or one unary call per round")
 
@@ -74,17 +81,19 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from edge.client import ClientConfig, CloudClient, CloudError
     from edge.drafter import DraftConfig, Drafter
     from edge.generate import generate
-    from sqs_models.cached_lm import CachedLM
-    from sqs_models.registry import ModelNotInstalled, load_model
+    from sqs_models.engines import EngineUnavailable, load_engine
+    from sqs_models.registry import ModelNotInstalled
 
     if a.max_new_tokens < 1:
         return _fail("--max-new-tokens must be >= 1")
     if a.temperature < 0:
         return _fail("--temperature must be >= 0")
     try:
-        model = load_model(a.draft_model, role="draft", dtype=a.dtype)
-    except ModelNotInstalled as exc:
+        model = load_engine(a.draft_model, "draft", engine=a.engine, dtype=a.dtype)
+    except (ModelNotInstalled, EngineUnavailable) as exc:
         return _fail(str(exc), code=2)
+    except ValueError as exc:
+        return _fail(str(exc))
     prompt_ids = list(model.tokenizer.encode(a.prompt))
     if not prompt_ids:
         return _fail("the prompt encodes to no tokens")
@@ -92,7 +101,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         dcfg = DraftConfig.from_options(a, model.vocab_size)
     except ValueError as exc:
         return _fail(str(exc))
-    drafter = Drafter(CachedLM(model.model, model.vocab_size), dcfg, model.eos_token_ids)
+    drafter = Drafter(model.new_lm(), dcfg, model.eos_token_ids)
     printed = [""]
     out_ids: list[int] = []
 
@@ -125,6 +134,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             "stop_reason": result.stop_reason,
             "sparsifier": dcfg.scheme.scheme.value,
             "draft_model": model.name,
+            "draft_engine": model.detail,
             "target_model": result.target_model,
             "vocab_size": model.vocab_size,
             "final_beta": drafter.beta,
@@ -165,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     sv.add_argument("--cloud", default=env("SQS_CLOUD", "127.0.0.1:50051"), help="HOST:PORT of sqs-cloud")
     sv.add_argument("--draft-model", default=env("SQS_DRAFT_MODEL", "tiny"))
     sv.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"])
+    sv.add_argument("--engine", default=env("SQS_ENGINE", "auto"), choices=ENGINES,
+                    help="draft engine: auto (default) = llama.cpp where installed and the model has a GGUF, else torch")
     sv.add_argument("--host", default=env("SQS_EDGE_HOST", "0.0.0.0"))
     sv.add_argument("--port", type=int, default=int(env("SQS_EDGE_PORT", "8080")))
     sv.add_argument("--max-concurrency", type=int, default=int(env("SQS_EDGE_CONCURRENCY", "4")))
@@ -173,10 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     setup_logging(a.log_level, a.log_format)
     if a.cmd == "serve":
+        import dataclasses
+
         from edge.api import EdgeServerConfig, serve
 
+        extra = {"engine": a.engine} if "engine" in {f.name for f in dataclasses.fields(EdgeServerConfig)} else {}
         serve(EdgeServerConfig(cloud=a.cloud, draft_model=a.draft_model, dtype=a.dtype, host=a.host,
-                               port=a.port, max_concurrency=a.max_concurrency, draft_len=a.draft_len))
+                               port=a.port, max_concurrency=a.max_concurrency, draft_len=a.draft_len, **extra))
         sys.exit(0)
     sys.exit(cmd_generate(a))
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
     return LoadTestConfig(
         clients=tuple(a.clients), requests=a.requests, duration_s=a.duration_s, warmup=a.warmup, cloud=a.cloud,
-        target_model=a.target_model, draft_model=a.draft_model, dtype=a.dtype,
+        target_model=a.target_model, draft_model=a.draft_model, dtype=a.dtype, engine=a.engine,
         prompts=tuple(a.prompt) if a.prompt else DEFAULT_PROMPTS, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, sparsifier=a.sparsifier, k=a.k, ell=a.ell,
         drop_zeros=a.drop_zeros, beta0=a.beta0, eta=a.eta, alpha=a.alpha, budget_bits=a.budget_bits,

@@ -21,7 +21,10 @@ Steps of :func:`install` for one model:
    1.5B), cast to bf16, drop the GGUF quantizer so ``save_pretrained`` accepts the model, and save
    model + tokenizer into ``<cache root>/.<name>.partial-*``; write ``sqs-model.json`` last and
    rename the directory into place, so a killed install never looks installed.
-5. Delete the temporary GGUF.
+5. Keep the joined GGUF next to the converted model as ``<root>/<name>/model.gguf`` (the
+   llama.cpp engine loads it directly; single-file models use the file inside their package).
+   A model installed before the GGUF was kept gets it on the next ``sqs-models install`` (a join
+   and a hash, seconds; see :func:`ensure_gguf`).
 
 Cache root: ``$SQS_MODEL_CACHE`` if set, else ``~/.cache/sqs-sd/models``; one model per
 ``<root>/<name>``. Loading from there (see :mod:`sqs_models.registry`) takes seconds.
@@ -57,9 +60,12 @@ __all__ = [
     "join_and_verify",
     "sha256_file",
     "install",
+    "gguf_path",
+    "ensure_gguf",
 ]
 
 MANIFEST_NAME = "sqs-model.json"
+GGUF_NAME = "model.gguf"
 CACHE_ENV = "SQS_MODEL_CACHE"
 
 
@@ -156,6 +162,48 @@ def install_command(name: str, cache_root: Path | None = None) -> str:
     if cache_root is not None:
         cmd += f" --cache-dir {Path(cache_root).expanduser()}"
     return cmd
+
+
+def gguf_path(name: str, cache_root: Path | None = None) -> Path | None:
+    """The GGUF file of real model ``name`` for llama.cpp, or None when there is none here.
+
+    Split models: ``<root>/<name>/model.gguf`` (kept by :func:`install`). Single-file models:
+    the file inside their package (its hash is checked by the install, not here).
+    """
+    spec = REAL_MODELS.get(name)
+    if spec is None:
+        return None
+    if spec.single_file is not None:
+        try:
+            path = locate_gguf_parts(spec)[0]
+        except InstallError:
+            return None
+        return path if path.is_file() else None
+    path = model_dir(name, cache_root) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def ensure_gguf(name: str, cache_root: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Make sure an installed split model has its joined GGUF; join and check it if missing.
+
+    For caches written before the GGUF was kept. Needs the part packages (still installed after
+    an install); the join goes to a temporary name and is renamed into place once its hash holds.
+    """
+    found = gguf_path(name, cache_root)
+    if found is not None:
+        return found
+    spec = REAL_MODELS[name]
+    parts = locate_gguf_parts(spec)
+    dest = model_dir(name, cache_root) / GGUF_NAME
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{GGUF_NAME}.partial-{os.getpid()}")
+    log(f"{name}: joining {len(parts)} parts into {dest} and checking sha256")
+    try:
+        join_and_verify(parts, tmp, spec.gguf_sha256)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +360,10 @@ def install(
     dest = model_dir(name, cache_root)
     if is_installed(name, cache_root) and not force:
         log(f"{name}: already installed at {dest}")
+        if spec.single_file is None and gguf_path(name, cache_root) is None:
+            if not packages_installed(spec):
+                pip_install(spec.packages, log)
+            ensure_gguf(name, cache_root, log)
         return dest
 
     t_start = time.perf_counter()
@@ -342,7 +394,7 @@ def install(
         log(f"{name}: converting to bf16 (this loads the GGUF: tens of seconds, several GB RAM)")
         facts = _convert(gguf, out, log)
         if spec.single_file is None:
-            gguf.unlink()  # the joined copy is only needed for the conversion
+            os.replace(gguf, out / GGUF_NAME)  # kept: the llama.cpp engine loads it as is
         import transformers
 
         manifest = {
