@@ -39,9 +39,16 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
                     help="intra-op threads for torch (0 = torch's default: all cores)")
     ap.add_argument("--max-sessions", type=int, default=int(env("SQS_MAX_SESSIONS", "64")))
     ap.add_argument("--session-ttl", type=float, default=float(env("SQS_SESSION_TTL_S", "600")))
+    ap.add_argument("--batch-window-ms", type=float, default=float(env("SQS_BATCH_WINDOW_MS", "2")), metavar="MS",
+                    help="cross-session batched verification: a round waits at most MS for other sessions' rounds "
+                         "to share its forward pass (never when it is the only session attached); 0 disables")
+    ap.add_argument("--batch-max-rows", type=int, default=int(env("SQS_BATCH_MAX_ROWS", "64")),
+                    help="rows (L+1 per round) of one batched forward pass at most")
     ap.add_argument("--log-level", default=env("SQS_LOG_LEVEL", "INFO"))
     ap.add_argument("--log-format", choices=["text", "json"], default=env("SQS_LOG_FORMAT", "text"))
     a = ap.parse_args(argv)
+    if a.batch_window_ms < 0 or a.batch_max_rows < 1:
+        ap.error("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
     if a.engine == "llama" and a.dtype:
         ap.error("--dtype applies to the torch engine; llama.cpp runs the GGUF's own quantization")
     setup_logging(a.log_level, a.log_format)
@@ -52,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
     return CloudConfig(
         model=a.model, dtype=a.dtype, engine=a.engine, threads=max(a.torch_threads, 0), host=a.host, port=a.port,
         metrics_port=a.metrics_port, workers=a.workers,
-        verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl),
+        verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl,
+                                batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows),
     )
 
 

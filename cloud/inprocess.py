@@ -19,11 +19,18 @@ log = logging.getLogger("sqs.cloud")
 
 
 class LocalCloud:
-    """`LocalCloud(model, port=0, **config)`: config takes the other CloudConfig fields (dtype,
-    workers, verifier, ...). `address` is HOST:PORT to connect to; stop() (or `with`) shuts it down."""
+    """`LocalCloud(model, port=0, batch_window_ms=None, batch_max_rows=None, **config)`: config takes
+    the other CloudConfig fields (dtype, workers, verifier, ...); the batch options, when given,
+    override those of the verifier config (cross-session batching; 0 ms disables it). `address` is
+    HOST:PORT to connect to; stop() (or `with`) shuts it down."""
 
-    def __init__(self, model: str = "tiny", *, port: int = 0, start_timeout_s: float = 600.0, **config) -> None:
+    def __init__(self, model: str = "tiny", *, port: int = 0, start_timeout_s: float = 600.0,
+                 batch_window_ms: float | None = None, batch_max_rows: int | None = None, **config) -> None:
         cfg = dataclasses.replace(CloudConfig(host="127.0.0.1", metrics_port=0), model=model, port=port, **config)
+        batch = {k: v for k, v in (("batch_window_ms", batch_window_ms), ("batch_max_rows", batch_max_rows))
+                 if v is not None}
+        if batch:
+            cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, **batch))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="cloud-loop", daemon=True)
         self._thread.start()

@@ -63,6 +63,7 @@ class RunningCloud:
     health: HealthServicer
     executor: ThreadPoolExecutor
     reaper: asyncio.Task | None = None
+    round_executor: ThreadPoolExecutor | None = None  # rounds, with cross-session batching on
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.reaper is not None:
@@ -70,6 +71,8 @@ class RunningCloud:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.round_executor is not None:
+            self.round_executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def reap_sessions(verifier: Verifier, metrics: Metrics, interval_s: float) -> None:
@@ -117,7 +120,14 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
         verifier = Verifier(info, new_lm, config.verifier)
     metrics = metrics or Metrics()
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
-    add_to_server(VerifierServicer(verifier, metrics, executor), server)
+    round_executor = None
+    vc = verifier.config
+    if vc.batch_window_ms > 0:
+        # A round's thread waits in the batcher for its share of the pass: one thread per session
+        # that may share a pass (the batcher runs one pass at a time, so torch work stays serial).
+        round_executor = ThreadPoolExecutor(max_workers=max(config.workers, min(vc.max_sessions, vc.batch_max_rows)),
+                                            thread_name_prefix="round")
+    add_to_server(VerifierServicer(verifier, metrics, executor, round_executor), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -132,5 +142,6 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
     reaper = asyncio.get_running_loop().create_task(
         reap_sessions(verifier, metrics, verifier.config.reap_interval_s), name="session-reaper"
     )
-    log.info("verifier %s serving on %s:%d", verifier.target.name, config.host, port)
-    return RunningCloud(server, port, verifier, metrics, health, executor, reaper)
+    log.info("verifier %s serving on %s:%d; cross-session batching %s", verifier.target.name, config.host, port,
+             f"window {vc.batch_window_ms:g} ms, {vc.batch_max_rows} rows at most" if vc.batch_window_ms > 0 else "off")
+    return RunningCloud(server, port, verifier, metrics, health, executor, reaper, round_executor)

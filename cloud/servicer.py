@@ -61,13 +61,18 @@ def _now_us() -> int:
 
 
 class VerifierServicer:
-    def __init__(self, verifier: Verifier, metrics: Metrics, executor: Executor) -> None:
+    def __init__(self, verifier: Verifier, metrics: Metrics, executor: Executor,
+                 round_executor: Executor | None = None) -> None:
+        """`executor` runs opens and prefills; `round_executor` (default: the same) runs rounds. With
+        cross-session batching a round's thread mostly waits in the batcher for its share of a
+        pass, so the server gives rounds a pool of one thread per session that may batch."""
         self.verifier = verifier
         self.metrics = metrics
         self.executor = executor
+        self.round_executor = round_executor or executor
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def _run(self, fn, *args, executor: Executor | None = None):
+        return await asyncio.get_running_loop().run_in_executor(executor or self.executor, fn, *args)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: SessionError):
         log.info("request refused code=%s reason=%s", exc.code, exc.reason)
@@ -100,7 +105,8 @@ class VerifierServicer:
         received = _now_us()
         try:
             session = self.verifier.get(session_id)
-            result: RoundResult = await self._run(self.verifier.verify, session, request)
+            result: RoundResult = await self._run(self.verifier.verify, session, request,
+                                                  executor=self.round_executor)
         except SessionError as exc:
             self.metrics.sessions.set(self.verifier.active_sessions)
             await self._abort(context, exc)

@@ -21,6 +21,15 @@ Sessions survive what the network and the edge do to them:
   stream ended without a CloseSession is an orphan: it is kept `orphan_ttl_s` for the edge to
   resume (see release(); a re-open with the accepted context is always correct, so a short orphan
   TTL only costs a prefill).
+
+Cross-session batching (`batch_window_ms` > 0, and a target LM with `logits_batch`, i.e. torch's
+CachedLM): a round is prepared (decoded, validated) alone, its forward pass goes through
+cloud/batcher.py, which runs ONE pass for the rounds of several sessions that are ready within the
+window, and it is finished (sampled, appended, recorded) alone. Each session keeps its own cache,
+its own (seed, position) generator and its own errors, so its verdicts are those of an unbatched
+run; the plain target steps of a cloud-only round go through the batcher too. The batch leader runs
+the other sessions' LMs while their round threads wait in the batcher holding their session locks,
+so nothing else touches those LMs meanwhile.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from cloud.batcher import Batcher, BatchStats
 from common import codec
 from common.bits import formula_bits
 from common.costmodel import PassTimes
@@ -71,6 +81,8 @@ class VerifierConfig:
     prefill_chunk: int = 256  # tokens of an opened context fed per forward pass (one executor job each)
     orphan_ttl_s: float = 60.0  # a session whose streams all ended without a close is kept this long
     reap_interval_s: float = 5.0  # the server reaps expired and orphaned sessions this often
+    batch_window_ms: float = 2.0  # cross-session batched verification: the most a round waits for others; 0 = off
+    batch_max_rows: int = 64  # rows (L+1 per round) of one batched forward pass at most
 
 
 class SessionError(Exception):
@@ -145,6 +157,10 @@ class Verifier:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self._pass_times = PassTimes()  # process-wide, by rows scored; guarded by _lock
+        self._batcher: Batcher | None = None
+        if config.batch_window_ms > 0:
+            self._batcher = Batcher(self._run_batch, config.batch_window_ms / 1e3, config.batch_max_rows,
+                                    expected=self._attached_sessions)
 
     # -- measured forward cost --------------------------------------------------------------
     def calibrate(self, context_len: int = 32) -> dict[int, float]:
@@ -328,76 +344,160 @@ class Verifier:
         The batch that was verified last may come again (its verdict was lost on the way): it gets
         the same verdict, marked replayed, with no model work. A different batch for that position
         is refused: the edge must resend exactly what it sent.
+
+        prepare (decode, validate; errors are this session's alone) -> forward (ONE pass over
+        [pending token] + drafts, batched with other sessions' rounds when batching is on) ->
+        finish (target p, rejection sampling with the (seed, position) generator, append, record).
         """
         with session.lock:
             t0 = time.perf_counter()
-            req = session.request
-            start = len(session.context)
-            digest = batch_digest(msg)
-            last = session.last
-            if last is not None and msg.position == last.position:
-                if digest == last.digest:
-                    log.info("round replayed session=%s position=%d", session.id, last.position)
-                    return replace(last.result, replayed=True)
-                self.close(session.id)
-                raise SessionError(
-                    "INVALID_ARGUMENT",
-                    f"position {msg.position} was already verified with a different batch: a batch whose verdict "
-                    f"was lost must be resent unchanged",
-                )
-            try:
-                if msg.position != len(session.context):
-                    raise codec.PayloadError(
-                        f"batch continues position {msg.position}, the session's accepted context has "
-                        f"{len(session.context)} tokens"
-                    )
-                drafts = codec.decode_batch(msg, req.scheme, session.max_drafts)
-            except codec.PayloadError as exc:
-                self.close(session.id)
-                raise SessionError("INVALID_ARGUMENT", str(exc)) from None
-            if len(session.context) + len(drafts) + 1 > self.config.max_context:
-                raise SessionError("OUT_OF_RANGE", f"session context would exceed {self.config.max_context} tokens")
-            tokens = [d.token for d in drafts]
-            steps = min(int(msg.plain_steps), self.config.max_plain_steps)
-            s = req.sampling
-            t_fwd = time.perf_counter()
-            logits = session.lm.logits(session.context + tokens, want=len(tokens) + 1)  # [L+1, V]
-            forward_ms = (time.perf_counter() - t_fwd) * 1e3
-            self._record_pass(len(tokens) + 1, forward_ms)
-            p = target_probs(logits.astype(np.float64), s.temperature, s.top_k, s.top_p)  # [L+1, V]
-            rng = np.random.default_rng([s.seed, len(session.context)])
-            rows = [SparseRow(d.support, d.probs) for d in drafts]
-            accepted, token = verify_sparse(tokens, rows, p, rng)
-            session.context.extend(tokens[:accepted])
-            session.context.append(token)
-            round_token = token
-            plain: list[int] = []
-            eos = set(self.target.eos_token_ids)
-            # Cloud-only steps: each is exactly a zero-draft round at its position (same draw).
-            while len(plain) < steps and token not in eos and len(session.context) + 1 < self.config.max_context:
-                t_fwd = time.perf_counter()
-                row = session.lm.logits(session.context, want=1)  # [1, V]
-                step_ms = (time.perf_counter() - t_fwd) * 1e3
-                forward_ms += step_ms
-                self._record_pass(1, step_ms)
-                p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
-                _, token = verify_sparse([], [], p1, np.random.default_rng([s.seed, len(session.context)]))
-                session.context.append(token)
-                plain.append(token)
-            session.rounds += 1
-            scheme = codec.batch_scheme(msg, req.scheme)
-            formula = sum(formula_bits(scheme, int(d.support.size)) for d in drafts)
-            result = RoundResult(
-                accepted=accepted,
-                token=round_token,
-                position=len(session.context),
-                drafted=len(drafts),
-                scheme=req.scheme.scheme,
-                payload_bytes=len(msg.packed) + len(msg.raw),
-                formula_bits=formula,
-                verify_ms=(time.perf_counter() - t0) * 1e3,
-                forward_ms=forward_ms,
-                plain_tokens=tuple(plain),
+            prep = self._prepare(session, msg)
+            if isinstance(prep, RoundResult):
+                return prep
+            logits, forward_ms = self._forward(session, prep.context, prep.want)  # [L+1, V]
+            return self._finish(session, prep, logits, forward_ms, t0)
+
+    def _prepare(self, session: Session, msg: pb.DraftBatch) -> _Prepared | RoundResult:
+        """Decode and validate `msg` against the session (its lock held); a replayed verdict as is."""
+        req = session.request
+        digest = batch_digest(msg)
+        last = session.last
+        if last is not None and msg.position == last.position:
+            if digest == last.digest:
+                log.info("round replayed session=%s position=%d", session.id, last.position)
+                return replace(last.result, replayed=True)
+            self.close(session.id)
+            raise SessionError(
+                "INVALID_ARGUMENT",
+                f"position {msg.position} was already verified with a different batch: a batch whose verdict "
+                f"was lost must be resent unchanged",
             )
-            session.last = LastRound(start, digest, result)
-            return result
+        try:
+            if msg.position != len(session.context):
+                raise codec.PayloadError(
+                    f"batch continues position {msg.position}, the session's accepted context has "
+                    f"{len(session.context)} tokens"
+                )
+            drafts = codec.decode_batch(msg, req.scheme, session.max_drafts)
+        except codec.PayloadError as exc:
+            self.close(session.id)
+            raise SessionError("INVALID_ARGUMENT", str(exc)) from None
+        if len(session.context) + len(drafts) + 1 > self.config.max_context:
+            raise SessionError("OUT_OF_RANGE", f"session context would exceed {self.config.max_context} tokens")
+        tokens = [d.token for d in drafts]
+        return _Prepared(msg, digest, drafts, tokens, session.context + tokens, len(tokens) + 1)
+
+    def _finish(self, session: Session, prep: _Prepared, logits: np.ndarray, forward_ms: float,
+                t0: float) -> RoundResult:
+        """Sample the verdict from the target rows, extend the context, run the plain steps, record."""
+        req, msg, drafts, tokens = session.request, prep.msg, prep.drafts, prep.tokens
+        start = len(session.context)
+        s = req.sampling
+        steps = min(int(msg.plain_steps), self.config.max_plain_steps)
+        p = target_probs(logits.astype(np.float64), s.temperature, s.top_k, s.top_p)  # [L+1, V]
+        rng = np.random.default_rng([s.seed, len(session.context)])
+        rows = [SparseRow(d.support, d.probs) for d in drafts]
+        accepted, token = verify_sparse(tokens, rows, p, rng)
+        session.context.extend(tokens[:accepted])
+        session.context.append(token)
+        round_token = token
+        plain: list[int] = []
+        eos = set(self.target.eos_token_ids)
+        # Cloud-only steps: each is exactly a zero-draft round at its position (same draw).
+        while len(plain) < steps and token not in eos and len(session.context) + 1 < self.config.max_context:
+            row, step_ms = self._forward(session, session.context, 1)  # [1, V]
+            forward_ms += step_ms
+            p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
+            _, token = verify_sparse([], [], p1, np.random.default_rng([s.seed, len(session.context)]))
+            session.context.append(token)
+            plain.append(token)
+        session.rounds += 1
+        scheme = codec.batch_scheme(msg, req.scheme)
+        formula = sum(formula_bits(scheme, int(d.support.size)) for d in drafts)
+        result = RoundResult(
+            accepted=accepted,
+            token=round_token,
+            position=len(session.context),
+            drafted=len(drafts),
+            scheme=req.scheme.scheme,
+            payload_bytes=len(msg.packed) + len(msg.raw),
+            formula_bits=formula,
+            verify_ms=(time.perf_counter() - t0) * 1e3,
+            forward_ms=forward_ms,
+            plain_tokens=tuple(plain),
+        )
+        session.last = LastRound(start, prep.digest, result)
+        return result
+
+    # -- forward passes ---------------------------------------------------------------------
+    def _forward(self, session: Session, context: list[int], want: int) -> tuple[np.ndarray, float]:
+        """Target logits [want, V] for the session's context and the ms this session waited for them.
+
+        With batching on (and an LM that has a batched pass) the pass is shared with the rounds of
+        other sessions that are ready within the window (cloud/batcher.py). The pass table records,
+        for a batched pass, the time of the whole batch against the rows of THIS session: it is what
+        this session's round costs in latency, which is what the edges plan their draft lengths with.
+        """
+        if self._batcher is None or not hasattr(type(session.lm), "logits_batch"):
+            t_fwd = time.perf_counter()
+            logits = session.lm.logits(context, want=want)
+            ms = (time.perf_counter() - t_fwd) * 1e3
+        else:
+            logits, ms = self._batcher.submit(_Pass(session.lm, context, want), want)
+        self._record_pass(want, ms)
+        return logits, ms
+
+    def _run_batch(self, passes: list[_Pass]) -> list[tuple[np.ndarray, float] | BaseException]:
+        """The Batcher's run: ONE forward pass over every item (their LMs share the target model).
+
+        If the batched pass fails, each item runs alone so that a failure stays with its session.
+        """
+        t_fwd = time.perf_counter()
+        try:
+            rows = type(passes[0].lm).logits_batch([p.lm for p in passes], [p.context for p in passes],
+                                                    [p.want for p in passes])
+        except Exception as exc:
+            if len(passes) == 1:
+                return [exc]
+            log.warning("batched forward pass of %d sessions failed (%s); running them one by one",
+                        len(passes), exc)
+            out: list[tuple[np.ndarray, float] | BaseException] = []
+            for p in passes:
+                t1 = time.perf_counter()
+                try:
+                    out.append((p.lm.logits(p.context, p.want), (time.perf_counter() - t1) * 1e3))
+                except Exception as one:
+                    out.append(one)
+            return out
+        ms = (time.perf_counter() - t_fwd) * 1e3
+        return [(r, ms) for r in rows]
+
+    def batch_stats(self) -> BatchStats | None:
+        """Counters of the batched passes (None with batching off)."""
+        return None if self._batcher is None else self._batcher.stats()
+
+    def _attached_sessions(self) -> int:
+        """Sessions with a Verify stream now: the rounds a batch leader may wait for."""
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.streams)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A decoded, validated round waiting for its forward pass."""
+
+    msg: pb.DraftBatch
+    digest: bytes
+    drafts: list
+    tokens: list[int]
+    context: list[int]  # accepted context + drafts: what the pass scores
+    want: int  # L + 1 rows
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One session's share of a batched forward pass."""
+
+    lm: LM
+    context: list[int]
+    want: int
