@@ -55,21 +55,27 @@ class ConformalController:
         self.beta = self.beta - self.eta * (dropped_mass - self.alpha)
         return self.beta
 
-    def settle(self, accepted: int, drafted: int) -> None:
+    def settle(self, accepted: int, drafted: int, carry: bool = False) -> None:
         """End of a batch: keep the updates of the surviving positions, roll the rest back.
 
         accepted: drafts the cloud accepted (T); drafted: drafts sent (L). With T < L the rejected
         position T+1 also survives; with T = L the bonus position was never drafted by the edge.
+        carry: positions observed after the batch (drafted ahead while it was in flight, see
+        edge/generate.py) stay pending as the next batch; needs T = L. Without carry they are
+        rolled back like any discarded position.
         """
-        if not 0 <= accepted <= drafted or drafted != len(self._batch_betas):
-            raise ValueError(f"settle({accepted}, {drafted}) does not match {len(self._batch_betas)} positions")
+        pending = len(self._batch_betas)
+        if not 0 <= accepted <= drafted <= pending or (carry and accepted != drafted):
+            raise ValueError(f"settle({accepted}, {drafted}, carry={carry}) does not match {pending} positions")
+        if not carry and pending > drafted:  # drafted ahead, not adopted
+            self.beta = self._batch_betas[drafted]
+            del self._batch_betas[drafted:], self._batch_dropped[drafted:]
         kept = accepted + 1 if accepted < drafted else drafted
         if kept < drafted:
             self.beta = self._batch_betas[kept]
         self.counted_positions += kept
         self.counted_dropped_mass += sum(self._batch_dropped[:kept])
-        self._batch_betas.clear()
-        self._batch_dropped.clear()
+        del self._batch_betas[:drafted], self._batch_dropped[:drafted]
 
     @property
     def mean_dropped_mass(self) -> float:

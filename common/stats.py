@@ -38,6 +38,8 @@ class RoundRecord:
     planned_max_drafts: int = 0
     predicted_ms: float = 0.0  # the plan's round time for what was sent
     predicted_tokens: float = 1.0  # the plan's expected committed tokens
+    ahead_drafts: int = 0  # drafts of the next batch drafted while this one was in flight
+    ahead_adopted: bool = False  # ... and sent next (all accepted, bonus = the edge's guess)
 
     @property
     def committed(self) -> int:
@@ -131,6 +133,8 @@ class GenerationStats:
             "mean_abs_round_time_error": sum(errs) / len(errs) if errs else None,
             "predicted_tokens": sum(r.predicted_tokens for r in recs),
             "committed_tokens": sum(r.committed for r in recs),
+            "rounds_drafted_ahead": sum(1 for r in self.records if r.ahead_drafts),
+            "ahead_batches_adopted": sum(1 for r in self.records if r.ahead_adopted),
         }
 
     def plans(self) -> list[dict]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -63,6 +63,7 @@ class DraftConfig:
     k_auto: bool = False  # topk / fp16-topk: the planner picks K per round
     ell_auto: bool = False  # lattice schemes: the planner picks ell per round
     auto_max_draft_len: int = 32
+    pipeline: bool = True  # draft the next batch while one is in flight (edge/generate.py)
 
     @classmethod
     def from_options(cls, o, vocab_size: int) -> "DraftConfig":
@@ -85,6 +86,7 @@ class DraftConfig:
             max_draft_len=draft_len, budget_bits=float(o.budget_bits), budget_accounting=o.budget_accounting,
             temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
             k_auto=k is None and scheme in (Scheme.TOPK, Scheme.FP16_TOPK), ell_auto=ell is None and scheme.lattice,
+            pipeline=not getattr(o, "no_pipeline", False),
         )
 
     def __post_init__(self) -> None:
@@ -141,7 +143,6 @@ class Drafter:
             ),
             self._bits,
         )
-        self._pending: DraftedBatch | None = None
 
     def _bits(self, k: int, ell: int) -> float:
         honest, formula = draft_bits(self._scheme_for(k, ell), k)
@@ -177,8 +178,11 @@ class Drafter:
         return RoundPlan(True, Description(s.k, s.ell, 0.0, 0.0), cfg.max_draft_len, 0, 0.0, 0.0,
                          self.acceptance.typical())
 
-    def draft(self, context: Sequence[int], max_drafts: int) -> DraftedBatch:
-        """Plan and draft the next batch continuing `context`; at most max_drafts drafts."""
+    def draft(self, context: Sequence[int], max_drafts: int, should_stop: Callable[[], bool] | None = None) -> DraftedBatch:
+        """Plan and draft the next batch continuing `context`; at most max_drafts drafts.
+
+        should_stop (drafting ahead while a batch is in flight): checked before each position.
+        """
         t0 = time.perf_counter()
         plan = self.plan(max_drafts + 1)
         costs = self.costs.costs()
@@ -194,7 +198,7 @@ class Drafter:
         rnd = Round(costs, plan)
         batch = DraftedBatch([], scheme, 0.0, 0.0, 0.0, 0, plan)
         spent = 0.0
-        while len(batch.drafts) < limit:
+        while len(batch.drafts) < limit and not (should_stop and should_stop()):
             t_pos = time.perf_counter()
             logits = self.lm.logits(ctx, want=1)[0].astype(np.float64)  # [V]
             q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # [V]
@@ -229,8 +233,20 @@ class Drafter:
                 break
         batch.draft_ms = (time.perf_counter() - t0) * 1e3
         batch.predicted_ms, batch.predicted_tokens = rnd.total_ms(), rnd.e
-        self._pending = batch
         return batch
+
+    def guess_bonus(self, context: Sequence[int], scheme: SchemeConfig) -> int:
+        """The edge's guess of the token the cloud will sample after a fully accepted batch ending
+        at `context`: a draw from the draft's own q_hat there (its own stream of randomness, so the
+        drafts that continue the guess are independent of the cloud's draw)."""
+        cfg = self.config
+        logits = self.lm.logits(list(context), want=1)[0].astype(np.float64)
+        q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        beta = self.controller.beta if self.controller else None
+        d = describe(q, scheme, beta=beta) if scheme.scheme != Scheme.NONE else None
+        if d is None:
+            return int(np.argmax(q))
+        return draw(d, scheme.ell, np.random.default_rng([cfg.seed, len(context), 0xB0A5])).token
 
     def _describe(self, q: np.ndarray, scheme: SchemeConfig, left_bits: float) -> tuple[Draft | None, float, float, bool]:
         """The description of q, its (honest, formula) bits, and whether the budget capped it:
@@ -261,12 +277,14 @@ class Drafter:
         honest, formula = draft_bits(scheme, k)
         return honest if self.config.budget_accounting == "honest" else formula
 
-    def settle(self, accepted: int, drafted: int) -> None:
-        """After the verdict: roll the conformal threshold back, learn from the outcome."""
+    def settle(self, batch: DraftedBatch, accepted: int, carry: bool = False) -> None:
+        """After the verdict: roll the conformal threshold back, learn from the outcome.
+
+        carry: the batch drafted ahead during this one's flight is adopted as the next batch.
+        """
         if self.controller:
-            self.controller.settle(accepted, drafted)
-        batch, self._pending = self._pending, None
-        if batch is not None and batch.drafts:
+            self.controller.settle(accepted, len(batch.drafts), carry=carry)
+        if batch.drafts:
             self.acceptance.observe(batch.confidences, batch.tv_losses, accepted)
 
     @property

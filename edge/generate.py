@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -21,7 +22,7 @@ from common import codec
 from common.metrics import Metrics
 from common.stats import GenerationStats, RoundRecord
 from edge.client import CloudClient
-from edge.drafter import Drafter
+from edge.drafter import DraftedBatch, Drafter
 
 log = logging.getLogger("sqs.edge")
 
@@ -82,43 +83,65 @@ def generate(
     drafter.calibrate(context, opened.pass_rows, opened.pass_ms)
     stop_reason = "length"
     betas: list[float] = []
-    while len(out) < max_new_tokens:
-        # Each round commits at least one token; drafts beyond the remaining budget are wasted.
-        batch = drafter.draft(context, max_drafts=max_new_tokens - len(out) - 1)
-        msg, packed = codec.encode_batch("", len(context), batch.drafts, batch.scheme)
-        msg.plain_steps = batch.plain_steps
-        reply = client.round(msg, reopen=open_request)
-        v = reply.verdict
-        n = len(batch.drafts)
-        plain = list(v.plain_tokens)
-        if v.accepted > n or len(plain) > batch.plain_steps or v.position != len(context) + v.accepted + 1 + len(plain):
-            raise RuntimeError(f"inconsistent verdict: accepted {v.accepted} of {n}, position {v.position}")
-        new = [d.token for d in batch.drafts[: v.accepted]] + [v.token] + plain
-        drafter.settle(v.accepted, n)
-        rec = _record(batch, packed, msg, reply, v, drafter.beta, link)
-        drafter.costs.observe_round(
-            rows=n + 1, plain_steps=len(plain), forward_ms=v.forward_us / 1e3, cloud_ms=rec.verify_ms,
-            round_trip_ms=rec.uplink_ms + rec.verify_ms + rec.downlink_ms,
-            uplink_bytes=rec.uplink_wire_bytes or rec.message_bytes, payload_bytes=rec.payload_bytes,
-        )
-        context.extend(new)
-        keep = new[: max_new_tokens - len(out)]
-        for i, t in enumerate(keep):
-            if t in eos:
-                keep = keep[: i + 1]
-                stop_reason = "eos"
+    ahead: _Ahead | None = None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="round") if cfg.pipeline else None
+    try:
+        while len(out) < max_new_tokens:
+            remaining = max_new_tokens - len(out)
+            # Each round commits at least one token; drafts beyond the remaining budget are wasted.
+            if ahead is not None and ahead.adopted:
+                batch = ahead.batch  # drafted during the last flight for exactly this context
+                batch.draft_ms = ahead.overrun_ms  # only what outlasted the flight costs time
+            else:
+                batch = drafter.draft(context, max_drafts=remaining - 1)
+            msg, packed = codec.encode_batch("", len(context), batch.drafts, batch.scheme)
+            msg.plain_steps = batch.plain_steps
+            n = len(batch.drafts)
+            ahead = None
+            if pool is not None and n and remaining - n - 1 >= 2 and batch.drafts[-1].token not in eos:
+                reply, ahead = _round_drafting_ahead(pool, client, msg, open_request, drafter, batch, context,
+                                                     remaining - n - 2, link)
+            else:
+                reply = client.round(msg, reopen=open_request)
+            v = reply.verdict
+            plain = list(v.plain_tokens)
+            if v.accepted > n or len(plain) > batch.plain_steps or v.position != len(context) + v.accepted + 1 + len(plain):
+                raise RuntimeError(f"inconsistent verdict: accepted {v.accepted} of {n}, position {v.position}")
+            new = [d.token for d in batch.drafts[: v.accepted]] + [v.token] + plain
+            if ahead is not None:
+                ahead.adopted = v.accepted == n and not plain and v.token == ahead.guess and bool(ahead.batch.drafts)
+            drafter.settle(batch, v.accepted, carry=ahead is not None and ahead.adopted)
+            rec = _record(batch, packed, msg, reply, v, drafter.beta, link)
+            if ahead is not None:
+                rec.ahead_drafts, rec.ahead_adopted = len(ahead.batch.drafts), ahead.adopted
+                if not ahead.adopted:  # drafting past the verdict delayed this round
+                    rec.total_ms += ahead.overrun_ms
+            drafter.costs.observe_round(
+                rows=n + 1, plain_steps=len(plain), forward_ms=v.forward_us / 1e3, cloud_ms=rec.verify_ms,
+                round_trip_ms=rec.uplink_ms + rec.verify_ms + rec.downlink_ms,
+                uplink_bytes=rec.uplink_wire_bytes or rec.message_bytes, payload_bytes=rec.payload_bytes,
+            )
+            context.extend(new)
+            keep = new[:remaining]
+            for i, t in enumerate(keep):
+                if t in eos:
+                    keep = keep[: i + 1]
+                    stop_reason = "eos"
+                    break
+            out.extend(keep)
+            stats.add(rec)
+            if drafter.beta is not None:
+                betas.append(drafter.beta)
+            if metrics:
+                metrics.observe_record(cfg.scheme.scheme.value, rec)
+            if on_tokens:
+                on_tokens(keep)
+            log.debug("round drafted=%d accepted=%d token=%d total_ms=%.1f", n, v.accepted, v.token, rec.total_ms)
+            if stop_reason == "eos":
                 break
-        out.extend(keep)
-        stats.add(rec)
-        if drafter.beta is not None:
-            betas.append(drafter.beta)
-        if metrics:
-            metrics.observe_record(cfg.scheme.scheme.value, rec)
-        if on_tokens:
-            on_tokens(keep)
-        log.debug("round drafted=%d accepted=%d token=%d total_ms=%.1f", n, v.accepted, v.token, rec.total_ms)
-        if stop_reason == "eos":
-            break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     stats.generated = len(out)
     stats.wall_s = time.perf_counter() - t_start
     stats.reopens = client.reopens
@@ -135,6 +158,47 @@ def generate(
         bound = c.theorem2_bound()
         result.theorem2_bound = bound if math.isfinite(bound) else None  # eta = 0: no bound (and valid JSON)
     return result
+
+
+@dataclass
+class _Ahead:
+    """A batch drafted while the previous one was in flight, assuming it is fully accepted and the
+    cloud's bonus token equals `guess`; adopted (sent next) only when both hold."""
+
+    guess: int
+    batch: DraftedBatch
+    overrun_ms: float  # drafting that outlasted the flight
+    adopted: bool = False
+
+
+def _round_drafting_ahead(pool, client, msg, open_request, drafter: Drafter, batch: DraftedBatch,
+                          context: list[int], max_drafts: int, link: LinkModel | None):
+    """Send a batch; while its verdict is on the way, draft the next batch as if every draft were
+    accepted and the bonus token were the edge's own guess (pipelined drafting).
+
+    Lossless: the ahead drafts are sampled from q_hat given the context they continue, with
+    randomness independent of the cloud's, and are used only when that context turns out to be
+    the real one. With an analytic link the flight lasts as long as the model says.
+    """
+    t_send = time.perf_counter()
+    future = pool.submit(client.round, msg, reopen=open_request)
+    guessed = context + [d.token for d in batch.drafts]
+    guess = drafter.guess_bonus(guessed, batch.scheme)
+
+    def flight_ms() -> float:  # once the reply is in
+        if link is None:
+            return 0.0
+        r = future.result()
+        up, down = link.network_ms(r.uplink_wire_bytes or msg.ByteSize(), r.downlink_wire_bytes or r.verdict.ByteSize())
+        return up + (r.verdict.sent_unix_us - r.verdict.received_unix_us) / 1e3 + down
+
+    def landed() -> bool:
+        return future.done() and (time.perf_counter() - t_send) * 1e3 >= flight_ms()
+
+    ahead_batch = drafter.draft(guessed + [guess], max_drafts=max_drafts, should_stop=landed)
+    reply = future.result()
+    overrun = max(0.0, (time.perf_counter() - t_send) * 1e3 - max(flight_ms(), (reply.received_unix_us - reply.sent_unix_us) / 1e3))
+    return reply, _Ahead(guess, ahead_batch, overrun)
 
 
 def _record(batch, packed, msg, reply, v, beta, link: LinkModel | None) -> RoundRecord:
