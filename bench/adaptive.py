@@ -3,7 +3,8 @@
 Per cell (link rate x RTT x temperature x prompt kind) every policy generates the same prompts with
 the same seeds through one real sqs-cloud process (its own CPUs) and the edge in this process:
 
-  adaptive-topk        --draft-len auto --k auto --ell auto (K-SQS, the default)
+  adaptive-topk        --draft-len auto --k auto --ell auto (K-SQS, the default; pipelined drafting)
+  adaptive-topk-nopipe the same with --no-pipeline
   adaptive-conformal   --draft-len auto --ell auto (C-SQS)
   cloud-only           --draft-len 0 (plain target decoding; several steps per round trip)
   fixed-L<n>-topk8     --draft-len n --k 8 --ell 100, n in {2, 4, 8}
@@ -12,8 +13,8 @@ the same seeds through one real sqs-cloud process (its own CPUs) and the edge in
 The link is the analytic model of edge.generate.LinkModel (bits / rate + RTT, both directions at the
 cell's rate): compute, bits and wire bytes are measured, the network time is modelled, and the
 adaptive and cloud-only policies plan with that modelled link as they would with a measured one.
-Fixed plans do not depend on the link, so they run once per (temperature, prompt) and their rounds
-are priced on every link. Nothing here is tuned on the data it reports.
+Fixed plans (without pipelining, as before the controller) do not depend on the link, so they
+run once per (temperature, prompt) and their rounds are priced on every link. Nothing here is tuned on the data it reports.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Policy:
     draft_len: int | str
     k: int | str = "auto"
     ell: int | str = "auto"
+    pipeline: bool = True
 
     @property
     def link_dependent(self) -> bool:
@@ -61,10 +63,12 @@ class Policy:
 
 POLICIES = (
     Policy("adaptive-topk", "topk", "auto"),
+    Policy("adaptive-topk-nopipe", "topk", "auto", pipeline=False),
     Policy("adaptive-conformal", "conformal", "auto"),
     Policy("cloud-only", "none", 0),
-    *(Policy(f"fixed-L{n}-topk8", "topk", n, 8, 100) for n in (2, 4, 8)),
-    *(Policy(f"fixed-L{n}-conformal", "conformal", n, "auto", 100) for n in (2, 4, 8)),
+    # Fixed plans as before this controller (no pipelining): run once, priced on every link.
+    *(Policy(f"fixed-L{n}-topk8", "topk", n, 8, 100, pipeline=False) for n in (2, 4, 8)),
+    *(Policy(f"fixed-L{n}-conformal", "conformal", n, "auto", 100, pipeline=False) for n in (2, 4, 8)),
 )
 
 
@@ -94,7 +98,7 @@ def _options(p: Policy, temperature: float, seed: int):
     return SimpleNamespace(
         sparsifier=p.sparsifier if p.draft_len != 0 else "topk", k=p.k, ell=p.ell, drop_zeros=False, beta0=0.01,
         eta=0.001, alpha=0.0005, draft_len=p.draft_len, budget_bits=5000.0, budget_accounting="honest",
-        temperature=temperature, top_k=0, top_p=1.0, seed=seed,
+        temperature=temperature, top_k=0, top_p=1.0, seed=seed, no_pipeline=not p.pipeline,
     )
 
 
