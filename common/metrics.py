@@ -6,6 +6,7 @@ Series (label `sparsifier` only: never a session id or a prompt):
   sqs_uplink_wire_bytes_total, sqs_uplink_formula_bits_total   (counters)
   sqs_batch_latency_seconds{part=draft|uplink|verify|downlink|total}   (histogram)
   sqs_conformal_threshold                                            (gauge)
+  sqs_accepted_length (drafts accepted per round with drafts, as vLLM's)          (histogram)
   sqs_plan_draft_len (drafts the plan sent per round; 0 = plain target steps)   (histogram, edge)
   sqs_plan_time_error_ratio (|measured - predicted| / measured round time)       (histogram, edge)
   sqs_active_sessions                                                (gauge)
@@ -47,6 +48,8 @@ class Metrics:
         )
         self.threshold = Gauge("sqs_conformal_threshold", "Current C-SQS threshold beta", lab, registry=r)
         self.sessions = Gauge("sqs_active_sessions", "Open generation sessions", registry=r)
+        self.accepted_length = Histogram("sqs_accepted_length", "Drafts accepted per round that carried drafts",
+                                         lab, buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.plan_len = Histogram("sqs_plan_draft_len", "Drafts the round's plan sent (0 = plain target steps)",
                                   lab, buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.plan_error = Histogram("sqs_plan_time_error_ratio", "|measured - predicted| / measured round time",
@@ -62,6 +65,8 @@ class Metrics:
         self.accepted.labels(sparsifier).inc(accepted)
         (self.resampled if accepted < drafted else self.bonus).labels(sparsifier).inc()
         self.generated.labels(sparsifier).inc(accepted + 1 + plain)
+        if drafted:
+            self.accepted_length.labels(sparsifier).observe(accepted)
         self.payload_bytes.labels(sparsifier).inc(payload_bytes)
         self.wire_bytes.labels(sparsifier).inc(wire_bytes)
         self.formula_bits.labels(sparsifier).inc(formula_bits)

@@ -5,6 +5,10 @@ either *resamples* one token at the first rejection (T < L) or samples a *bonus*
   acceptance_rate = accepted / drafted          (fraction of drafted tokens accepted)
   resampling_rate = resampled / rounds          (the paper's N_rej per batch)
   mean_accepted_per_round = accepted / rounds
+  position_acceptance_rate = accepted / tested  (tested: positions the cloud decided on, the
+                                                accepted ones and the first rejected one; does not
+                                                shift with the batch length as accepted/drafted does)
+  per_position_acceptance[j] = accepted at draft position j+1 / tested at j+1 (vLLM's curve)
 """
 
 from __future__ import annotations
@@ -66,10 +70,22 @@ class GenerationStats:
     latency_ms: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PARTS})
     wall_s: float = 0.0
     reopens: int = 0
+    tested: int = 0  # draft positions the cloud decided on (accepted + the first rejected)
+    tested_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
     records: list[RoundRecord] = field(default_factory=list)
 
     def add(self, r: RoundRecord) -> None:
         self.rounds += 1
+        tested = r.accepted + (1 if r.accepted < r.drafted else 0)
+        self.tested += tested
+        grow = tested - len(self.tested_by_position)
+        if grow > 0:
+            self.tested_by_position += [0] * grow
+            self.accepted_by_position += [0] * grow
+        for j in range(tested):
+            self.tested_by_position[j] += 1
+            self.accepted_by_position[j] += j < r.accepted
         self.drafted += r.drafted
         self.accepted += r.accepted
         self.plain += r.plain
@@ -102,7 +118,8 @@ class GenerationStats:
     def summary(self) -> dict:
         """Flat dict for --json and the HTTP API (records left out)."""
         d = asdict(self)
-        d.pop("records")
+        for key in ("records", "tested_by_position", "accepted_by_position"):
+            d.pop(key)
         d.pop("latency_ms")
         for part in PARTS:
             d[f"{part}_ms"] = round(self.latency_ms[part], 3)
@@ -113,6 +130,9 @@ class GenerationStats:
             resampling_rate=self.resampling_rate,
             resampling_rate_definition="rounds ending in a resampled token / rounds",
             mean_accepted_per_round=self.accepted / self.rounds if self.rounds else 0.0,
+            position_acceptance_rate=self.accepted / self.tested if self.tested else 0.0,
+            position_acceptance_rate_definition="accepted drafts / draft positions the cloud decided on",
+            per_position_acceptance=[a / t for a, t in zip(self.accepted_by_position, self.tested_by_position)],
             tokens_per_s=self.tokens_per_s,
             formula_bits_per_draft=self.formula_bits / self.drafted if self.drafted else 0.0,
             formula_bits_per_accepted_token=self.formula_bits / per_tok,

@@ -183,3 +183,15 @@ def test_cost_model_from_rounds():
     assert c.draft_ms == 12.0 and c.ms_per_byte == pytest.approx(0.01, rel=1e-6)
     assert c.fixed_ms == pytest.approx(40 + 30 * 0.01 + 5.0, rel=1e-6)
     assert c.pass_ms(5) == pytest.approx(200.0)
+
+
+def test_position_level_acceptance_and_curve():
+    from common.stats import GenerationStats, RoundRecord
+
+    st = GenerationStats()
+    for drafted, accepted in [(4, 4), (4, 1), (2, 0), (0, 0)]:
+        st.add(RoundRecord(drafted, accepted, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    d = st.summary()
+    assert st.tested == 4 + 2 + 1 and d["position_acceptance_rate"] == pytest.approx(5 / 7)
+    assert d["acceptance_rate"] == pytest.approx(5 / 10)
+    assert d["per_position_acceptance"] == pytest.approx([2 / 3, 1 / 2, 1.0, 1.0])
