@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"prompt (repeat for several; default: {len(DEFAULT_PROMPTS)} built-in short prompts)")
     load.add_argument("--target-model", default="tiny", help="target model of the in-process cloud (without --cloud)")
     load.add_argument("--cloud-workers", type=int, default=2, help="torch worker threads of the in-process cloud")
+    load.add_argument("--batch-window-ms", type=float, default=2.0, metavar="MS",
+                      help="in-process cloud: cross-session batched verification window (0 disables), as sqs-cloud")
+    load.add_argument("--batch-max-rows", type=int, default=64, help="in-process cloud: rows of one batched pass at most")
     load.add_argument("--connect-timeout-s", type=float, default=10.0)
     load.add_argument("--round-timeout-s", type=float, default=60.0)
     load.add_argument("--retries", type=int, default=0, help="client retries per call (0: every failure counts)")
@@ -60,7 +63,8 @@ def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
         drop_zeros=a.drop_zeros, beta0=a.beta0, eta=a.eta, alpha=a.alpha, budget_bits=a.budget_bits,
         budget_accounting=a.budget_accounting, draft_len=a.draft_len, seed=a.seed,
         connect_timeout_s=a.connect_timeout_s, round_timeout_s=a.round_timeout_s, retries=a.retries,
-        meter=a.meter, cloud_workers=a.cloud_workers, progress=not a.no_progress,
+        meter=a.meter, cloud_workers=a.cloud_workers,
+        batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows, progress=not a.no_progress,
     )
 
 

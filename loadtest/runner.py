@@ -111,6 +111,8 @@ class LoadTestConfig:
     retries: int = 0  # a load test counts failures instead of hiding them behind retries
     meter: bool = False  # byte-counting relay per client (adds a copy of every byte in Python)
     cloud_workers: int = 2  # torch threads of the in-process cloud
+    batch_window_ms: float = 2.0  # in-process cloud: cross-session batched verification window (0 = off)
+    batch_max_rows: int = 64  # in-process cloud: rows of one batched forward pass at most
     progress: bool = True  # tqdm bar on stderr
 
     def validate(self) -> None:
@@ -137,6 +139,8 @@ class LoadTestConfig:
             raise ValueError("--retries must be >= 0")
         if self.cloud_workers < 1:
             raise ValueError("--cloud-workers must be >= 1")
+        if self.batch_window_ms < 0 or self.batch_max_rows < 1:
+            raise ValueError("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
         if self.cloud is not None:
             check_loopback(self.cloud)
 
@@ -186,6 +190,7 @@ class LevelResult:
     warmup_errors: int = 0
     cancelled: int = 0  # in-flight requests cancelled by an interrupt (not in records)
     stopped_by: str = ""  # "requests" | "duration" | "interrupted" | "" (no measured phase)
+    batching: dict | None = None  # in-process cloud with batching on: its passes during the level (warm-up included)
 
     @property
     def wall_s(self) -> float:
@@ -224,6 +229,7 @@ class LevelResult:
             "acceptance_rate_definition": "accepted drafts / drafted tokens, successful measured requests",
             "warmup_requests": self.warmup_requests,
             "warmup_errors": self.warmup_errors,
+            "cloud_batching": self.batching,
         }
 
 
@@ -284,17 +290,19 @@ class RunReport:
 
     def table(self) -> str:
         head = ["clients", "ok", "err", "wall_s", "req/s", "tok/s", "p50_ms", "p95_ms", "p99_ms",
-                "ttft_mean", "ttft_p95", "accept", "errors"]
+                "ttft_mean", "ttft_p95", "accept", "sess/pass", "errors"]
         rows = []
         for lv in self.levels:
             s = lv.summary()
             lat, ttft = s["latency_ms"], s["ttft_ms"]
             acc = s["acceptance_rate"]
             errs = " ".join(f"{k}={v}" for k, v in s["errors_by_status"].items()) or "-"
+            b = s["cloud_batching"]
             rows.append([
                 str(s["clients"]), str(s["ok"]), str(s["errors"]), f"{s['wall_s']:.2f}",
                 f"{s['requests_per_s']:.2f}", f"{s['tokens_per_s']:.1f}", _ms(lat["p50"]), _ms(lat["p95"]),
-                _ms(lat["p99"]), _ms(ttft["mean"]), _ms(ttft["p95"]), "-" if acc is None else f"{acc:.1%}", errs,
+                _ms(lat["p99"]), _ms(ttft["mean"]), _ms(ttft["p95"]), "-" if acc is None else f"{acc:.1%}",
+                "-" if not b else f"{b['sessions_per_pass']:.2f}", errs,
             ])
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
         lines = ["  ".join(h.rjust(w) if i < len(head) - 1 else h for i, (h, w) in enumerate(zip(head, widths)))]
@@ -312,6 +320,9 @@ class RunReport:
             + (f" K={c.k}" if c.sparsifier in ("topk", "fp16-topk") and c.draft_len else "")
             + f", T={c.temperature:g}, draft-len {c.draft_len}, {c.max_new_tokens} new tokens; per level: "
             f"{c.requests} requests or {c.duration_s:g} s, {c.warmup} warm-up/client"
+            + ((f"; cloud batching: window {c.batch_window_ms:g} ms, {c.batch_max_rows} rows at most "
+                f"(sess/pass: rounds per target pass, warm-up included)" if c.batch_window_ms > 0 else
+                "; cloud batching off") if self.cloud_in_process else "")
             + ("; INTERRUPTED" if self.interrupted else "")
         )
 
@@ -527,6 +538,15 @@ def _run_level(sh: _Shared, config: LoadTestConfig, n: int, progress_file: IO[st
     return lv
 
 
+def _batching_delta(before, after) -> dict:
+    """The in-process cloud's batched passes between two BatchStats snapshots."""
+    passes, items = after.passes - before.passes, after.items - before.items
+    sizes = {k: v - before.by_items.get(k, 0) for k, v in after.by_items.items() if v > before.by_items.get(k, 0)}
+    return {"passes": passes, "rounds": items, "rows": after.rows - before.rows,
+            "sessions_per_pass": items / passes if passes else 0.0, "max_sessions_per_pass": max(sizes, default=0),
+            "passes_by_sessions": dict(sorted(sizes.items()))}
+
+
 def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None,
                   progress_file: IO[str] | None = None) -> RunReport:
     """Run every concurrency level of `config` in turn and return the report.
@@ -553,7 +573,8 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
         from cloud.verifier import VerifierConfig
 
         cloud = LocalCloud(config.target_model, dtype=config.dtype, workers=config.cloud_workers,
-                           verifier=VerifierConfig(max_sessions=max(64, 2 * max(config.clients))))
+                           verifier=VerifierConfig(max_sessions=max(64, 2 * max(config.clients))),
+                           batch_window_ms=config.batch_window_ms, batch_max_rows=config.batch_max_rows)
         address = cloud.address
     else:
         address = check_loopback(config.cloud)
@@ -567,10 +588,13 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
         for n in config.clients:
             if stop.is_set():
                 break
+            before = cloud.running.verifier.batch_stats() if cloud is not None else None
             lv = _run_level(sh, config, n, progress_file)
             if lv.target_model and not report.target_model:
                 report.target_model = lv.target_model
-            report.levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by))
+            batching = _batching_delta(before, cloud.running.verifier.batch_stats()) if before is not None else None
+            report.levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by,
+                                             batching))
     except KeyboardInterrupt:  # between levels
         stop.set()
     finally:

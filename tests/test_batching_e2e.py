@@ -35,3 +35,20 @@ def test_batched_cloud_gives_every_edge_the_unbatched_tokens(run_generation):
     assert batched == plain
     assert all(len(t) == 24 for t in batched)
     assert stats.passes > 0 and stats.max_items >= 2, stats
+
+
+@pytest.mark.parametrize("window_ms", [2.0, 0.0])
+def test_loadtest_reports_the_in_process_clouds_batching(window_ms):
+    from loadtest.runner import LoadTestConfig, run_load_test
+
+    report = run_load_test(LoadTestConfig(clients=(3,), requests=3, warmup=0, max_new_tokens=8, draft_len=2,
+                                          batch_window_ms=window_ms, progress=False))
+    s = report.levels[0].summary()
+    assert s["ok"] == 3 and s["errors"] == 0
+    b = s["cloud_batching"]
+    if window_ms:
+        assert b["passes"] > 0 and b["rounds"] >= b["passes"] and b["sessions_per_pass"] >= 1.0
+        assert "cloud batching: window 2 ms" in report.header()
+    else:
+        assert b is None and "cloud batching off" in report.header()
+    assert "sess/pass" in report.table()
