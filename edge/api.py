@@ -75,6 +75,8 @@ class GenerateRequest(BaseModel):
         None, description="auto: each round planned from measured costs; N: fixed plan; 0: plain target decoding; "
                           "omitted: the server's --draft-len (auto unless set)")
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    no_pipeline: bool = Field(False, description="do not draft the next batch while one is in flight (as "
+                              "sqs-edge --no-pipeline; with it, a seed fixes the tokens of a fixed plan)")
 
 
 class GenerateResponse(BaseModel):

@@ -1,6 +1,7 @@
 """Tools of the session-survival tests (issue 12): an in-process cloud whose verifier the test can
 hook, a TCP relay whose downlink the test can freeze, a real `sqs-cloud` process, and one fixed-plan
-generation through a cloud (fixed K, ell and draft length: its tokens depend on the seed only).
+generation through a cloud (fixed K, ell and draft length, no pipelined drafting: its tokens depend
+on the seed only).
 """
 
 from __future__ import annotations
@@ -196,8 +197,10 @@ def wait_serving(address: str, process: subprocess.Popen, timeout_s: float = 90.
 
 def draft_config(seed: int, temperature: float = 1.0) -> DraftConfig:
     m = draft_model()
+    # No pipelined drafting: how many drafts a batch drafted ahead holds depends on when the verdict
+    # lands, so with it the tokens of a seed depend on timing (still lossless in distribution).
     return DraftConfig(scheme=SchemeConfig("topk", vocab_size=m.vocab_size, k=4, ell=100), max_draft_len=4,
-                       temperature=temperature, seed=seed)
+                       temperature=temperature, seed=seed, pipeline=False)
 
 
 def open_request(context=None, seed: int = 0) -> codec.OpenRequest:
