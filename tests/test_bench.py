@@ -6,6 +6,8 @@ import csv
 import subprocess
 import sys
 
+import pytest
+
 from bench.codec_bench import bench_scheme, zipf_dists
 from common.schemes import SchemeConfig
 
@@ -16,6 +18,7 @@ DESIGN_COLUMNS = (
 ).split()
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results_and_plots(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--quick", "--no-progress", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)

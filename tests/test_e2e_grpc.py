@@ -52,6 +52,7 @@ def _exact_first_token_probs(temperature: float, tokenizer) -> np.ndarray:
     return target_probs(logits.astype(np.float64), temperature)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme,kw", [("topk", {"k": 2}), ("conformal", {"beta0": 0.05})])
 def test_t1_first_tokens_follow_the_target_distribution(cloud, run_generation, draft_model, scheme, kw):
     """Through the whole stack the first generated token ~ p(. | prompt): chi-square p > 1e-3.
@@ -224,6 +225,7 @@ def test_cli_generate_json(cloud):
     assert d["uplink_wire_bytes"] > d["uplink_payload_bytes"] > 0
 
 
+@pytest.mark.slow  # the edge retries its connection before giving up
 def test_cli_unreachable_cloud_is_one_line_error():
     out = subprocess.run(
         [sys.executable, "-m", "edge", "generate", "--cloud", "127.0.0.1:1", "--prompt", "x", "--max-new-tokens", "2"],

@@ -286,6 +286,7 @@ needs_qwen_pair = pytest.mark.skipif(
 
 
 @needs_qwen_pair
+@pytest.mark.slow
 def test_qwen_pair_shares_vocabulary():
     # tokenizers only (fast, no weights): the pair must agree on ids and logits width
     from transformers import AutoTokenizer
@@ -301,6 +302,7 @@ def test_qwen_pair_shares_vocabulary():
 
 
 @needs_qwen_pair
+@pytest.mark.slow
 @torch.no_grad()
 def test_qwen_draft_loads():
     lm = load_model("qwen2.5-coder-0.5b", "draft")

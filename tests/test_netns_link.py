@@ -68,6 +68,7 @@ def runs(netns):
         link.close()
 
 
+@pytest.mark.slow  # the `runs` fixture: namespaces, a cloud and two shaped generations
 @pytest.mark.parametrize("which", ["slow", "fast"])
 def test_interface_bytes_match_edge_wire_bytes(runs, which):
     """(a) The edge veth carried the edge's counted wire bytes plus TCP/IP headers and ACKs, no more."""
@@ -88,6 +89,7 @@ def test_interface_bytes_match_edge_wire_bytes(runs, which):
     assert up["drops"] == 0 and r.qdisc["downlink"]["drops"] == 0, r.qdisc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["slow", "fast"])
 def test_uplink_time_follows_the_shaped_rate(runs, which):
     """(b) sum of uplink_ms between the burst-aware lower bound and 1.5 x (bits / rate + rounds * delay)."""
@@ -101,6 +103,7 @@ def test_uplink_time_follows_the_shaped_rate(runs, which):
         assert r.qdisc["uplink"]["overlimits"] > 0, r.qdisc  # tbf actually held packets back
 
 
+@pytest.mark.slow
 def test_faster_uplink_is_clearly_faster(runs):
     """(c) Same tokens, same rounds; 8x the uplink rate: well under half the uplink time."""
     (slow, _), (fast, _) = runs["slow"], runs["fast"]

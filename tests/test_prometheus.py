@@ -113,6 +113,7 @@ def spawn(name: str, cmd: list[str], tmp: Path, env: dict[str, str] | None = Non
     return proc
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_cloud_and_edge_and_dashboard_queries_work(tmp_path, prometheus, free_port, run_generation,
                                                                      dashboard, dashboard_exprs):
     grpc_port, metrics_port, edge_port, prom_port = (free_port() for _ in range(4))
