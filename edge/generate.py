@@ -176,28 +176,36 @@ def _round_drafting_ahead(pool, client, msg, open_request, drafter: Drafter, bat
     """Send a batch; while its verdict is on the way, draft the next batch as if every draft were
     accepted and the bonus token were the edge's own guess (pipelined drafting).
 
-    Lossless: the ahead drafts are sampled from q_hat given the context they continue, with
-    randomness independent of the cloud's, and are used only when that context turns out to be
-    the real one. With an analytic link the flight lasts as long as the model says.
+    The ahead batch is drafted to its plan's end unless the verdict shows it is invalid (then
+    drafting stops at once): an adopted batch is then exactly the batch the edge would have drafted
+    after the verdict (same plan for a fixed plan, same draws keyed by position), so pipelining
+    changes when drafts are made, never which. Lossless: the ahead drafts are q_hat draws given the
+    context they continue, with randomness independent of the cloud's, used only when that context
+    turns out to be the real one. With an analytic link the verdict lands when the model says.
     """
     t_send = time.perf_counter()
     future = pool.submit(client.round, msg, reopen=open_request)
     guessed = context + [d.token for d in batch.drafts]
     guess = drafter.guess_bonus(guessed, batch.scheme)
+    n = len(batch.drafts)
 
-    def flight_ms() -> float:  # once the reply is in
-        if link is None:
-            return 0.0
+    def flight_ms() -> float:  # once the reply is in: when the verdict lands
         r = future.result()
+        measured = (r.received_unix_us - r.sent_unix_us) / 1e3
+        if link is None:
+            return measured
         up, down = link.network_ms(r.uplink_wire_bytes or msg.ByteSize(), r.downlink_wire_bytes or r.verdict.ByteSize())
         return up + (r.verdict.sent_unix_us - r.verdict.received_unix_us) / 1e3 + down
 
-    def landed() -> bool:
-        return future.done() and (time.perf_counter() - t_send) * 1e3 >= flight_ms()
+    def invalidated() -> bool:
+        if not future.done() or (time.perf_counter() - t_send) * 1e3 < flight_ms():
+            return False
+        v = future.result().verdict
+        return not (v.accepted == n and not v.plain_tokens and v.token == guess)
 
-    ahead_batch = drafter.draft(guessed + [guess], max_drafts=max_drafts, should_stop=landed)
+    ahead_batch = drafter.draft(guessed + [guess], max_drafts=max_drafts, should_stop=invalidated)
     reply = future.result()
-    overrun = max(0.0, (time.perf_counter() - t_send) * 1e3 - max(flight_ms(), (reply.received_unix_us - reply.sent_unix_us) / 1e3))
+    overrun = max(0.0, (time.perf_counter() - t_send) * 1e3 - flight_ms())
     return reply, _Ahead(guess, ahead_batch, overrun)
 
 

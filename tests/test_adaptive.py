@@ -8,6 +8,7 @@ both accountings, the C-SQS budget cap (no stalled rounds, beta recovers), plain
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import time
 
 import numpy as np
@@ -269,3 +270,20 @@ def test_pipelined_greedy_tokens_equal_plain_decoding():
                    link=LinkModel(1e9, 1e9, 5.0))
     assert res.token_ids == ref.token_ids
     assert any(r.ahead_adopted for r in res.stats.records)
+
+
+@pytest.mark.parametrize("scheme", ["topk", "conformal"])
+def test_pipelining_never_changes_the_tokens_of_a_fixed_plan(scheme):
+    """An adopted ahead batch is exactly the batch drafted after the verdict: with a fixed plan the
+    tokens at T = 1 are those of the unpipelined run, whatever the timing."""
+    adopted = 0
+    for seed in range(6):
+        outs = []
+        for pipeline in (False, True):
+            cfg = replace(draft_config(scheme, seed=seed, draft_len=3, k=3, ell=20), pipeline=pipeline)
+            res = generate([0], Drafter(TableLM(DRAFT), cfg), LoopbackClient(verifier()), max_new_tokens=40,
+                           vocab_fingerprint="fp")
+            outs.append(res)
+        assert outs[0].token_ids == outs[1].token_ids
+        adopted += outs[1].stats.controller_summary()["ahead_batches_adopted"]
+    assert adopted > 0
