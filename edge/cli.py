@@ -71,6 +71,11 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
                          "or plain target steps when speculation does not pay); N = a fixed plan of up to N; "
                          "0 = plain target decoding")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait-for-cloud", type=finite_float, default=0.0, metavar="S",
+                    help="at the start, keep waiting this many seconds for a cloud that does not answer yet "
+                         "(default 0: say at once that HOST:PORT does not answer)")
+    ap.add_argument("--outage-window", type=finite_float, default=180.0, metavar="S",
+                    help="a running generation rides out a cloud outage this long (restart, stall, lost verdicts)")
     ap.add_argument("--no-pipeline", action="store_true",
                     help="do not draft the next batch while one is in flight (pipelined drafting is on by default)")
     ap.add_argument("--transport", choices=["stream", "unary"], default="stream",
@@ -115,7 +120,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
         printed[0] = text
 
     try:
-        with CloudClient(ClientConfig(a.cloud, transport=a.transport)) as client:
+        cc = ClientConfig(a.cloud, transport=a.transport, connect_wait_s=a.wait_for_cloud,
+                          outage_window_s=a.outage_window)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        with CloudClient(cc) as client:
             if not a.json:
                 sys.stdout.write(a.prompt)
             result = generate(
