@@ -1,9 +1,10 @@
 """The container deployment (docker-compose.yml, deploy/): topology, healthchecks, the link's
 shaping plan, Prometheus and Grafana provisioning, and the dashboard's PromQL metric names.
 
-No Docker engine is needed: `docker-compose config` (Debian's docker-compose 1.29, installed by
-scripts/install_test_deps.sh) renders the file with .env; the same topology checks also run on
-the raw YAML, so they hold even where the binary is absent.
+Most tests need no Docker engine: `docker-compose config` (Debian's docker-compose 1.29, installed
+by scripts/install_test_deps.sh) renders the file with .env; the same topology checks also run on
+the raw YAML. The stack tests at the end build the images with the tiny pair and run the whole
+deployment on a real engine (scripts/container_engine.sh starts one where none runs).
 """
 
 from __future__ import annotations
@@ -247,53 +248,84 @@ def _dockerfile_stages(path: Path) -> list[list[str]]:
     return stages
 
 
-@pytest.mark.parametrize("name,model_arg,command", [("cloud", "TARGET_MODEL", "sqs-cloud"),
-                                                    ("edge", "DRAFT_MODEL", "sqs-edge")])
-def test_dockerfile(name, model_arg, command):
-    path = DEPLOY / f"{name}.Dockerfile"
-    text = path.read_text()
-    stages = _dockerfile_stages(path)
-    base = stages[0][0]
-    assert re.match(r"FROM python:\$\{PYTHON_VERSION\}-slim", base), base
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+
+def test_dockerfile_one_file_two_targets():
+    text = DOCKERFILE.read_text()
+    stages = _dockerfile_stages(DOCKERFILE)
+    by_name = {s[0].split()[-1]: s for s in stages if " AS " in s[0].upper()}
+    assert {"base", "wheel", "runtime", "cloud", "edge"} <= set(by_name), sorted(by_name)
+    assert not (DEPLOY / "cloud.Dockerfile").exists() and not (DEPLOY / "edge.Dockerfile").exists()
+    assert re.match(r"FROM python:\$\{PYTHON_VERSION\}-slim", stages[0][0]), stages[0][0]
     assert re.search(r"^ARG PYTHON_VERSION=3\.11$", text, re.M)
-    # CPU torch, pinned like the project, before the project.
+    # CPU torch, pinned like the project, before the project: a wheelhouse wheel if the build has
+    # one, else the public CPU index (the default for everyone else).
     pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_pin = next(p for p in pins if p.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch_pin.split('==')[1]}" in text
-    assert re.search(r'pip install "torch==\$\{TORCH_VERSION\}" --index-url', text)
-    assert "https://download.pytorch.org/whl/cpu" in text
-    # The real model, installed at build time into /models.
+    assert re.search(r'pip install "torch==\$\{TORCH_VERSION\}" --index-url "\$\{TORCH_INDEX_URL\}"', text)
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert "--mount=type=bind,source=deploy/wheelhouse,target=/wheelhouse" in text
+    assert (DEPLOY / "wheelhouse").is_dir(), "the wheelhouse must exist (empty) in every checkout"
+    # The CA bundle is a build secret wherever pip runs; never a baked path.
+    pip_runs = [i for st in stages for i in st if i.startswith("RUN ") and re.search(r"\bpip (install|wheel)\b", i)
+                and "/dist/" not in i]
+    assert pip_runs and all("--mount=type=secret,id=ca_bundle" in i for i in pip_runs), pip_runs
+    assert not re.search(r"^(ENV|ARG) .*(PIP_CERT|SSL_CERT_FILE|REQUESTS_CA_BUNDLE)", text, re.M)
     assert "SQS_MODEL_CACHE=/models" in text
-    assert f'python -m sqs_models install "${{{model_arg}}}"' in text
-    final = stages[-1]
-    users = [i.split()[1] for i in final if i.upper().startswith("USER ")]
-    assert users and users[-1] not in ("root", "0"), "the final stage must run as a non-root user"
-    assert any(i.upper().startswith("HEALTHCHECK ") and " CMD " in i for i in final)
-    if name == "cloud":  # the one probe: sqs-cloud check, on the port the container serves
-        assert any(i.startswith("HEALTHCHECK ") and 'CMD sqs-cloud check "127.0.0.1:${SQS_PORT:-50051}"' in i
-                   for i in final)
-    assert any(i.startswith("CMD ") and command in i for i in final)
-    assert any(i.startswith("COPY --from=models /models /models") for i in final)
+    for target, model_arg, command in (("cloud", "TARGET_MODEL", "sqs-cloud"), ("edge", "DRAFT_MODEL", "sqs-edge")):
+        final = by_name[target]
+        assert final[0].startswith("FROM runtime AS"), final[0]
+        assert any(f'python -m sqs_models install "${{{model_arg}}}"' in i for i in by_name[f"models-{target}"])
+        users = [i.split()[1] for i in final if i.upper().startswith("USER ")]
+        assert users and users[-1] not in ("root", "0"), f"{target} must run as a non-root user"
+        assert any(i.upper().startswith("HEALTHCHECK ") and " CMD " in i for i in final)
+        assert any(i.startswith("CMD ") and command in i for i in final)
+        assert any(i.startswith(f"COPY --from=models-{target} /models /models") for i in final)
+        # The project arrives as a wheel built in another stage: no build backend, no sources.
+        assert any("--mount=type=bind,from=wheel" in i and "pip install --no-deps" in i for i in final)
+        assert not any(i.startswith("COPY ") and "--from=" not in i for i in final + by_name["runtime"])
+    cloud_hc = [i for i in by_name["cloud"] if i.startswith("HEALTHCHECK ")]
+    assert 'CMD sqs-cloud check "127.0.0.1:${SQS_PORT:-50051}"' in cloud_hc[0]
 
-    # Every COPY source exists in the build context; every project package reaches the image.
+    # Every COPY source exists in the build context; every project package reaches the wheel.
+    ignored = [ln.strip().rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]
     copied = set()
     for stage in stages:
         for ins in stage:
             if ins.startswith("COPY ") and "--from=" not in ins:
                 parts = [p for p in ins.split()[1:] if not p.startswith("--")]
                 for src in parts[:-1]:
-                    assert (ROOT / src).exists(), f"{path.name}: COPY source {src} is missing"
+                    assert (ROOT / src).exists(), f"COPY source {src} is missing"
+                    assert src.rstrip("/") not in ignored, f"COPY source {src} is excluded by .dockerignore"
                     copied.add(src.rstrip("/"))
+    assert "deploy/wheelhouse" not in ignored and "deploy" not in ignored
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     top = {p.rstrip("*") for p in include}
     packages = {d.name for d in ROOT.iterdir() if d.is_dir() and (d / "__init__.py").is_file() and d.name in top}
-    assert packages <= copied, f"{path.name} does not copy {sorted(packages - copied)}"
+    assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
     assert {"pyproject.toml", "README.md"} <= copied
 
-    # Build args passed by compose exist as ARGs.
+    # compose builds the two targets of this file; its build args exist as ARGs.
     cfg = yaml.safe_load(COMPOSE.read_text())
-    for arg in cfg["services"][name]["build"].get("args", {}):
-        assert re.search(rf"^ARG {arg}(=|$)", text, re.M), f"{path.name} lacks ARG {arg}"
+    for name in ("cloud", "edge"):
+        build = cfg["services"][name]["build"]
+        assert build["dockerfile"] == "deploy/Dockerfile" and build["target"] == name
+        for arg in build.get("args", {}):
+            assert re.search(rf"^ARG {arg}(=|$)", text, re.M), f"the Dockerfile lacks ARG {arg}"
+
+
+def test_every_service_has_limits_and_log_rotation():
+    cfg = yaml.safe_load(COMPOSE.read_text())
+    env = read_env_file()
+    for name, svc in cfg["services"].items():
+        assert svc.get("mem_limit"), f"{name} has no memory limit"
+        logging = svc.get("logging") or {}
+        assert logging.get("driver") == "json-file" and {"max-size", "max-file"} <= set(logging.get("options", {})), name
+    assert cfg["services"]["grafana"].get("profiles") == ["grafana"], "grafana stays outside the default `up`"
+    assert env["LINK_NETEM"] in ("auto", "on")
 
 
 def test_link_dockerfile():
@@ -325,11 +357,11 @@ def test_link_plan_from_env_defaults():
     proc = _plan(**env)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if not ln.startswith("#")]
+    q = int(env["LINK_QUEUE_PKTS"])
     for dev in ("eth1", "eth0"):  # uplink on the cloud side, downlink on the edge side
-        assert f"tc qdisc add dev {dev} root handle 1: htb default 10" in lines
-        assert f"tc class add dev {dev} parent 1: classid 1:10 htb rate 1mbit ceil 1mbit" in lines
-        assert (f"tc qdisc add dev {dev} parent 1:10 handle 10: netem delay 25ms 5ms distribution normal "
-                f"limit {env['LINK_QUEUE_PKTS']}") in lines
+        assert f"tc qdisc add dev {dev} root handle 1: tbf rate 1mbit burst 1600 limit {q * 1514}" in lines
+        assert (f"tc qdisc add dev {dev} parent 1:1 handle 10: netem delay 25ms 5ms distribution normal "
+                f"limit {q}") in lines
     assert "loss" not in proc.stdout  # 0% loss needs no netem loss clause
 
 
@@ -338,11 +370,11 @@ def test_link_plan_asymmetric_and_rate_only():
                  LINK_JITTER="0ms", LINK_LOSS="0.5%", LINK_DOWN_DEV="eth0 eth2")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "dev eth1 parent 1: classid 1:10 htb rate 2mbit ceil 2mbit" in out
-    assert "dev eth1 parent 1:10 handle 10: netem delay 40ms loss 0.5% limit" in out
+    assert "dev eth1 root handle 1: tbf rate 2mbit burst 2500 limit" in out  # 10 ms of the rate
+    assert "dev eth1 parent 1:1 handle 10: netem delay 40ms loss 0.5% limit" in out
     for dev in ("eth0", "eth2"):
-        assert f"dev {dev} parent 1: classid 1:10 htb rate 20mbit ceil 20mbit" in out
-        assert f"dev {dev} parent 1:10 handle 10: netem delay 10ms loss 0.5% limit" in out
+        assert f"dev {dev} root handle 1: tbf rate 20mbit burst 25000 limit" in out
+        assert f"dev {dev} parent 1:1 handle 10: netem delay 10ms loss 0.5% limit" in out
     # Nothing for netem to do, or netem switched off: rate only, with a pfifo leaf.
     for env in ({"LINK_DELAY": "0ms", "LINK_JITTER": "0", "LINK_LOSS": "0%"}, {"LINK_NETEM": "off"}):
         proc = _plan(**env)
@@ -381,18 +413,19 @@ def test_link_shape_in_network_namespace(tmp_path):
                    LINK_DOWN_RATE="4mbit", LINK_DELAY="25ms", LINK_JITTER="5ms", LINK_LOSS="1%",
                    LINK_OFFLOADS="keep")
         if not netem:
-            # This kernel has no sch_netem: `shape` must refuse with a clear message, and rate-only
-            # shaping (LINK_NETEM=off) must work.
-            bad = nsrun("bash", str(ENTRYPOINT), "shape", env=env, check=False)
+            # This kernel has no sch_netem: LINK_NETEM=on must refuse with a clear message, and
+            # LINK_NETEM=auto (the default) must fall back to rate-only shaping, saying so.
+            bad = nsrun("bash", str(ENTRYPOINT), "shape", env={**env, "LINK_NETEM": "on"}, check=False)
             assert bad.returncode != 0 and "netem is not available" in bad.stderr, bad.stderr
+            auto = nsrun("bash", str(ENTRYPOINT), "shape", env={**env, "LINK_NETEM": "auto"})
+            assert "falls back to" in auto.stderr and "NOT emulated" in auto.stderr, auto.stderr
+            assert "netem_missing=yes" in (tmp_path / "shaped").read_text()
             env["LINK_NETEM"] = "off"
         for _ in range(2):  # idempotent: a second run replaces the first
             nsrun("bash", str(ENTRYPOINT), "shape", env=env)
-        up = nsrun("tc", "class", "show", "dev", "vup").stdout
-        down = nsrun("tc", "class", "show", "dev", "vdown").stdout
-        assert "rate 1Mbit ceil 1Mbit" in up and "rate 4Mbit ceil 4Mbit" in down, (up, down)
         qdiscs = nsrun("tc", "qdisc", "show", "dev", "vup").stdout
-        assert "htb 1: root" in qdiscs
+        down = nsrun("tc", "qdisc", "show", "dev", "vdown").stdout
+        assert "tbf 1: root" in qdiscs and "rate 1Mbit" in qdiscs and "rate 4Mbit" in down, (qdiscs, down)
         if netem:
             assert "netem 10:" in qdiscs and "delay 25" in qdiscs and "loss 1%" in qdiscs, qdiscs
         else:
@@ -479,3 +512,274 @@ def test_dashboard_metric_names_are_exported(dashboard, dashboard_exprs):
             labels = {m.split("=")[0].strip().rstrip("!~") for m in selector.split(",") if m.strip()}
             assert labels <= KNOWN_LABELS, (expr, labels)
     assert all("histogram_quantile" not in e or "_bucket" in e for e in dashboard_exprs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack for real: images built with the tiny pair, every service up on a real Docker engine
+# (scripts/container_engine.sh starts one where none runs, and stops it again afterwards).
+#
+# Cold (no base images, no layers): debootstrap + Python base + torch layer, ~10-15 min on 2
+# busy cores; warm (everything cached): the build is a cache hit and the module takes ~2 min.
+
+ENGINE = ROOT / "scripts" / "container_engine.sh"
+STACK_PROJECT = "sqs-sd-test"
+STACK_SERVICES = {"cloud", "link", "edge", "prometheus"}  # grafana is under a profile
+# The same explicit plan on both paths, so that the adaptive planner cannot choose differently;
+# no pipelined drafting, whose draft-ahead depends on timing (and with it the tokens of a seed).
+PLAN = {"draft_len": 4, "k": 8, "ell": 100, "sparsifier": "topk", "no_pipeline": True}
+PROMPT = "def fibonacci(n):"
+TRANSFER_BYTES = 24_000  # the fixed uplink transfer: 3 s at 64 kbit, 19 ms at 10 mbit
+
+def _run(cmd, *, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{cmd} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+class Stack:
+    """The running compose project: its environment, and helpers to reach its containers."""
+
+    def __init__(self, env: dict[str, str], docker: str, compose: str) -> None:
+        self.env, self.docker, self.compose = env, docker, compose
+        self.edge_url = f"http://127.0.0.1:{env['EDGE_PORT']}"
+        self.prometheus_url = f"http://127.0.0.1:{env['PROMETHEUS_PORT']}"
+
+    def compose_cmd(self, *args, env=None, timeout=600, check=True):
+        return _run([self.compose, "--project-directory", ROOT, "-f", COMPOSE, *args], env=env or self.env,
+                    timeout=timeout, check=check)
+
+    def container(self, service: str) -> str:
+        out = _run([self.docker, "ps", "-q", "--filter", f"label=com.docker.compose.project={STACK_PROJECT}",
+                    "--filter", f"label=com.docker.compose.service={service}"]).stdout.split()
+        assert len(out) == 1, (service, out)
+        return out[0]
+
+    def exec(self, service: str, *cmd, check=True, timeout=120, user=None):
+        extra = ["--user", user] if user else []
+        return _run([self.docker, "exec", *extra, self.container(service), *cmd], check=check, timeout=timeout)
+
+    def inspect(self, service: str) -> dict:
+        return json.loads(_run([self.docker, "inspect", self.container(service)]).stdout)[0]
+
+    def wait_healthy(self, limit_s: int = 300) -> None:
+        _run([ENGINE, "wait", STACK_PROJECT, limit_s], env=self.env, timeout=limit_s + 60)
+
+    def generate(self, **body) -> dict:
+        import httpx
+
+        r = httpx.post(f"{self.edge_url}/v1/generate", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def link_counters(self) -> tuple[str, int, int]:
+        """(uplink device, bytes, packets) sent by the root qdisc of the link's uplink."""
+        state = self.exec("link", "cat", "/run/sqs-link/shaped").stdout
+        dev = re.search(r"uplink_dev=(\S+)", state).group(1)
+        out = self.exec("link", "tc", "-s", "qdisc", "show", "dev", dev).stdout
+        m = re.search(r"qdisc tbf 1: root.*?Sent (\d+) bytes (\d+) pkt", out, re.S)
+        assert m, out
+        return dev, int(m.group(1)), int(m.group(2))
+
+    def set_link_rate(self, rate: str) -> None:
+        """Recreate the link container with LINK_RATE=rate (the edge reconnects by name)."""
+        self.env["LINK_RATE"] = rate
+        self.compose_cmd("up", "-d", "--no-build", "--no-deps", "--force-recreate", "link")
+        self.wait_healthy(120)
+        state = self.exec("link", "cat", "/run/sqs-link/shaped").stdout
+        assert f"rate={rate}" in state, state
+
+    def timed_transfer(self, nbytes: int) -> float:
+        """Seconds for one gRPC request of nbytes from the edge container through the link to the
+        cloud, minus a small request's round trip: a health Check of an unknown service named by
+        nbytes of 'x' (the cloud reads it all, then answers a short NOT_FOUND)."""
+        code = (
+            "import grpc, json, sys, time\n"
+            "from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc\n"
+            "ch = grpc.insecure_channel(sys.argv[1]); grpc.channel_ready_future(ch).result(timeout=60)\n"
+            "stub = rpc.HealthStub(ch)\n"
+            "def once(n):\n"
+            "    t = time.perf_counter()\n"
+            "    try:\n"
+            "        stub.Check(pb.HealthCheckRequest(service='x' * n), timeout=120)\n"
+            "    except grpc.RpcError as e:\n"
+            "        assert e.code() == grpc.StatusCode.NOT_FOUND, e\n"
+            "    return time.perf_counter() - t\n"
+            "once(8); small = min(once(8) for _ in range(3)); big = once(int(sys.argv[2]))\n"
+            "print(json.dumps({'small_s': small, 'big_s': big}))\n"
+        )
+        out = json.loads(self.exec("edge", "python", "-c", code, "link:50051", str(nbytes)).stdout)
+        return out["big_s"] - out["small_s"]
+
+
+@pytest.fixture(scope="module")
+def stack(free_port):
+    import time
+
+    if os.geteuid() != 0 and shutil.which("docker") is None:
+        require_tool("no Docker engine: needs root to start one (scripts/container_engine.sh) or a docker CLI")
+    status = subprocess.run(["bash", str(ENGINE), "status"], capture_output=True, text=True, timeout=60)
+    started_here = status.returncode != 0
+    t0 = time.monotonic()
+    start = subprocess.run(["bash", str(ENGINE), "start"], capture_output=True, text=True, timeout=1800)
+    if start.returncode != 0:
+        require_tool(f"no container engine could start here (scripts/container_engine.sh start): "
+                     f"{start.stderr.strip()[-800:]}")
+    docker = subprocess.run(["bash", str(ENGINE), "env"], capture_output=True, text=True).stdout.split("=", 1)[1].strip()
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        require_tool("docker-compose is not installed (scripts/install_test_deps.sh installs Debian's 1.29)")
+    version = read_env_file()["SQS_VERSION"]
+    env = _compose_env()
+    env.update(COMPOSE_PROJECT_NAME=STACK_PROJECT, SQS_VERSION=f"{version}-tiny", TARGET_MODEL="tiny",
+               DRAFT_MODEL="tiny", EDGE_PORT=str(free_port()), PROMETHEUS_PORT=str(free_port()),
+               GRAFANA_PORT=str(free_port()), LINK_RATE="10mbit", LOG_LEVEL="INFO", DOCKER=docker)
+    build = _run(["bash", ENGINE, "build"], env=env, timeout=3000)
+    t_built = time.monotonic()
+    s = Stack(env, docker, compose)
+    s.compose_cmd("down", "-v", "--remove-orphans", check=False)  # leftovers of an interrupted run
+    try:
+        s.compose_cmd("up", "-d", "--no-build")
+        s.wait_healthy(300)
+        print(f"\nstack: engine+images {t_built - t0:.0f} s, up and healthy {time.monotonic() - t_built:.0f} s\n"
+              f"{build.stderr[-1500:]}")
+        yield s
+    finally:
+        logs = s.compose_cmd("logs", "--no-color", "--tail", "40", check=False)
+        print(logs.stdout[-6000:])
+        s.compose_cmd("down", "-v", "--remove-orphans", check=False)
+        if started_here:
+            subprocess.run(["bash", str(ENGINE), "stop"], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_stack_every_service_healthy_and_hardened(stack):
+    for service in STACK_SERVICES:
+        info = stack.inspect(service)
+        assert info["State"]["Health"]["Status"] == "healthy", (service, info["State"])
+        host = info["HostConfig"]
+        assert host["Memory"] > 0, f"{service} has no memory limit"
+        assert host["LogConfig"]["Type"] == "json-file" and host["LogConfig"]["Config"].get("max-size"), service
+    grafana = _run([stack.docker, "ps", "-aq", "--filter", f"label=com.docker.compose.project={STACK_PROJECT}",
+                    "--filter", "label=com.docker.compose.service=grafana"]).stdout.strip()
+    assert not grafana, "grafana is under a profile: the default `up` must not start it"
+    for service in ("cloud", "edge"):  # non-root, no compiler in the final image
+        assert stack.exec(service, "id", "-u").stdout.strip() != "0", service
+        probe = stack.exec(service, "sh", "-c", "command -v gcc cc g++ make || true").stdout.strip()
+        assert not probe, (service, probe)
+    assert stack.exec("cloud", "sqs-cloud", "check", "127.0.0.1:50051", "--timeout", "4").returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first stack test to run pays for the build
+def test_stack_edge_reaches_cloud_only_through_link(stack):
+    edge_nets = set(stack.inspect("edge")["NetworkSettings"]["Networks"])
+    cloud_nets = set(stack.inspect("cloud")["NetworkSettings"]["Networks"])
+    link_nets = set(stack.inspect("link")["NetworkSettings"]["Networks"])
+    assert edge_nets and cloud_nets and not edge_nets & cloud_nets, (edge_nets, cloud_nets)
+    assert edge_nets & link_nets and cloud_nets & link_nets
+    cloud_ip = next(iter(stack.inspect("cloud")["NetworkSettings"]["Networks"].values()))["IPAddress"]
+    code = ("import socket, sys\n"
+            "for host in sys.argv[1:]:\n"
+            "    try:\n"
+            "        socket.create_connection((host, 50051), timeout=3).close(); print('reached', host)\n"
+            "    except OSError as e:\n"
+            "        print('no', host, type(e).__name__)\n")
+    out = stack.exec("edge", "python", "-c", code, "cloud", cloud_ip, "link").stdout
+    assert "reached cloud" not in out and f"reached {cloud_ip}" not in out and "reached link" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first stack test to run pays for the build
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_stack_generation_equals_loopback(stack, temperature):
+    """Edge HTTP API -> link container -> cloud container gives the same tokens as the same request
+    to an in-process edge app with a loopback sqs-cloud (T = 1: the same seed)."""
+    from fastapi.testclient import TestClient
+
+    from cloud.inprocess import LocalCloud
+    from edge.api import EdgeServerConfig, create_app
+
+    body = dict(PLAN, prompt=PROMPT, max_new_tokens=24, temperature=temperature, seed=7)
+    remote = stack.generate(**body)
+    with LocalCloud("tiny") as cloud, TestClient(create_app(EdgeServerConfig(cloud=cloud.address))) as client:
+        r = client.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        local = r.json()
+    assert remote["token_ids"] == local["token_ids"], (remote["token_ids"], local["token_ids"])
+    assert remote["text"] == local["text"]
+    assert len(remote["token_ids"]) == 24
+    for key in ("rounds", "drafted", "accepted"):
+        assert remote["stats"][key] == local["stats"][key], key
+    assert remote["stats"]["uplink_wire_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first stack test to run pays for the build
+def test_stack_prometheus_scrapes_cloud_and_edge(stack):
+    import time
+
+    import httpx
+
+    stack.generate(**PLAN, prompt=PROMPT, max_new_tokens=8)
+    query = 'count by (job) ({__name__=~"sqs_.+"})'
+    deadline, jobs = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{stack.prometheus_url}/api/v1/query", params={"query": query}, timeout=10)
+        assert r.status_code == 200, r.text
+        jobs = {x["metric"].get("job"): int(x["value"][1]) for x in r.json()["data"]["result"]}
+        batches = httpx.get(f"{stack.prometheus_url}/api/v1/query", params={"query": "sum by (job) (sqs_batches_total)"},
+                            timeout=10).json()["data"]["result"]
+        if {"cloud", "edge"} <= set(jobs) and {x["metric"]["job"] for x in batches if float(x["value"][1]) > 0} >= {"edge"}:
+            break
+        time.sleep(2)
+    assert {"cloud", "edge"} <= set(jobs), jobs
+    targets = httpx.get(f"{stack.prometheus_url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    health = {t["labels"]["job"]: t["health"] for t in targets}
+    assert health.get("cloud") == "up" and health.get("edge") == "up", health
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first stack test to run pays for the build
+def test_stack_link_shapes(stack):
+    """The link container really shapes: a fixed uplink transfer takes its size over LINK_RATE, and
+    the link's tc byte counters agree with the wire bytes the edge measured."""
+    # tc counters vs the edge's wire bytes, one generation at 10 mbit.
+    _, b0, p0 = stack.link_counters()
+    result = stack.generate(**dict(PLAN, sparsifier="dense"), prompt=PROMPT, max_new_tokens=48)
+    _, b1, p1 = stack.link_counters()
+    st = result["stats"]
+    wire = st["uplink_wire_bytes"] + st.get("setup_wire_bytes", 0)
+    tc_bytes, tc_pkts = b1 - b0, p1 - p0
+    tc_payload = tc_bytes - 66 * tc_pkts  # Ethernet 14 + IPv4 20 + TCP 32 (timestamps) per packet
+    print(f"\nlink counters: edge wire bytes {wire}, tc {tc_bytes} bytes / {tc_pkts} pkts "
+          f"(~{tc_payload} payload bytes)")
+    assert tc_bytes >= wire, (tc_bytes, wire)
+    # Background traffic on the same path (the edge's healthcheck probes the cloud through the
+    # link, ~1 kB) is the only slack allowed.
+    assert abs(tc_payload - wire) <= 0.05 * wire + 2500, (tc_payload, wire)
+
+    t_fast = stack.timed_transfer(TRANSFER_BYTES)
+    stack.set_link_rate("64kbit")
+    t_slow = stack.timed_transfer(TRANSFER_BYTES)
+    achieved_bps = TRANSFER_BYTES * 8 / t_slow
+    print(f"fixed uplink transfer of {TRANSFER_BYTES} B: 10mbit {t_fast * 1e3:.0f} ms, 64kbit {t_slow * 1e3:.0f} ms "
+          f"(achieved {achieved_bps / 1e3:.1f} kbit/s of payload)")
+    assert 0.7 * 64e3 <= achieved_bps <= 1.3 * 64e3, achieved_bps
+    assert t_fast < t_slow / 10, (t_fast, t_slow)
+    logs = stack.compose_cmd("logs", "--no-color", "link").stdout
+    assert "shaping applied" in logs and "tbf rate 64kbit" in logs, logs[-2000:]
+    netem_missing = "netem_missing=yes" in stack.exec("link", "cat", "/run/sqs-link/shaped").stdout
+    assert ("NOT emulated" in logs) == netem_missing  # the fallback is said in the log
+    stack.set_link_rate("10mbit")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first stack test to run pays for the build
+def test_stack_zz_down_leaves_nothing(stack):
+    stack.compose_cmd("down", "-v", "--remove-orphans")
+    label = f"label=com.docker.compose.project={STACK_PROJECT}"
+    for kind in (["ps", "-aq"], ["network", "ls", "-q"], ["volume", "ls", "-q"]):
+        left = _run([stack.docker, *kind, "--filter", label]).stdout.strip()
+        assert not left, (kind, left)

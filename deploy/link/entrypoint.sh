@@ -6,8 +6,8 @@
 #   uplink   (edge -> cloud) leaves through the cloud-side interface: LINK_UP_*   settings
 #   downlink (cloud -> edge) leaves through the edge-side interface:  LINK_DOWN_* settings
 #
-# Per direction (any previous root qdisc is removed first): HTB root with one class at the rate (ceil = rate), netem leaf with
-# delay [jitter, normal distribution] [loss] and a packet limit. With zero delay, jitter and
+# Per direction (any previous root qdisc is removed first): a tbf root at the rate (10 ms bucket),
+# netem child with delay [jitter, normal distribution] [loss] and a packet limit. With zero delay, jitter and
 # loss (or LINK_NETEM=off) the leaf is a pfifo and netem is not needed.
 #
 # Usage: entrypoint.sh [run|shape|plan|health]
@@ -20,7 +20,8 @@
 #   LINK_RATE=1mbit  LINK_DELAY=25ms  LINK_JITTER=5ms  LINK_LOSS=0%  LINK_QUEUE_PKTS=1000
 #   LINK_UP_RATE LINK_DOWN_RATE LINK_UP_DELAY LINK_DOWN_DELAY LINK_UP_JITTER LINK_DOWN_JITTER
 #   LINK_UP_LOSS LINK_DOWN_LOSS
-#   LINK_NETEM=on|off        off: rate only (kernels without sch_netem)
+#   LINK_NETEM=auto|on|off   auto: netem where the kernel has it, else rate only (said in the
+#                            log and the state file); on: fail without netem; off: rate only
 #   LINK_OFFLOADS=off|keep   off (default): disable TSO/GSO/GRO so tc sees wire-sized packets
 #   LINK_LISTEN_PORT=50051 LINK_CLOUD_HOST=cloud LINK_CLOUD_PORT=50051
 #   LINK_UP_DEV, LINK_DOWN_DEV   interfaces to shape (default: the route to the cloud for the
@@ -49,7 +50,7 @@ DOWN_JITTER=${LINK_DOWN_JITTER:-$JITTER}
 UP_LOSS=${LINK_UP_LOSS:-$LOSS}
 DOWN_LOSS=${LINK_DOWN_LOSS:-$LOSS}
 QUEUE_PKTS=${LINK_QUEUE_PKTS:-1000}
-NETEM=${LINK_NETEM:-on}
+NETEM=${LINK_NETEM:-auto}
 OFFLOADS=${LINK_OFFLOADS:-off}
 WAIT_S=${LINK_WAIT_S:-120}
 
@@ -67,7 +68,7 @@ validate() {
     [[ $v =~ ^${NUM}%?$ ]] || die "loss '$v' is not a percentage such as 0% or 0.5%"
   done
   [[ $QUEUE_PKTS =~ ^[1-9][0-9]*$ ]] || die "LINK_QUEUE_PKTS '$QUEUE_PKTS' is not a positive integer"
-  [[ $NETEM == on || $NETEM == off ]] || die "LINK_NETEM must be on or off, not '$NETEM'"
+  [[ $NETEM == on || $NETEM == off || $NETEM == auto ]] || die "LINK_NETEM must be auto, on or off, not '$NETEM'"
 }
 
 is_zero() { [[ $1 =~ ^0+([.]0+)?[a-z%]*$ ]]; }
@@ -84,7 +85,21 @@ netem_args() {
   echo "${args[*]}"
 }
 
-# tc commands for one direction, one per line
+# bytes per second of a tc rate (1mbit, 500kbit, 125kbps, 1.5mbit)
+rate_bytes() {
+  awk -v r="$1" 'BEGIN {
+    n = r + 0; u = tolower(substr(r, length(n "") + 1)); m = 1
+    if (u ~ /^k/) m = 1e3; else if (u ~ /^m/) m = 1e6; else if (u ~ /^g/) m = 1e9; else if (u ~ /^t/) m = 1e12
+    printf "%d\n", (u ~ /bps$/) ? n * m : n * m / 8 }'
+}
+
+# tbf bucket: 10 ms worth of the rate, at least one full frame (1600 bytes)
+burst_bytes() { local b; b=$(( $(rate_bytes "$1") / 100 )); echo $(( b < 1600 ? 1600 : b )); }
+
+# tc commands for one direction, one per line. The rate is a tbf at the root: tbf splits the
+# kernel's TCP GSO super-packets (TCP always builds them, whatever ethtool says) into frames before
+# shaping them, so a slow link is smooth instead of releasing ~10 kB at a time; its child is the
+# netem leaf (delay, jitter, loss) or a pfifo.
 plan_dev() {
   local dev=$1 rate=$2 delay=$3 jitter=$4 loss=$5 leaf
   leaf=$(netem_args "$delay" "$jitter" "$loss")
@@ -92,12 +107,11 @@ plan_dev() {
     say "LINK_NETEM=off: $dev gets rate $rate only (ignoring delay $delay, jitter $jitter, loss $loss)"
     leaf=""
   fi
-  echo "tc qdisc add dev $dev root handle 1: htb default 10"
-  echo "tc class add dev $dev parent 1: classid 1:10 htb rate $rate ceil $rate"
+  echo "tc qdisc add dev $dev root handle 1: tbf rate $rate burst $(burst_bytes "$rate") limit $((QUEUE_PKTS * 1514))"
   if [[ -n $leaf ]]; then
-    echo "tc qdisc add dev $dev parent 1:10 handle 10: netem $leaf limit $QUEUE_PKTS"
+    echo "tc qdisc add dev $dev parent 1:1 handle 10: netem $leaf limit $QUEUE_PKTS"
   else
-    echo "tc qdisc add dev $dev parent 1:10 handle 10: pfifo limit $QUEUE_PKTS"
+    echo "tc qdisc add dev $dev parent 1:1 handle 10: pfifo limit $QUEUE_PKTS"
   fi
 }
 
@@ -135,7 +149,7 @@ plan_all() {
 }
 
 shape() {
-  local commands line err dev
+  local commands line err dev netem_used=no netem_missing=no
   validate
   find_devices
   commands=$(plan_all)
@@ -156,17 +170,27 @@ shape() {
     fi
     say "  $line"
     if ! err=$($line 2>&1); then
+      if [[ $line == *" netem "* && $NETEM == auto ]]; then
+        say "WARNING: netem is not available in this kernel ($err): LINK_NETEM=auto falls back to"
+        say "WARNING: rate-only shaping (tbf + pfifo); delay, jitter and loss are NOT emulated"
+        line=${line%% netem *}" pfifo limit $QUEUE_PKTS"
+        say "  $line"
+        err=$($line 2>&1) || die "'$line' failed: $err"
+        netem_missing=yes
+        continue
+      fi
       if [[ $line == *" netem "* ]]; then
         die "netem is not available in this kernel ($err). Load it on the host (sudo modprobe sch_netem;
       on Ubuntu it is in linux-modules-extra-\$(uname -r)), or set LINK_NETEM=off for rate-only shaping"
       fi
       die "'$line' failed: $err"
     fi
+    if [[ $line == *" netem "* ]]; then netem_used=yes; fi
   done <<<"$commands"
   {
     echo "uplink_dev=$UP_DEV rate=$UP_RATE delay=$UP_DELAY jitter=$UP_JITTER loss=$UP_LOSS"
     echo "downlink_devs=$DOWN_DEVS rate=$DOWN_RATE delay=$DOWN_DELAY jitter=$DOWN_JITTER loss=$DOWN_LOSS"
-    echo "netem=$NETEM queue_pkts=$QUEUE_PKTS"
+    echo "netem=$NETEM netem_used=$netem_used netem_missing=$netem_missing queue_pkts=$QUEUE_PKTS"
   } >"$STATE_DIR/shaped"
   say "shaping applied:"
   for dev in $UP_DEV $DOWN_DEVS; do
