@@ -34,3 +34,29 @@ bench-codec: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+
+# --- the container deployment (docker-compose.yml, deploy/README.md) ----------------------------
+# scripts/container_engine.sh starts a Docker engine where none runs and builds the images (local
+# base images where no registry answers; the host's CA bundle as a build secret; torch from a local
+# wheel when pip has one). `make deploy` serves the Qwen pair of .env; TARGET_MODEL=tiny
+# DRAFT_MODEL=tiny make deploy serves the test pair. `scripts/container_engine.sh stop` stops an
+# engine it started and restores the host's networking.
+.PHONY: deploy deploy-down deploy-test
+COMPOSE ?= docker-compose
+DEPLOY_PROJECT ?= sqs-sd
+
+deploy:
+	scripts/container_engine.sh build
+	$(COMPOSE) -p $(DEPLOY_PROJECT) up -d --no-build
+	scripts/container_engine.sh wait $(DEPLOY_PROJECT) 900
+	@scripts/container_engine.sh urls
+
+deploy-down:
+	$(COMPOSE) -p $(DEPLOY_PROJECT) down --remove-orphans
+
+# The deployment tests alone (also part of `make test`): build with the tiny pair, run, check, down.
+# Needs the venv (make install) but does not refresh it.
+deploy-test:
+	@test -x $(PY) || { echo "no $(PY): run make install first"; exit 1; }
+	scripts/install_test_deps.sh
+	$(PY) -m pytest -q tests/test_deploy.py
