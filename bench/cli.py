@@ -5,6 +5,7 @@
   sqs-bench report --results DIR rebuild link sweep and plots from DIR/results.csv
   sqs-bench e2e                  a few schemes through a real cloud process, printed
   sqs-bench batching             would a batched (multi-session) verify pass raise cloud throughput?
+  sqs-bench engines              step and multi-row pass cost, RSS, KL vs fp32 per engine x model x threads
 """
 
 from __future__ import annotations
@@ -84,7 +85,21 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--prefix", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=0)
+    en = sub.add_parser("engines", help="forward-pass cost, memory and fidelity of each engine (torch, llama.cpp)")
+    en.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+    en.add_argument("--engines", nargs="+", default=["torch-fp32", "torch-bf16", "llama"],
+                    choices=["torch-fp32", "torch-bf16", "torch", "llama"],
+                    help="torch = the dtype measured at load; llama = llama.cpp on the GGUF")
+    en.add_argument("--threads", nargs="+", type=int, default=[1])
+    en.add_argument("--repeats", type=int, default=3, help="timed passes per row count (median)")
+    en.add_argument("--positions", type=int, default=32, help="positions compared with torch fp32")
+    en.add_argument("--cell-timeout-s", type=float, default=900.0)
+    en.add_argument("--out", help="directory for engines.csv")
     a = ap.parse_args(argv)
+    if a.cmd == "engines":
+        from bench.engines import main_engines
+
+        sys.exit(main_engines(a))
     if a.cmd == "adaptive":
         from bench.adaptive import main_adaptive
 

@@ -168,3 +168,36 @@ def test_edge_generate_reports_its_engine(cloud):
         capture_output=True, text=True, timeout=180,
     )
     assert bad.returncode != 0 and bad.stderr.strip().startswith("sqs-edge: error:"), bad.stderr
+
+
+def test_bench_compare_against_a_naive_kl():
+    from bench.engines import compare
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 50)), rng.normal(size=(5, 50))
+    p = np.exp(a) / np.exp(a).sum(-1, keepdims=True)
+    q = np.exp(b) / np.exp(b).sum(-1, keepdims=True)
+    kl, top1 = compare(a, b)
+    assert kl == pytest.approx(float(np.mean(np.sum(p * np.log(p / q), -1))), rel=1e-9)
+    assert top1 == float(np.mean(a.argmax(-1) == b.argmax(-1)))
+    assert compare(a, a) == (pytest.approx(0.0, abs=1e-12), 1.0)
+
+
+@pytest.mark.slow
+def test_sqs_bench_engines_on_the_tiny_pair(tmp_path, capsys):
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(["engines", "--models", "tiny", "--engines", "torch-bf16", "torch-fp32", "llama", "--repeats", "1",
+              "--positions", "4", "--out", str(tmp_path)])
+    assert ex.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("CPU flags:")
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "engines.csv")))
+    by = {r["engine"]: r for r in rows}
+    assert [r["engine"] for r in rows] == ["torch-fp32", "torch-bf16", "llama"]  # the reference first
+    assert float(by["torch-fp32"]["kl_vs_fp32"]) == 0.0 and float(by["torch-bf16"]["top1_vs_fp32"]) > 0.5
+    assert all(float(by["torch-fp32"][f"ms_{n}"]) > 0 for n in (1, 2, 3, 5, 9, 17))
+    assert by["llama"]["error"]  # tiny has no GGUF: skipped with the reason
