@@ -93,13 +93,11 @@ class Totals:
 
 
 def _options(p: Policy, temperature: float, seed: int):
-    from types import SimpleNamespace
+    from edge.options import options_from
 
-    return SimpleNamespace(
-        sparsifier=p.sparsifier if p.draft_len != 0 else "topk", k=p.k, ell=p.ell, drop_zeros=False, beta0=0.01,
-        eta=0.001, alpha=0.0005, draft_len=p.draft_len, budget_bits=5000.0, budget_accounting="honest",
-        temperature=temperature, top_k=0, top_p=1.0, seed=seed, no_pipeline=not p.pipeline,
-    )
+    return options_from({"sparsifier": p.sparsifier if p.draft_len != 0 else "topk", "k": p.k, "ell": p.ell,
+                         "draft_len": p.draft_len, "temperature": temperature, "seed": seed,
+                         "no_pipeline": not p.pipeline})
 
 
 def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[str]], temperatures, rates, rtts,

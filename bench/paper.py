@@ -78,7 +78,8 @@ def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, targ
     from tqdm import tqdm
 
     from edge.client import ClientConfig, CloudClient
-    from edge.drafter import DraftConfig, Drafter, parse_auto
+    from edge.drafter import DraftConfig, Drafter
+    from edge.options import AUTO, BY_NAME
     from edge.generate import generate
     from sqs_models.cached_lm import CachedLM
     from sqs_models.registry import load_model
@@ -97,7 +98,8 @@ def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, targ
                 cfg = DraftConfig(
                     scheme=SchemeConfig(st.scheme, m.vocab_size, k=st.k, ell=st.ell, beta0=st.beta0, eta=st.eta,
                                         alpha=st.alpha),
-                    max_draft_len=parse_auto(max_draft_len, "draft_len", 256), budget_bits=st.budget_bits,
+                    max_draft_len=None if max_draft_len == AUTO else BY_NAME["draft_len"].check(max_draft_len),
+                    budget_bits=st.budget_bits,
                     temperature=st.temperature,
                     seed=seed + i,
                 )

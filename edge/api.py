@@ -25,15 +25,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import grpc
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from common.metrics import Metrics
+from edge import options
 from edge.client import Cancelled, ClientConfig, CloudClient, CloudError
 from edge.drafter import DraftConfig, Drafter
 from edge.generate import GenerationResult, generate
@@ -56,27 +57,19 @@ class EdgeServerConfig:
     draft_len: int | str = "auto"  # for requests that name none: "auto" (planned per round), N, or 0
 
 
-class GenerateRequest(BaseModel):
-    prompt: str = Field(min_length=1, max_length=100_000)
-    max_new_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=100.0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    sparsifier: Literal["topk", "conformal", "dense", "token", "fp16-topk", "fp32", "none"] = "topk"
-    k: int | Literal["auto"] = Field("auto", description="top-K support size, or auto (the planner picks per round)")
-    ell: int | Literal["auto"] = Field("auto", description="lattice resolution, or auto (the planner picks per round)")
-    drop_zeros: bool = False
-    beta0: float = Field(0.01, ge=-1.0, le=2.0)
-    eta: float = Field(0.001, ge=0.0, le=1.0)
-    alpha: float = Field(0.0005, ge=0.0, le=1.0)
-    budget_bits: float = Field(5000.0, gt=0.0, le=1e9)
-    budget_accounting: Literal["honest", "formula"] = "honest"
-    draft_len: int | Literal["auto"] | None = Field(
-        None, description="auto: each round planned from measured costs; N: fixed plan; 0: plain target decoding; "
-                          "omitted: the server's --draft-len (auto unless set)")
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    no_pipeline: bool = Field(False, description="do not draft the next batch while one is in flight (as "
-                              "sqs-edge --no-pipeline; with it, a seed fixes the tokens of a fixed plan)")
+def _request_fields() -> dict:
+    fields = options.request_fields()
+    # Omitted: the server's --draft-len (auto unless set), so `sqs-edge serve --draft-len N` sets a default.
+    fields["draft_len"] = (fields["draft_len"][0] | None,
+                           Field(None, description=options.BY_NAME["draft_len"].help + "; omitted: the server's"))
+    return fields
+
+
+# The request body: the prompt and the generation options of edge/options.py (same names, ranges;
+# NaN and infinities refused with 422).
+GenerateRequest = create_model(
+    "GenerateRequest", __base__=BaseModel, prompt=(str, Field(min_length=1, max_length=100_000)), **_request_fields()
+)
 
 
 class GenerateResponse(BaseModel):
@@ -225,6 +218,14 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes the input, and a NaN or an infinity in it cannot be written as
+        # JSON (a 500): say where and why, and repr() the value.
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", ""),
+                   "input": repr(e.get("input"))} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     app.state.metrics = metrics
     return app

@@ -12,9 +12,7 @@ import os
 import sys
 
 from common.logs import setup_logging
-from common.schemes import Scheme
-
-SPARSIFIERS = [s.value for s in Scheme]
+from edge import options
 ENGINES = ["auto", "torch", "llama"]  # sqs_models.engines.ENGINE_CHOICES (not imported: keeps --help light)
 
 
@@ -29,17 +27,7 @@ def finite_float(text: str) -> float:
     return value
 
 
-def int_or_auto(text: str) -> int | str:
-    """argparse type: 'auto' (the planner chooses per round) or a non-negative integer."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+int_or_auto = options.arg_type("draft_len")  # argparse type: an integer in range, or auto
 
 
 def add_generation_args(ap: argparse.ArgumentParser) -> None:
@@ -51,33 +39,12 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--engine", default=env("SQS_ENGINE", "auto"), choices=ENGINES,
                     help="draft engine: auto (default) = llama.cpp where llama-cpp-python and the model's GGUF "
                          "exist, else torch")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=finite_float, default=0.0)
-    ap.add_argument("--top-k", type=int, default=0, help="target/draft sampling top-k (0 = off)")
-    ap.add_argument("--top-p", type=finite_float, default=1.0, help="target/draft sampling top-p (1 = off)")
-    ap.add_argument("--sparsifier", choices=SPARSIFIERS, default="topk")
-    ap.add_argument("--k", type=int_or_auto, default="auto",
-                    help="support size for topk / fp16-topk; auto (default): the planner picks K per round")
-    ap.add_argument("--ell", type=int_or_auto, default="auto",
-                    help="lattice resolution; auto (default): the planner picks ell per round")
-    ap.add_argument("--drop-zeros", action="store_true", help="leave zero-count entries out of the support")
-    ap.add_argument("--beta0", type=finite_float, default=0.01, help="C-SQS initial threshold")
-    ap.add_argument("--eta", type=finite_float, default=0.001, help="C-SQS learning rate")
-    ap.add_argument("--alpha", type=finite_float, default=0.0005, help="C-SQS target dropped mass")
-    ap.add_argument("--budget-bits", type=finite_float, default=5000.0, help="uplink bit budget B per batch")
-    ap.add_argument("--budget-accounting", choices=["honest", "formula"], default="honest")
-    ap.add_argument("--draft-len", type=int_or_auto, default="auto",
-                    help="drafts per batch: auto (default) plans each round from measured costs (0..32 drafts, "
-                         "or plain target steps when speculation does not pay); N = a fixed plan of up to N; "
-                         "0 = plain target decoding")
-    ap.add_argument("--seed", type=int, default=0)
+    options.add_arguments(ap)  # the generation options, declared once in edge/options.py
     ap.add_argument("--wait-for-cloud", type=finite_float, default=0.0, metavar="S",
                     help="at the start, keep waiting this many seconds for a cloud that does not answer yet "
                          "(default 0: say at once that HOST:PORT does not answer)")
     ap.add_argument("--outage-window", type=finite_float, default=180.0, metavar="S",
                     help="a running generation rides out a cloud outage this long (restart, stall, lost verdicts)")
-    ap.add_argument("--no-pipeline", action="store_true",
-                    help="do not draft the next batch while one is in flight (pipelined drafting is on by default)")
     ap.add_argument("--transport", choices=["stream", "unary"], default="stream",
                     help="one gRPC stream per session (default) or one unary call per round")
 
@@ -89,10 +56,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from sqs_models.engines import EngineUnavailable, load_engine
     from sqs_models.registry import ModelNotInstalled
 
-    if a.max_new_tokens < 1:
-        return _fail("--max-new-tokens must be >= 1")
-    if a.temperature < 0:
-        return _fail("--temperature must be >= 0")
     try:
         model = load_engine(a.draft_model, "draft", engine=a.engine, dtype=a.dtype)
     except (ModelNotInstalled, EngineUnavailable) as exc:

@@ -27,27 +27,12 @@ from common.planner import (
     ELL_MENU, K_MENU, AcceptanceModel, Description, Planner, PlannerConfig, QuantLoss, Round, RoundPlan, confidence,
 )
 from common.rejection import target_probs
-from common.schemes import MAX_RANKED_SUPPORT, Draft, Scheme, SchemeConfig, describe, draw
-
-AUTO = "auto"
-
+from common.schemes import Draft, Scheme, SchemeConfig, describe, draw
+from edge.options import AUTO, options_from
 
 class LM(Protocol):
     def logits(self, context: Sequence[int], want: int) -> np.ndarray:  # float32 [want, V]
         ...
-
-
-def parse_auto(value, name: str, high: int) -> int | None:
-    """'auto' -> None (the planner chooses), else an int in [0, high]."""
-    if value is None or value == AUTO:
-        return None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer or 'auto', got {value!r}") from None
-    if not 0 <= n <= high or n != float(value):
-        raise ValueError(f"{name} must be an integer in [0, {high}] or 'auto', got {value!r}")
-    return n
 
 
 @dataclass(frozen=True)
@@ -66,27 +51,24 @@ class DraftConfig:
     pipeline: bool = True  # draft the next batch while one is in flight (edge/generate.py)
 
     @classmethod
-    def from_options(cls, o, vocab_size: int) -> "DraftConfig":
-        """From any object with the `sqs-edge generate` option names (argparse namespace, HTTP
-        request, load-test config): sparsifier, k, ell, drop_zeros, beta0, eta, alpha, draft_len,
-        budget_bits, budget_accounting, temperature, top_k, top_p, seed. draft_len, k and ell take
-        'auto'; draft_len 0 = plain target decoding. Raises ValueError with the reason."""
-        draft_len = parse_auto(o.draft_len, "draft_len", 256)
-        k, ell = parse_auto(o.k, "k", MAX_RANKED_SUPPORT), parse_auto(o.ell, "ell", 1 << 16)
+    def from_options(cls, source, vocab_size: int) -> "DraftConfig":
+        """From the generation options (edge/options.py) held by any object or mapping with their
+        names: argparse namespace, HTTP request, load-test config. draft_len 0 = plain target
+        decoding. Raises ValueError with the reason."""
+        o = options_from(source)
+        draft_len = None if o.draft_len == AUTO else o.draft_len
+        k = None if o.k == AUTO else o.k
+        ell = None if o.ell == AUTO else o.ell
         scheme = Scheme.NONE if draft_len == 0 else Scheme(o.sparsifier)
-        for name, value in (("budget_bits", o.budget_bits), ("beta0", o.beta0), ("eta", o.eta),
-                            ("alpha", o.alpha), ("temperature", o.temperature), ("top_p", o.top_p)):
-            if not np.isfinite(float(value)):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
         return cls(
             scheme=SchemeConfig(
                 scheme, vocab_size=vocab_size, k=min(8, vocab_size) if k is None else k, ell=100 if ell is None else ell,
                 drop_zeros=o.drop_zeros and scheme.lattice, beta0=o.beta0, eta=o.eta, alpha=o.alpha,
             ),
-            max_draft_len=draft_len, budget_bits=float(o.budget_bits), budget_accounting=o.budget_accounting,
+            max_draft_len=draft_len, budget_bits=o.budget_bits, budget_accounting=o.budget_accounting,
             temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
             k_auto=k is None and scheme in (Scheme.TOPK, Scheme.FP16_TOPK), ell_auto=ell is None and scheme.lattice,
-            pipeline=not getattr(o, "no_pipeline", False),
+            pipeline=not o.no_pipeline,
         )
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from edge.options import OPTIONS
 from loadtest.runner import DEFAULT_PROMPTS, LoadTestConfig, check_loopback
 
 
@@ -58,10 +59,8 @@ def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
     return LoadTestConfig(
         clients=tuple(a.clients), requests=a.requests, duration_s=a.duration_s, warmup=a.warmup, cloud=a.cloud,
         target_model=a.target_model, draft_model=a.draft_model, dtype=a.dtype, engine=a.engine,
-        prompts=tuple(a.prompt) if a.prompt else DEFAULT_PROMPTS, max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, sparsifier=a.sparsifier, k=a.k, ell=a.ell,
-        drop_zeros=a.drop_zeros, beta0=a.beta0, eta=a.eta, alpha=a.alpha, budget_bits=a.budget_bits,
-        budget_accounting=a.budget_accounting, draft_len=a.draft_len, seed=a.seed,
+        prompts=tuple(a.prompt) if a.prompt else DEFAULT_PROMPTS,
+        **{o.name: getattr(a, o.name) for o in OPTIONS},
         connect_timeout_s=a.connect_timeout_s, round_timeout_s=a.round_timeout_s, retries=a.retries,
         meter=a.meter, cloud_workers=a.cloud_workers,
         batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows, progress=not a.no_progress,

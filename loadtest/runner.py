@@ -40,6 +40,8 @@ from typing import IO, Sequence
 
 import numpy as np
 
+from edge.options import GenerationOptions
+
 log = logging.getLogger("sqs.loadtest")
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -81,7 +83,7 @@ def check_loopback(target: str) -> str:
 
 
 @dataclass(frozen=True)
-class LoadTestConfig:
+class LoadTestConfig(GenerationOptions):
     clients: tuple[int, ...] = (1,)  # concurrency levels, run in turn
     requests: int = 32  # measured requests per level, all clients together
     duration_s: float = 30.0  # measured phase per level (whichever of requests/duration comes first)
@@ -91,21 +93,8 @@ class LoadTestConfig:
     draft_model: str = "tiny"
     dtype: str | None = None
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    sparsifier: str = "topk"
-    k: int | str = "auto"  # "auto": the planner picks K per round
-    ell: int | str = "auto"
-    drop_zeros: bool = False
-    beta0: float = 0.01
-    eta: float = 0.001
-    alpha: float = 0.0005
-    budget_bits: float = 5000.0
-    budget_accounting: str = "honest"
-    draft_len: int | str = "auto"  # "auto": planned per round; N: fixed plan; 0 = plain target decoding
-    seed: int = 0  # first seed; every request of the run gets its own (seed, seed + 1, ...)
+    max_new_tokens: int = 32  # the generation options come from edge/options.py; seed: the first request's,
+    # every request of the run gets its own (seed, seed + 1, ...)
     connect_timeout_s: float = 10.0
     round_timeout_s: float = 60.0
     retries: int = 0  # a load test counts failures instead of hiding them behind retries
@@ -124,13 +113,9 @@ class LoadTestConfig:
             raise ValueError("--duration-s must be > 0")
         if self.warmup < 0:
             raise ValueError("--warmup must be >= 0")
-        if self.max_new_tokens < 1:
-            raise ValueError("--max-new-tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("--temperature must be >= 0")
-        from edge.drafter import parse_auto
+        from edge.options import options_from
 
-        parse_auto(self.draft_len, "--draft-len", 256)
+        options_from(self)  # the generation options, checked as everywhere (edge/options.py)
         if not self.prompts:
             raise ValueError("no prompts")
         if self.connect_timeout_s <= 0 or self.round_timeout_s <= 0:
