@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.stats import PARTS, RoundRecord
+from common.stats import PARTS, RoundRecord, ends_in_resample
 
 # Milliseconds (loopback, tiny models) to seconds (1.5B target on 2 cores, narrow links).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,7 +63,7 @@ class Metrics:
         self.batches.labels(sparsifier).inc()
         self.drafted.labels(sparsifier).inc(drafted)
         self.accepted.labels(sparsifier).inc(accepted)
-        (self.resampled if accepted < drafted else self.bonus).labels(sparsifier).inc()
+        (self.resampled if ends_in_resample(drafted, accepted) else self.bonus).labels(sparsifier).inc()
         self.generated.labels(sparsifier).inc(accepted + 1 + plain)
         if drafted:
             self.accepted_length.labels(sparsifier).observe(accepted)

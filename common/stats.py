@@ -18,6 +18,12 @@ from dataclasses import asdict, dataclass, field
 PARTS = ("draft", "uplink", "verify", "downlink", "total")
 
 
+def ends_in_resample(drafted: int, accepted: int) -> bool:
+    """The round's new token: resampled at the first rejection (T < L), else the bonus token
+    (T == L, plain rounds included). The one place this is decided (stats and metrics read it)."""
+    return accepted < drafted
+
+
 @dataclass
 class RoundRecord:
     drafted: int
@@ -77,7 +83,7 @@ class GenerationStats:
 
     def add(self, r: RoundRecord) -> None:
         self.rounds += 1
-        tested = r.accepted + (1 if r.accepted < r.drafted else 0)
+        tested = r.accepted + (1 if ends_in_resample(r.drafted, r.accepted) else 0)
         self.tested += tested
         grow = tested - len(self.tested_by_position)
         if grow > 0:
@@ -89,7 +95,7 @@ class GenerationStats:
         self.drafted += r.drafted
         self.accepted += r.accepted
         self.plain += r.plain
-        if r.accepted < r.drafted:
+        if ends_in_resample(r.drafted, r.accepted):
             self.resampled += 1
         else:
             self.bonus += 1
