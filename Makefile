@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,bench]'
+	@echo "installing (llama-cpp-python builds from source on the first install: 15-30 min on 2 cores, then cached by pip)"
+	$(PIP) install -q -e '.[test,bench,llama]'
 	touch $@
 
 install: $(VENV)/.installed
