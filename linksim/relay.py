@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-CHUNK = 65536
+from edge.tcp_relay import CHUNK, TcpRelay, shutdown_both
 
 
 def parse_hostport(s: str) -> tuple[str, int]:
@@ -175,11 +175,7 @@ class _Connection:
 
     def abort(self) -> None:
         self.closing.set()
-        for s in (self.client, self.upstream):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shutdown_both(self.client, self.upstream)
 
     def _pipe_done(self) -> None:
         if not all(p.done.is_set() for p in self.pipes):
@@ -197,66 +193,44 @@ class _Connection:
         self.relay._closed_conn(self)
 
 
-class DelayRelay:
+class DelayRelay(TcpRelay):
     """Accepts on listen, connects each client to target, delays and counts both directions."""
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int], *,
                  uplink_delay: DirectionDelay = DirectionDelay(), downlink_delay: DirectionDelay = DirectionDelay(),
                  seed: int | None = None, max_buffer: int = 4 * 1024 * 1024, stats_file: str | None = None,
                  connect_timeout_s: float = 10.0) -> None:
-        self.target = target
+        super().__init__(listen, target, backlog=64, connect_timeout_s=connect_timeout_s, thread_name="relay-accept")
         self.uplink_delay, self.downlink_delay = uplink_delay, downlink_delay
         self.max_buffer = max_buffer
         self.stats_file = stats_file
-        self.connect_timeout_s = connect_timeout_s
         self._seed = seed if seed is not None else random.SystemRandom().randrange(2**32)
         self.lock = threading.Lock()
         self.uplink_bytes = 0
         self.downlink_bytes = 0
         self.conns: list[ConnStats] = []
         self._live: set[_Connection] = set()
-        self._stopped = threading.Event()
-        family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
-        self._listener = socket.socket(family, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(listen)
-        self._listener.listen(64)
-        host, port = self._listener.getsockname()[:2]
-        self.address = f"{host}:{port}"
-        self._thread = threading.Thread(target=self._accept_loop, name="relay-accept", daemon=True)
+        self._next_id = 0
 
     def start(self) -> "DelayRelay":
-        self._thread.start()
+        super().start()
         self.write_stats()
         return self
 
     def _seed_for(self, conn_id: int, direction: int) -> int:
         return (self._seed * 1_000_003 + conn_id * 2 + direction) % 2**63
 
-    def _accept_loop(self) -> None:
-        next_id = 0
-        while not self._stopped.is_set():
-            try:
-                client, peer = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=self.connect_timeout_s)
-                upstream.settimeout(None)
-            except OSError as exc:
-                print(f"linksim-relay: cannot connect to {self.target[0]}:{self.target[1]}: {exc}", file=sys.stderr,
-                      flush=True)
-                client.close()  # the client sees a reset, as it would without the relay
-                continue
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            next_id += 1
-            st = ConnStats(next_id, f"{peer[0]}:{peer[1]}", time.time())
-            conn = _Connection(self, client, upstream, st)
-            with self.lock:
-                self.conns.append(st)
-                self._live.add(conn)
-            conn.start()
+    def _connect_failed(self, exc: OSError) -> None:
+        print(f"linksim-relay: cannot connect to {self.target[0]}:{self.target[1]}: {exc}", file=sys.stderr, flush=True)
+
+    def _connected(self, client: socket.socket, upstream: socket.socket, peer: tuple) -> None:
+        self._next_id += 1  # only the accept thread gets here
+        st = ConnStats(self._next_id, f"{peer[0]}:{peer[1]}", time.time())
+        conn = _Connection(self, client, upstream, st)
+        with self.lock:
+            self.conns.append(st)
+            self._live.add(conn)
+        conn.start()
 
     def _count(self, st: ConnStats, uplink: bool, n: int) -> None:
         with self.lock:
@@ -299,11 +273,7 @@ class DelayRelay:
         os.replace(tmp, self.stats_file)
 
     def close(self) -> None:
-        self._stopped.set()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        self.stop_accepting()
         with self.lock:
             live = list(self._live)
         for c in live:
