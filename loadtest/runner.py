@@ -92,6 +92,7 @@ class LoadTestConfig(GenerationOptions):
     target_model: str = "tiny"  # for the in-process cloud
     draft_model: str = "tiny"
     dtype: str | None = None
+    engine: str = "auto"  # auto | torch | llama (sqs_models.engines), draft and in-process target
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 32  # the generation options come from edge/options.py; seed: the first request's,
     # every request of the run gets its own (seed, seed + 1, ...)
