@@ -10,8 +10,9 @@
 #           the environment, else .env) with BuildKit: the host's CA bundle goes in as a build
 #           secret (never baked), torch from a local wheelhouse when pip finds the pinned wheel
 #           on this machine's disk, else from TORCH_INDEX_URL (the public CPU index)
-#   stop    stop the dockerd this script started and restore the host's networking (iptables,
-#           ip_forward, docker0 and compose bridges) to what it was before `start`
+#   stop [--force]  stop the dockerd this script started and restore the host's networking
+#           (iptables, ip_forward, docker0 and compose bridges) to what it was before `start`;
+#           without --force, an engine that still runs containers is left running
 #   status  prints "running (started here|external)" or "stopped"; exit 0 only when running
 #   wait PROJECT [SECONDS]  wait until every container of compose project PROJECT is healthy
 #           (docker-compose 1.29 has no `up --wait`); prints each one's state, fails on timeout
@@ -104,6 +105,24 @@ start_engine() {
   die "dockerd did not answer within 60 s"
 }
 
+# Puts iptables (or ip6tables) back as saved: tables that were not in the saved rules (dockerd
+# made them: nat, and filter's DOCKER chains with FORWARD policy DROP) are flushed, emptied of user
+# chains and given ACCEPT policies; the saved tables are restored as they were.
+restore_rules() {
+  local cmd=$1 saved=$2 table chain
+  [[ -f $saved ]] || return 0
+  command -v "$cmd" >/dev/null || return 0
+  for table in $("$cmd-save" 2>/dev/null | sed -n 's/^\*//p'); do
+    grep -qx "\*$table" "$saved" && continue
+    "$cmd" -t "$table" -F && "$cmd" -t "$table" -X
+    for chain in $("$cmd" -t "$table" -S | awk '$1 == "-P" {print $2}'); do
+      "$cmd" -t "$table" -P "$chain" ACCEPT
+    done
+  done
+  if [[ -s $saved ]]; then "$cmd-restore" <"$saved"; fi
+  say "$cmd restored"
+}
+
 stop_engine() {
   local pid
   if [[ ! -f $STATE/dockerd.pid ]]; then
@@ -111,6 +130,10 @@ stop_engine() {
     return 0
   fi
   pid=$(cat "$STATE/dockerd.pid")
+  if [[ ${1:-} != --force ]] && engine_up && [[ -n $("$DOCKER" ps -q) ]]; then
+    say "containers are still running (docker ps); not stopping the engine (stop --force does)"
+    return 0
+  fi
   if kill -0 "$pid" 2>/dev/null; then
     say "stopping dockerd (pid $pid)"
     kill -TERM "$pid"
@@ -126,12 +149,8 @@ stop_engine() {
       ip link del "$link" 2>/dev/null && say "removed interface $link"
     fi
   done
-  if [[ -f $STATE/iptables.rules ]]; then
-    iptables-restore <"$STATE/iptables.rules" && say "iptables restored"
-  fi
-  if [[ -f $STATE/ip6tables.rules ]]; then
-    ip6tables-restore <"$STATE/ip6tables.rules" 2>/dev/null || true
-  fi
+  restore_rules iptables "$STATE/iptables.rules"
+  restore_rules ip6tables "$STATE/ip6tables.rules" 2>/dev/null || true
   if [[ -s $STATE/ip_forward ]]; then
     sysctl -q -w net.ipv4.ip_forward="$(cat "$STATE/ip_forward")" && say "ip_forward restored to $(cat "$STATE/ip_forward")"
   fi
@@ -257,7 +276,7 @@ case $cmd in
     build_images
     ;;
   stop)
-    stop_engine
+    stop_engine "${2:-}"
     ;;
   status)
     if engine_up; then

@@ -3,6 +3,8 @@
 #   docker-compose  tests/test_deploy.py renders docker-compose.yml with `docker-compose config`
 #   prometheus      tests/test_prometheus.py scrapes a real sqs-cloud with /usr/bin/prometheus
 #   iproute2        tc, for link shaping (tbf/htb) in tests that use network namespaces
+# The Docker engine of the stack tests (tests/test_deploy.py) is scripts/container_engine.sh's job:
+# it installs docker.io and debootstrap itself, starts dockerd and builds the local base images.
 # Idempotent: installs only what is missing, only as root on a Debian-like system with apt-get.
 # Always exits 0: a missing tool makes its tests skip, it does not break `make test`.
 set -u

@@ -324,6 +324,7 @@ def test_every_service_has_limits_and_log_rotation():
         assert svc.get("mem_limit"), f"{name} has no memory limit"
         logging = svc.get("logging") or {}
         assert logging.get("driver") == "json-file" and {"max-size", "max-file"} <= set(logging.get("options", {})), name
+        assert svc.get("init") is True, f"{name}: init: true (signals reach the process)"
     assert cfg["services"]["grafana"].get("profiles") == ["grafana"], "grafana stays outside the default `up`"
     assert env["LINK_NETEM"] in ("auto", "on")
 
@@ -522,7 +523,7 @@ def test_dashboard_metric_names_are_exported(dashboard, dashboard_exprs):
 # busy cores; warm (everything cached): the build is a cache hit and the module takes ~2 min.
 
 ENGINE = ROOT / "scripts" / "container_engine.sh"
-STACK_PROJECT = "sqs-sd-test"
+STACK_PROJECT = f"sqs-sd-test-{os.getpid()}"  # concurrent runs on one machine do not collide
 STACK_SERVICES = {"cloud", "link", "edge", "prometheus"}  # grafana is under a profile
 # The same explicit plan on both paths, so that the adaptive planner cannot choose differently;
 # no pipelined drafting, whose draft-ahead depends on timing (and with it the tokens of a seed).
@@ -633,7 +634,8 @@ def stack(free_port):
     env = _compose_env()
     env.update(COMPOSE_PROJECT_NAME=STACK_PROJECT, SQS_VERSION=f"{version}-tiny", TARGET_MODEL="tiny",
                DRAFT_MODEL="tiny", EDGE_PORT=str(free_port()), PROMETHEUS_PORT=str(free_port()),
-               GRAFANA_PORT=str(free_port()), LINK_RATE="10mbit", LOG_LEVEL="INFO", DOCKER=docker)
+               GRAFANA_PORT=str(free_port()), LINK_RATE="10mbit", LOG_LEVEL="INFO", DOCKER=docker,
+               COMPOSE_HTTP_TIMEOUT="300")  # a busy 2-core machine can take over 60 s to recreate
     build = _run(["bash", ENGINE, "build"], env=env, timeout=3000)
     t_built = time.monotonic()
     s = Stack(env, docker, compose)
