@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -79,31 +80,40 @@ class GenerateResponse(BaseModel):
     stats: dict
 
 
-def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
-    """The app; `model` (a sqs_models LoadedModel) is loaded at startup when not given."""
-    metrics = Metrics()
-    executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="generate")
-    state: dict = {"model": model, "active": 0}
-    active_lock = threading.Lock()
+class EdgeService:
+    """What the routes delegate to: the draft model, the generation threads, the metrics, and one
+    generation run with its cancellation. Torch and network work runs on `executor`, never on the
+    event loop. `model` (a sqs_models LoadedModel) is loaded by `load()` when not given."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if state["model"] is None:
+    def __init__(self, config: EdgeServerConfig, model=None) -> None:
+        self.config = config
+        self.model = model
+        self.metrics = Metrics()
+        self.executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="generate")
+        self._active = 0  # generations running: the sessions gauge
+        self._active_lock = threading.Lock()
+
+    async def load(self) -> None:
+        if self.model is None:
             from sqs_models.registry import load_model
 
-            state["model"] = await asyncio.get_running_loop().run_in_executor(
-                executor, lambda: load_model(config.draft_model, role="draft", dtype=config.dtype)
+            self.model = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: load_model(self.config.draft_model, role="draft", dtype=self.config.dtype)
             )
-        yield
-        executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="SQS-SD edge", version="1", lifespan=lifespan,
-                  description="Speculative decoding with a local draft model and a cloud verifier.")
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def run(req: GenerateRequest, on_tokens=None, cancel: threading.Event | None = None) -> GenerationResult:
+    def _count_active(self, delta: int) -> None:
+        with self._active_lock:
+            self._active += delta
+            self.metrics.sessions.set(self._active)
+
+    def run(self, req: GenerateRequest, on_tokens=None, cancel: threading.Event | None = None) -> GenerationResult:
+        """One generation, in a worker thread; refusals are HTTPException, a set `cancel` is Cancelled."""
         from sqs_models.cached_lm import CachedLM
 
-        m = state["model"]
+        config, m = self.config, self.model
         try:
             if req.draft_len is None:
                 req = req.model_copy(update={"draft_len": config.draft_len})
@@ -114,56 +124,49 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
         if not prompt_ids:
             raise HTTPException(422, detail="the prompt encodes to no tokens")
         drafter = Drafter(CachedLM(m.model, m.vocab_size), dcfg, m.eos_token_ids)
-        with active_lock:
-            state["active"] += 1
-            metrics.sessions.set(state["active"])
+        self._count_active(+1)
         try:
             cc = ClientConfig(config.cloud, connect_timeout_s=config.connect_timeout_s,
                               outage_window_s=config.outage_window_s, retries=config.retries)
             with CloudClient(cc, cancel=cancel) as client:  # closing it closes the cloud session
                 result = generate(prompt_ids, drafter, client, max_new_tokens=req.max_new_tokens,
-                                  vocab_fingerprint=m.fingerprint, on_tokens=on_tokens, metrics=metrics)
+                                  vocab_fingerprint=m.fingerprint, on_tokens=on_tokens, metrics=self.metrics)
             log.info("generation session=%s sparsifier=%s tokens=%d rounds=%d", result.session_id,
                      dcfg.scheme.scheme.value, result.stats.generated, result.stats.rounds)
             return result
         except CloudError as exc:
             raise HTTPException(_http_status(exc), detail=str(exc)) from None
         finally:
-            with active_lock:
-                state["active"] -= 1
-                metrics.sessions.set(state["active"])
+            self._count_active(-1)
 
-    def response_of(result: GenerationResult) -> dict:
+    def response_of(self, result: GenerationResult) -> dict:
         return GenerateResponse(
-            text=state["model"].tokenizer.decode(result.token_ids), token_ids=result.token_ids,
+            text=self.model.tokenizer.decode(result.token_ids), token_ids=result.token_ids,
             stop_reason=result.stop_reason, stats=result.stats.summary(),
         ).model_dump()
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate_endpoint(req: GenerateRequest, request: Request):
+    async def generate(self, req: GenerateRequest, is_disconnected) -> dict:
+        """The whole response body; Cancelled when the HTTP client went away (polled every
+        disconnect_poll_s)."""
         cancel = threading.Event()
-        job = asyncio.get_running_loop().run_in_executor(executor, run, req, None, cancel)
+        job = asyncio.get_running_loop().run_in_executor(self.executor, self.run, req, None, cancel)
         try:
-            while not (await asyncio.wait({job}, timeout=config.disconnect_poll_s))[0]:
-                if await request.is_disconnected():
+            while not (await asyncio.wait({job}, timeout=self.config.disconnect_poll_s))[0]:
+                if await is_disconnected():
                     log.info("HTTP client went away; cancelling its generation")
                     cancel.set()
                     break
         finally:
             if not job.done():
                 cancel.set()
-        try:
-            result = await job
-        except Cancelled:
-            return Response(status_code=499)  # nobody reads it: the client closed the request
-        return response_of(result)
+        return self.response_of(await job)
 
-    @app.post("/v1/generate/stream")
-    async def generate_stream(req: GenerateRequest, request: Request):
+    def stream(self, req: GenerateRequest, is_disconnected) -> tuple[threading.Event, AsyncIterator[str]]:
+        """(cancel, server-sent events): one `tokens` event per round, then `done` (or `error`)."""
         loop = asyncio.get_running_loop()
         cancel = threading.Event()
         queue: asyncio.Queue = asyncio.Queue()
-        tok = state["model"].tokenizer
+        tok = self.model.tokenizer
         emitted: list[int] = []
         printed = [""]
 
@@ -175,8 +178,8 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
 
         def work() -> None:
             try:
-                result = run(req, on_tokens, cancel)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", response_of(result)))
+                result = self.run(req, on_tokens, cancel)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", self.response_of(result)))
             except Cancelled:
                 log.info("HTTP client went away; streamed generation cancelled")
             except HTTPException as exc:
@@ -185,15 +188,15 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
                 log.exception("stream generation failed")
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", {"status": 500, "detail": str(exc)}))
 
-        executor.submit(work)
+        self.executor.submit(work)
 
         async def events():
             while True:
                 try:
-                    kind, data = await asyncio.wait_for(queue.get(), timeout=config.disconnect_poll_s)
+                    kind, data = await asyncio.wait_for(queue.get(), timeout=self.config.disconnect_poll_s)
                 except asyncio.TimeoutError:  # no round finished (a long round, an outage): still wanted?
                     kind = None
-                if await request.is_disconnected():
+                if await is_disconnected():
                     cancel.set()
                     return
                 if kind is None:
@@ -202,18 +205,50 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
                 if kind in ("done", "error"):
                     return
 
-        return _CancellingStream(cancel, events(), media_type="text/event-stream")
+        return cancel, events()
+
+    async def health(self) -> tuple[dict, bool]:
+        """(body, healthy): healthy when the cloud answers its health check and the model is loaded."""
+        cloud = self.config.cloud
+        ok, detail = await asyncio.get_running_loop().run_in_executor(None, _cloud_health, cloud)
+        body = {"status": "ok" if ok else "unavailable", "cloud": cloud, "cloud_status": detail,
+                "draft_model": self.config.draft_model, "model_loaded": self.model is not None}
+        return body, ok and self.model is not None
+
+
+def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
+    """The app: routes wired to an EdgeService; `model` is loaded at startup when not given."""
+    service = EdgeService(config, model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.load()
+        yield
+        service.shutdown()
+
+    app = FastAPI(title="SQS-SD edge", version="1", lifespan=lifespan,
+                  description="Speculative decoding with a local draft model and a cloud verifier.")
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate_endpoint(req: GenerateRequest, request: Request):
+        try:
+            return await service.generate(req, request.is_disconnected)
+        except Cancelled:
+            return Response(status_code=499)  # nobody reads it: the client closed the request
+
+    @app.post("/v1/generate/stream")
+    async def generate_stream(req: GenerateRequest, request: Request):
+        cancel, events = service.stream(req, request.is_disconnected)
+        return _CancellingStream(cancel, events, media_type="text/event-stream")
 
     @app.get("/healthz")
     async def healthz():
-        ok, detail = await asyncio.get_running_loop().run_in_executor(None, _cloud_health, config.cloud)
-        body = {"status": "ok" if ok else "unavailable", "cloud": config.cloud, "cloud_status": detail,
-                "draft_model": config.draft_model, "model_loaded": state["model"] is not None}
-        return JSONResponse(body, status_code=200 if ok and state["model"] is not None else 503)
+        body, healthy = await service.health()
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):
@@ -227,7 +262,8 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
                    "input": repr(e.get("input"))} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
 
-    app.state.metrics = metrics
+    app.state.metrics = service.metrics
+    app.state.service = service
     return app
 
 
