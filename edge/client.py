@@ -203,8 +203,11 @@ class CloudClient:
         self._drop_stream()
         return reply
 
-    def _reopen(self, request: codec.OpenRequest, until: float) -> None:
-        """Re-open this session (the cloud lost it) with the accepted context, under the same id."""
+    def resync(self, accepted: Callable[[], codec.OpenRequest], until: float) -> None:
+        """The cloud lost this session (NOT_FOUND: a restart, an expiry, an eviction): re-open it
+        under the same id with the whole accepted context, from which the cloud rebuilds its state;
+        round() then sends the same batch again."""
+        request = accepted()
         log.info("session %s unknown to the cloud; re-opening with the %d-token accepted context",
                  self.session_id, len(request.context))
         self._open(codec.encode_open(replace(request, client_session_id=self.session_id)), until, at_open=False)
@@ -226,7 +229,8 @@ class CloudClient:
 
     # -- one round --------------------------------------------------------------------------
     def round(self, batch: pb.DraftBatch, reopen: Callable[[], codec.OpenRequest]) -> RoundReply:
-        """Send one batch and wait for its verdict, riding out outages; reopen() gives the context."""
+        """Send one batch and wait for its verdict, riding out outages; reopen() gives the accepted
+        context for resync()."""
         c = self.config
         backoff = _Backoff(c.backoff_s, c.backoff_max_s)
         outage_since: float | None = None
@@ -246,7 +250,7 @@ class CloudClient:
                 until = outage_since + c.outage_window_s
                 within = now < until and (c.retries is None or attempts <= c.retries)
                 if code == grpc.StatusCode.NOT_FOUND and within and reopens < _MAX_REOPENS:
-                    self._reopen(reopen(), until)
+                    self.resync(reopen, until)
                     reopens += 1
                     continue
                 if code in _RETRYABLE and within:

@@ -8,8 +8,9 @@ described by the scheme (support + lattice counts or float values), priced in bi
 fits the budget B is the draft token sampled from exactly the q_hat that will be sent. Stops at B,
 the plan's length, the token limit, an EOS draft, or (auto) when one more draft does not raise the
 expected tokens per second. After the verdict, settle() rolls the conformal threshold back to the
-surviving positions and feeds the measured costs and outcomes back to the planner; the KV cache
-follows the context by itself (sqs_models/cached_lm.py crops it on the next call).
+surviving positions and feeds the measured costs and outcomes back to the planner. The KV cache is
+rolled back by the first lm.logits call in draft(): it crops the cache to the prefix it shares with
+the context the batch continues (sqs_models/cached_lm.py), so rejected drafts leave it there.
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ class Drafter:
         spent = 0.0
         while len(batch.drafts) < limit and not (should_stop and should_stop()):
             t_pos = time.perf_counter()
+            # KV-cache rollback at the batch's first position: logits() crops the cache to the prefix it
+            # shares with ctx (accepted, or a guessed continuation), dropping rejected drafts, then feeds the rest.
             logits = self.lm.logits(ctx, want=1)[0].astype(np.float64)  # [V]
             q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # [V]
             feature_q = q if cfg.temperature > 0 else target_probs(logits, 1.0, cfg.top_k, cfg.top_p)

@@ -77,8 +77,6 @@ class ConnStats:
 class _DelayedPipe:
     """One direction: a reader thread queues (due, data); a writer thread writes each when due."""
 
-    _EOF = b""
-
     def __init__(self, conn: "_Connection", src: socket.socket, dst: socket.socket, uplink: bool,
                  delay: DirectionDelay, rng: random.Random, max_buffer: int) -> None:
         self.conn, self.src, self.dst, self.uplink = conn, src, dst, uplink
