@@ -21,8 +21,12 @@ Choosing (``engine``):
 * ``llama``: llama.cpp on the model's GGUF (the Q4_K_M file the PyPI parts ship, kept by
   ``sqs-models install``); needs llama-cpp-python (``pip install -e '.[llama]'``). ``dtype`` does
   not apply (the GGUF's quantization is what runs) and is refused.
-* ``auto``: ``llama`` when llama-cpp-python is importable, the model has a GGUF and no ``dtype``
-  was asked for; else ``torch``. The ``tiny`` pair has no GGUF: always torch.
+* ``auto``: on the edge (``role="draft"``), ``llama`` when llama-cpp-python is importable, the model
+  has a GGUF and no ``dtype`` was asked for (its one-token step is several times cheaper); else
+  ``torch``. On the cloud (``role="target"``) both are loaded when both are possible and the one
+  with the cheaper L+1-row verify pass, measured at start, is kept: llama.cpp's pass grows about
+  linearly with rows on AVX2/AVX-512 CPUs (9 rows: 10x a step) while torch bf16 on AVX-512-BF16 stays
+  nearly flat (1.4x), so which wins depends on the machine. The ``tiny`` pair has no GGUF: always torch.
 """
 
 from __future__ import annotations
@@ -147,11 +151,26 @@ def load_engine(
     """
     kind = resolve_engine(engine, model, dtype, cache_dir)
     t0 = time.perf_counter()
-    eng = _load_llama(model, role, threads, cache_dir) if kind == "llama" else _load_torch(
-        model, role, dtype, cache_dir, measure)
+    if kind == "llama" and engine == "auto" and role == "target" and measure:
+        eng = _cheaper_verify_pass(model, role, threads, cache_dir)
+    else:
+        eng = _load_llama(model, role, threads, cache_dir) if kind == "llama" else _load_torch(
+            model, role, dtype, cache_dir, measure)
     eng.load_s = time.perf_counter() - t0
     log.info("%s (%s): engine %s, %s, loaded in %.1f s", model, role, eng.kind, eng.detail, eng.load_s)
     return eng
+
+
+def _cheaper_verify_pass(model: str, role: str, threads: int, cache_dir: Path | None) -> Engine:
+    """Both engines loaded and timed on the verify pass (PROBE_ROWS rows, warm cache); the cheaper
+    is kept, the other released."""
+    llama = _load_llama(model, role, threads, cache_dir)
+    llama_ms = probe_lm(llama.new_lm(), llama.vocab_size)["pass_ms"]
+    torch_eng = _load_torch(model, role, None, cache_dir, measure=True)
+    torch_ms = (torch_eng.probe.get(torch_eng.dtype) or probe_lm(torch_eng.new_lm(), torch_eng.vocab_size))["pass_ms"]
+    keep = llama if llama_ms <= torch_ms else torch_eng
+    keep.detail += f"; verify pass of {PROBE_ROWS} rows: llama {llama_ms:.0f} ms, torch {torch_ms:.0f} ms (auto kept the cheaper)"
+    return keep
 
 
 # --- torch -------------------------------------------------------------------------------------
