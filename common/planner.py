@@ -49,14 +49,17 @@ def confidence(q: np.ndarray) -> float:
 class AcceptanceModel:
     """P(draft accepted | confidence c) for an exactly described q, learned from verdicts.
 
-    Bins over c in [0, 1]; each bin shrinks to the overall rate with `prior` pseudo-observations,
-    and the overall rate starts from one accepted and one rejected pseudo-observation (0.5).
+    Bins over c in [0, 1]; each bin starts from `prior` pseudo-observations at the rate its
+    confidence states (a draft that puts mass c on its token is, before any verdict, taken to be
+    accepted with probability c: a calibrated draft's own estimate), and verdicts take over.
     Outcomes are corrected by the description's TV loss, so what is learned is the acceptance of
     q itself and the plan can price other descriptions (a(K, ell) = a_q - TV(K, ell)).
     """
 
     def __init__(self, bins: int = 10, prior: float = 2.0, window: int = 64) -> None:
-        self._edges = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        self._edges = edges[1:-1]
+        self._centers = (edges[:-1] + edges[1:]) / 2
         self._hits = np.zeros(bins)
         self._n = np.zeros(bins)
         self._prior = prior
@@ -72,7 +75,7 @@ class AcceptanceModel:
 
     def predict(self, c: float) -> float:
         b = self._bin(c)
-        return float((self._hits[b] + self._prior * self.overall) / (self._n[b] + self._prior))
+        return float((self._hits[b] + self._prior * self._centers[b]) / (self._n[b] + self._prior))
 
     def typical(self) -> float:
         """Expected acceptance of a future position (mean prediction over recent confidences)."""

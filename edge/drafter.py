@@ -145,6 +145,8 @@ class Drafter:
             return
         ctx = list(context)
         row = self.lm.logits(ctx, want=1)[0]  # prefill (needed for the first draft anyway)
+        cfg = self.config
+        self.acceptance.seen(confidence(target_probs(row.astype(np.float64), cfg.temperature or 1.0, cfg.top_k, cfg.top_p)))
         t0 = time.perf_counter()
         self.lm.logits(ctx + [int(np.argmax(row))], want=1)  # one step; the cache crops it next call
         self.costs.draft.add((time.perf_counter() - t0) * 1e3)
