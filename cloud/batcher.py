@@ -14,10 +14,11 @@ then takes the queue's items in arrival order up to `max_rows` rows (always at l
 and wakes the next leader. Consequences, by design:
 
   - A lone session never waits: with one session attached, its item is the whole expected batch.
-  - No round waits for the window more than once: an item that queued while a batch ran is past
-    its window when it leads, so it goes at once with whatever queued behind the running batch
-    (continuous batching). A slow session (an edge still drafting, a large batch still decoding)
-    is simply not in the queue; it holds nobody beyond the window.
+  - A round waits for others at most `window_s` after its own arrival (plus the passes ahead of
+    it): an item that queued while a longer batch ran is past its window when it leads, so it goes
+    at once with whatever queued behind that batch (continuous batching). A slow session (an edge
+    still drafting, a large batch still decoding) is simply not in the queue; it holds nobody
+    beyond the window.
   - window_s == 0 never waits (items that queued during a running batch are still batched).
 
 `run` returns one outcome per item, a result or an exception instance (that item's own failure);

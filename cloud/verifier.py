@@ -431,7 +431,8 @@ class Verifier:
 
     # -- forward passes ---------------------------------------------------------------------
     def _forward(self, session: Session, context: list[int], want: int) -> tuple[np.ndarray, float]:
-        """Target logits [want, V] for the session's context and the ms this session waited for them.
+        """Target logits [want, V] for the session's context and the ms of the pass that computed them
+        (a wait in the batcher's queue is not in it: it shows in RoundResult.verify_ms).
 
         With batching on (and an LM that has a batched pass) the pass is shared with the rounds of
         other sessions that are ready within the window (cloud/batcher.py). The pass table records,

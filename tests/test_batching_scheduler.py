@@ -76,7 +76,7 @@ def test_a_missing_session_holds_the_others_no_longer_than_the_window():
 
 def test_max_rows_splits_a_batch_in_arrival_order():
     run = Recorder()
-    b = Batcher(run, window_s=5.0, max_rows=10, expected=lambda: 3)
+    b = Batcher(run, window_s=0.3, max_rows=10, expected=lambda: 3)
     results, _ = submit_all(b, [1, 2, 3], rows=4)  # 12 rows > 10: two passes of 2 and 1
     assert results == {1: 10, 2: 20, 3: 30}
     assert sorted(len(x) for x in run.batches) == [1, 2]
