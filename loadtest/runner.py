@@ -558,7 +558,8 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
         from cloud.inprocess import LocalCloud
         from cloud.verifier import VerifierConfig
 
-        cloud = LocalCloud(config.target_model, dtype=config.dtype, workers=config.cloud_workers,
+        cloud = LocalCloud(config.target_model, dtype=config.dtype, engine=config.engine,
+                           workers=config.cloud_workers,
                            verifier=VerifierConfig(max_sessions=max(64, 2 * max(config.clients))),
                            batch_window_ms=config.batch_window_ms, batch_max_rows=config.batch_max_rows)
         address = cloud.address
