@@ -114,7 +114,7 @@ class VerifierServicer:
             self.metrics.observe_round(
                 result.scheme.value, drafted=result.drafted, accepted=result.accepted,
                 payload_bytes=result.payload_bytes, formula_bits=result.formula_bits,
-                latency_ms={"verify": result.verify_ms},
+                latency_ms={"verify": result.verify_ms}, plain=len(result.plain_tokens),
             )
         log.debug(
             "round session=%s drafted=%d accepted=%d verify_ms=%.1f replayed=%s",

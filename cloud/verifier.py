@@ -441,6 +441,8 @@ class Verifier:
         """
         if self._batcher is None or not hasattr(type(session.lm), "logits_batch"):
             t_fwd = time.perf_counter()
+            # The LM's KV cache follows `context`: it crops to the common prefix (the rollback of the
+            # last round's rejected drafts) and feeds the rest (sqs_models/cached_lm.py).
             logits = session.lm.logits(context, want=want)
             ms = (time.perf_counter() - t_fwd) * 1e3
         else:
