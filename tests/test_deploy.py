@@ -278,6 +278,8 @@ def test_dockerfile_one_file_two_targets():
         final = by_name[target]
         assert final[0].startswith("FROM runtime AS"), final[0]
         assert any(f'python -m sqs_models install "${{{model_arg}}}"' in i for i in by_name[f"models-{target}"])
+        # The installer writes model.safetensors 0600 as root; the services run as uid 10001.
+        assert any("chmod -R a+rX /models" in i for i in by_name[f"models-{target}"])
         users = [i.split()[1] for i in final if i.upper().startswith("USER ")]
         assert users and users[-1] not in ("root", "0"), f"{target} must run as a non-root user"
         assert any(i.upper().startswith("HEALTHCHECK ") and " CMD " in i for i in final)
