@@ -134,14 +134,16 @@ def test_relay_delays_each_chunk_without_throttling():
         s = socket.create_connection((host, int(port)))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rtts = []
-        for _ in range(3):
+        for _ in range(5):
             t = time.perf_counter()
             s.sendall(b"ping")
             got = b""
             while len(got) < 4:
                 got += s.recv(16)
             rtts.append((time.perf_counter() - t) * 1e3)
-        assert all(45 - 1 <= x <= 55 + 40 for x in rtts), rtts  # 20 + 30 +- 5 ms, scheduling slack above
+        # 20 + 30 +- 5 ms: never faster; the median within scheduling slack (the first round trip also
+        # pays the relay's upstream connect, and a loaded machine can delay any one of them)
+        assert min(rtts) >= 45 - 1 and sorted(rtts)[len(rtts) // 2] <= 55 + 40, rtts
         n = 8 * 1024 * 1024
         payload = os.urandom(n)
         back = bytearray()
