@@ -134,7 +134,8 @@ def test_relay_delays_each_chunk_without_throttling():
         s = socket.create_connection((host, int(port)))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         rtts = []
-        for _ in range(5):
+        pings = 5
+        for _ in range(pings):
             t = time.perf_counter()
             s.sendall(b"ping")
             got = b""
@@ -166,7 +167,7 @@ def test_relay_delays_each_chunk_without_throttling():
         while relay.snapshot()["open_connections"] and time.monotonic() < deadline:
             time.sleep(0.02)
         snap = relay.snapshot()
-        assert snap["uplink_bytes"] == snap["downlink_bytes"] == n + 12
+        assert snap["uplink_bytes"] == snap["downlink_bytes"] == n + 4 * pings  # the pings, then the payload
         assert snap["open_connections"] == 0
     finally:
         relay.close()
