@@ -107,6 +107,27 @@ def draft_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_target():
+    from sqs_models.registry import load_model
+
+    return load_model("tiny", role="target")
+
+
+@pytest.fixture(scope="session")
+def full_recompute():
+    """full_recompute(model, vocab_size, context, want) -> float32 [want, V]: the naive oracle of the
+    cached LMs, every position from scratch without a cache."""
+    import torch
+
+    def recompute(model, vocab_size: int, context: list[int], want: int):
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([context], dtype=torch.long), use_cache=False)
+        return out.logits[0, -want:, :vocab_size].float().numpy()
+
+    return recompute
+
+
+@pytest.fixture(scope="session")
 def run_generation(draft_model):
     """run_generation(address, prompt, *, scheme="topk", max_new_tokens=16, temperature=0.0, seed=0,
     max_draft_len=4, **scheme_kw) -> GenerationResult: the edge library path with the tiny draft."""

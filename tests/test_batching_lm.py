@@ -19,19 +19,11 @@ from sqs_models.registry import load_model  # noqa: E402
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny_target():
-    return load_model("tiny", role="target")
 
-
-def recompute(model, vocab_size: int, context: list[int], want: int) -> np.ndarray:
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([context], dtype=torch.long), use_cache=False)
-    return out.logits[0, -want:, :vocab_size].float().numpy()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_batched_logits_equal_per_session_logits_over_a_walk(tiny_target, seed):
+def test_batched_logits_equal_per_session_logits_over_a_walk(full_recompute, tiny_target, seed):
     m = tiny_target
     rng = np.random.default_rng(seed)
     S = 4
@@ -59,7 +51,7 @@ def test_batched_logits_equal_per_session_logits_over_a_walk(tiny_target, seed):
     # Each cache holds exactly its own tokens: a later unbatched call matches a full recompute.
     for i in range(S):
         ctx = contexts[i] + [5, 6, 7]
-        np.testing.assert_allclose(batched[i].logits(ctx, 4), recompute(m.model, m.vocab_size, ctx, 4), rtol=0,
+        np.testing.assert_allclose(batched[i].logits(ctx, 4), full_recompute(m.model, m.vocab_size, ctx, 4), rtol=0,
                                    atol=ATOL)
 
 

@@ -13,21 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sqs_models.cached_lm import CachedLM  # noqa: E402
-from sqs_models.registry import load_model  # noqa: E402
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny_target():
-    return load_model("tiny", role="target")
 
-
-def recompute(model, vocab_size: int, context: list[int], want: int) -> np.ndarray:
-    """The oracle: every position from scratch, no cache. float32 [want, V]."""
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([context], dtype=torch.long), use_cache=False)
-    return out.logits[0, -want:, :vocab_size].float().numpy()
 
 
 def next_context(rng: np.random.Generator, context: list[int], vocab: int, max_len: int) -> list[int]:
@@ -47,7 +37,7 @@ def next_context(rng: np.random.Generator, context: list[int], vocab: int, max_l
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cached_logits_equal_a_full_recompute_after_any_crop_extend_walk(tiny_target, seed):
+def test_cached_logits_equal_a_full_recompute_after_any_crop_extend_walk(full_recompute, tiny_target, seed):
     m = tiny_target
     lm = CachedLM(m.model, m.vocab_size)
     rng = np.random.default_rng(seed)
@@ -57,11 +47,11 @@ def test_cached_logits_equal_a_full_recompute_after_any_crop_extend_walk(tiny_ta
         want = int(rng.integers(1, min(len(context), 9) + 1))
         got = lm.logits(context, want)
         assert got.shape == (want, m.vocab_size) and got.dtype == np.float32
-        np.testing.assert_allclose(got, recompute(m.model, m.vocab_size, context, want), rtol=0, atol=ATOL,
+        np.testing.assert_allclose(got, full_recompute(m.model, m.vocab_size, context, want), rtol=0, atol=ATOL,
                                    err_msg=f"seed {seed} step {step}: len {len(context)} want {want}")
 
 
-def test_asking_again_for_rows_already_cached_recomputes_them(tiny_target):
+def test_asking_again_for_rows_already_cached_recomputes_them(full_recompute, tiny_target):
     """Same context twice with want > 1: the rows must come back (the cache is cropped to refeed them)."""
     m = tiny_target
     lm = CachedLM(m.model, m.vocab_size)
@@ -69,7 +59,7 @@ def test_asking_again_for_rows_already_cached_recomputes_them(tiny_target):
     first = lm.logits(context, 1)
     again = lm.logits(context, 6)
     np.testing.assert_allclose(again[-1], first[0], rtol=0, atol=ATOL)
-    np.testing.assert_allclose(again, recompute(m.model, m.vocab_size, context, 6), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(again, full_recompute(m.model, m.vocab_size, context, 6), rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("want", [0, 4])
