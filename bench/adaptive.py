@@ -145,9 +145,7 @@ def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[
         t.accepted += st.accepted
         t.plain += st.plain
         t.wire_bytes += st.uplink_wire_bytes + st.downlink_wire_bytes
-        for r in st.records:  # price every round on this cell's link
-            up, down = link.network_ms(r.uplink_wire_bytes or r.message_bytes, r.downlink_wire_bytes or 16)
-            t.ms += r.draft_ms + up + r.verify_ms + down
+        t.ms += sum(link.round_ms(r) for r in st.records)  # every round priced on this cell's link
 
     try:
         for temperature in temperatures:

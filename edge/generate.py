@@ -40,6 +40,12 @@ class LinkModel:
         up = self.rtt_ms / 2 + uplink_bytes * 8e3 / self.uplink_bps
         return up, self.rtt_ms / 2 + downlink_bytes * 8e3 / self.downlink_bps
 
+    def round_ms(self, r: RoundRecord) -> float:
+        """A recorded round's time on this link: its network time replaced, everything else (draft,
+        cloud, drafting ahead past the verdict) as recorded."""
+        up, down = self.network_ms(r.uplink_wire_bytes or r.message_bytes, r.downlink_wire_bytes)
+        return r.total_ms - r.uplink_ms - r.downlink_ms + up + down
+
 
 @dataclass
 class GenerationResult:

@@ -287,3 +287,13 @@ def test_pipelining_never_changes_the_tokens_of_a_fixed_plan(scheme):
         assert outs[0].token_ids == outs[1].token_ids
         adopted += outs[1].stats.controller_summary()["ahead_batches_adopted"]
     assert adopted > 0
+
+
+def test_a_round_repriced_on_its_own_link_keeps_its_recorded_time():
+    """Repricing keeps what is not network (draft, cloud, drafting ahead past the verdict)."""
+    link = LinkModel(64_000, 1e6, 200.0)
+    drafter = Drafter(TableLM(DRAFT), draft_config("topk", seed=2, draft_len=2, k=3, ell=20))
+    res = generate([0], drafter, LoopbackClient(verifier()), max_new_tokens=16, vocab_fingerprint="fp", link=link)
+    for r in res.stats.records:
+        assert link.round_ms(r) == pytest.approx(r.total_ms)
+        assert LinkModel(1e9, 1e9, 0.0).round_ms(r) < r.total_ms - 199.0
