@@ -163,21 +163,15 @@ class Verifier:
                                     expected=self._attached_sessions)
 
     # -- measured forward cost --------------------------------------------------------------
-    def calibrate(self, context_len: int = 32) -> dict[int, float]:
+    def calibrate(self) -> dict[int, float]:
         """Time warm-cache forward passes of config.calibrate_rows rows on a scratch LM.
 
         Seeds the table the edges plan with before any round has run (every round refines it).
         """
-        lm = self._new_lm()
-        base = [i % self.target.vocab_size for i in range(context_len)]
-        lm.logits(base, want=1)  # prefill, not timed
-        for rows in self.config.calibrate_rows:
-            extra = [(7 * j + 3) % self.target.vocab_size for j in range(rows)]
-            lm.logits(base + extra, want=rows)  # warm-up of this shape
-            for _ in range(2):
-                t0 = time.perf_counter()
-                lm.logits(base + extra, want=rows)
-                self._record_pass(rows, (time.perf_counter() - t0) * 1e3)
+        from sqs_models.engines import time_passes
+
+        for rows, ms in time_passes(self._new_lm(), self.target.vocab_size, self.config.calibrate_rows).items():
+            self._record_pass(rows, ms)
         return self.pass_table()
 
     def _record_pass(self, rows: int, ms: float) -> None:

@@ -35,10 +35,6 @@ class Smoothed:
             self._samples.append(float(value))
 
     @property
-    def count(self) -> int:
-        return len(self._samples)
-
-    @property
     def value(self) -> float:
         return float(np.median(self._samples)) if self._samples else self.default
 
@@ -100,10 +96,6 @@ class LinkEstimate:
         if np.isfinite(network_ms) and uplink_bytes >= 0:
             self._pts.append((float(uplink_bytes), max(0.0, float(network_ms))))
 
-    @property
-    def count(self) -> int:
-        return len(self._pts)
-
     def estimate(self) -> Link:
         pts = list(self._pts)
         if not pts:
@@ -133,7 +125,6 @@ class CostModel:
         self.cloud_overhead = Smoothed(default=0.0)  # cloud round time outside its forward passes
         self.framing = Smoothed(default=0.0)  # uplink wire bytes per round beyond the payload
         self.link = LinkEstimate()
-        self.rounds = 0
 
     def observe_round(self, *, rows: int, plain_steps: int, forward_ms: float, cloud_ms: float,
                       round_trip_ms: float, uplink_bytes: int, payload_bytes: int) -> None:
@@ -145,7 +136,6 @@ class CostModel:
         self.cloud_overhead.add(max(0.0, cloud_ms - forward_ms))
         self.framing.add(max(0, uplink_bytes - payload_bytes))
         self.link.add(uplink_bytes, round_trip_ms - cloud_ms)
-        self.rounds += 1
 
     def costs(self) -> Costs:
         link = self.link.estimate()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -263,9 +263,9 @@ class Planner:
             desc = best.description if best else min(self._descriptions(loss, beta), key=lambda d: d.bits)
             if desc.bits <= budget_bits:
                 self.tokens_since_draft = 0
-                e = 1.0 + max(0.0, a_q - desc.loss)
+                a = max(0.0, a_q - desc.loss)
                 t = costs.fixed_ms + costs.draft_ms + costs.pass_ms(2)
-                return RoundPlan(True, desc, 1, 0, e, t, max(0.0, a_q - desc.loss), probe=True)
+                return RoundPlan(True, desc, 1, 0, 1.0 + a, t, a, probe=True)
         self.tokens_since_draft += m
         return plain
 
@@ -307,7 +307,6 @@ class Round:
     t: float = 0.0  # ms so far without the pass
     p: float = 1.0  # probability that every draft so far is accepted
     n: int = 0
-    trace: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.t = self.costs.fixed_ms
@@ -327,7 +326,6 @@ class Round:
         self.e += self.p
         self.t += self.costs.draft_ms + self.costs.ms_per_byte * bits / 8.0
         self.n += 1
-        self.trace.append(a)
 
     def drafted_only(self) -> None:
         """A drafted position that was not kept: its draft time is spent."""

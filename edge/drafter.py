@@ -25,7 +25,8 @@ from common.batch_format import draft_bits
 from common.conformal import ConformalController
 from common.costmodel import CostModel
 from common.planner import (
-    ELL_MENU, K_MENU, AcceptanceModel, Description, Planner, PlannerConfig, QuantLoss, Round, RoundPlan, confidence,
+    ELL_MENU, K_MENU, AcceptanceModel, Costs, Description, Planner, PlannerConfig, QuantLoss, Round, RoundPlan,
+    confidence,
 )
 from common.rejection import target_probs
 from common.schemes import Draft, Scheme, SchemeConfig, describe, draw
@@ -127,9 +128,12 @@ class Drafter:
             self._bits,
         )
 
-    def _bits(self, k: int, ell: int) -> float:
-        honest, formula = draft_bits(self._scheme_for(k, ell), k)
+    def _cost(self, honest: float, formula: float) -> float:
+        """Bits of a draft as the budget counts them (--budget-accounting)."""
         return honest if self.config.budget_accounting == "honest" else formula
+
+    def _bits(self, k: int, ell: int) -> float:
+        return self._cost(*draft_bits(self._scheme_for(k, ell), k))
 
     def _scheme_for(self, k: int, ell: int) -> SchemeConfig:
         s = self.config.scheme
@@ -152,9 +156,8 @@ class Drafter:
         self.costs.draft.add((time.perf_counter() - t0) * 1e3)
 
     # -- one round ----------------------------------------------------------------------------
-    def plan(self, remaining_tokens: int) -> RoundPlan:
+    def plan(self, costs: Costs, remaining_tokens: int) -> RoundPlan:
         cfg, s = self.config, self.config.scheme
-        costs = self.costs.costs()
         if s.scheme == Scheme.NONE:
             return self.planner.plain(costs, remaining_tokens)
         if cfg.adaptive:
@@ -169,8 +172,8 @@ class Drafter:
         should_stop (drafting ahead while a batch is in flight): checked before each position.
         """
         t0 = time.perf_counter()
-        plan = self.plan(max_drafts + 1)
         costs = self.costs.costs()
+        plan = self.plan(costs, max_drafts + 1)
         if not plan.speculate:
             return DraftedBatch([], self.config.scheme, 0.0, 0.0, 0.0, plan.plain_steps, plan,
                                 plan.predicted_ms, plan.expected_tokens)
@@ -192,7 +195,7 @@ class Drafter:
             feature_q = q if cfg.temperature > 0 else target_probs(logits, 1.0, cfg.top_k, cfg.top_p)
             c = confidence(feature_q)
             d, honest, formula, capped = self._describe(q, scheme, cfg.budget_bits - spent)
-            cost = honest if cfg.budget_accounting == "honest" else formula
+            cost = self._cost(honest, formula)
             if d is None or spent + cost > cfg.budget_bits:  # stop before the draft that would exceed B
                 break
             kept = q[d.support]
@@ -242,15 +245,14 @@ class Drafter:
         beta = self.controller.beta if self.controller else None
         d = describe(q, scheme, beta=beta)
         honest, formula = draft_bits(scheme, int(d.support.size))
-        cost = honest if self.config.budget_accounting == "honest" else formula
-        if self.controller is None or cost <= left_bits:
+        if self.controller is None or self._cost(honest, formula) <= left_bits:
             return d, honest, formula, False
         # Largest prefix (by probability) whose bits fit; bits grow with k up to V/2 (the subset
         # term C(V, k) peaks there), so the search stays below it.
         lo, hi = 0, min(int(d.support.size) - 1, scheme.vocab_size // 2)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if self._bits_at(scheme, mid) <= left_bits:
+            if self._cost(*draft_bits(scheme, mid)) <= left_bits:
                 lo = mid
             else:
                 hi = mid - 1
@@ -259,10 +261,6 @@ class Drafter:
         d = describe(q, scheme, beta=beta, max_support=lo)
         honest, formula = draft_bits(scheme, int(d.support.size))
         return d, honest, formula, True
-
-    def _bits_at(self, scheme: SchemeConfig, k: int) -> float:
-        honest, formula = draft_bits(scheme, k)
-        return honest if self.config.budget_accounting == "honest" else formula
 
     def settle(self, batch: DraftedBatch, accepted: int, carry: bool = False) -> None:
         """After the verdict: roll the conformal threshold back, learn from the outcome.

@@ -207,17 +207,28 @@ def _time_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_passes(lm: LM, vocab: int, rows: Sequence[int], context: int = PROBE_CONTEXT, repeats: int = 3,
+                seed: int = 0) -> dict[int, float]:
+    """Warm-cache time of a forward pass scoring r rows on ``lm``, for each r in ``rows``: ms, the
+    median of ``repeats`` after one warm-up of each shape. The cache is prefilled with ``context``
+    tokens once (not timed) and crops back to them between passes."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, min(vocab, 32000), size=context).tolist()
+    extra = rng.integers(0, min(vocab, 32000), size=max(rows, default=1)).tolist()
+    lm.logits(base, want=1)  # prefill, not timed
+    out: dict[int, float] = {}
+    for r in rows:
+        run = lambda r=r: lm.logits(base + extra[:r], want=r)  # noqa: E731
+        run()  # warm-up of this shape
+        out[r] = _time_ms(run, repeats)
+    return out
+
+
 def probe_lm(lm: LM, vocab: int, rows: int = PROBE_ROWS, context: int = PROBE_CONTEXT, repeats: int = 3,
              seed: int = 0) -> dict[str, float]:
     """Warm-cache times of a 1-token step and a ``rows``-row pass on ``lm``, in ms (medians)."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, min(vocab, 32000), size=context).tolist()
-    extra = rng.integers(0, min(vocab, 32000), size=rows).tolist()
-    lm.logits(base, want=1)  # prefill, not timed
-    step = lambda: lm.logits(base + extra[:1], want=1)  # noqa: E731  (the cache crops back to base)
-    verify = lambda: lm.logits(base + extra, want=rows)  # noqa: E731
-    step(), verify()  # warm-up of both shapes
-    return {"step_ms": _time_ms(step, repeats), "pass_ms": _time_ms(verify, repeats)}
+    t = time_passes(lm, vocab, (1, rows), context, repeats, seed)
+    return {"step_ms": t[1], "pass_ms": t[rows]}
 
 
 def measure_torch_dtype(model, vocab_size: int, role: str, repeats: int = 3):
