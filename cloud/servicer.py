@@ -1,4 +1,5 @@
-"""gRPC adapter for the Verifier: thin, validates nothing itself, maps SessionError to statuses.
+"""gRPC adapter for the Verifier: thin; protobuf in and out through common/codec.py, the Verifier's
+refusals (SessionError with a Refusal) mapped to gRPC statuses in one table, STATUS.
 
 Torch work runs in a thread pool so the event loop keeps serving every other session's I/O; an
 opened context is prefilled one chunk per pool job. Requests are deserialized by a wrapper that
@@ -21,21 +22,23 @@ from typing import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from cloud.verifier import RoundResult, SessionError, Verifier
+from cloud.verifier import Refusal, RoundResult, SessionError, Verifier
+from common import codec
 from common.metrics import Metrics
 from common.pb.v1 import sqs_pb2 as pb
 
 log = logging.getLogger("sqs.cloud")
 
-SERVICE_NAME = "sqs.v1.Verifier"
+SERVICE = pb.DESCRIPTOR.services_by_name["Verifier"]
+SERVICE_NAME = SERVICE.full_name  # sqs.v1.Verifier
 
-_CODES = {
-    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
-    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "OUT_OF_RANGE": grpc.StatusCode.OUT_OF_RANGE,
-    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+# Every refusal of the service and the status it goes out with (the one table).
+STATUS = {
+    Refusal.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.UNKNOWN_SESSION: grpc.StatusCode.NOT_FOUND,
+    Refusal.VOCAB_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.CONTEXT_FULL: grpc.StatusCode.OUT_OF_RANGE,
+    Refusal.SESSION_LIVE: grpc.StatusCode.ALREADY_EXISTS,
 }
 
 
@@ -76,19 +79,29 @@ class VerifierServicer:
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: SessionError):
         log.info("request refused code=%s reason=%s", exc.code, exc.reason)
-        await context.abort(_CODES.get(exc.code, grpc.StatusCode.INVALID_ARGUMENT), exc.reason)
+        await context.abort(STATUS[exc.code], exc.reason)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, code: Refusal, reason: str):
+        await context.abort(STATUS[code], reason)
 
     async def _check(self, request, context) -> None:
         if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            await self._refuse(context, Refusal.MALFORMED, request.reason)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the work started")
 
+    def _open(self, request: pb.OpenSessionRequest):
+        try:
+            req = codec.decode_open(request, self.verifier.target.vocab_size)
+        except codec.PayloadError as exc:
+            raise SessionError(Refusal.MALFORMED, str(exc)) from None
+        return self.verifier.open(req)
+
     async def OpenSession(self, request, context):
         await self._check(request, context)
         try:
-            session = await self._run(self.verifier.open, request)
+            session = await self._run(self._open, request)
             self.metrics.sessions.set(self.verifier.active_sessions)
             while not await self._run(self.verifier.prefill_step, session):
                 pass
@@ -96,16 +109,14 @@ class VerifierServicer:
             await self._abort(context, exc)
         t = self.verifier.target
         passes = self.verifier.pass_table()
-        return pb.OpenSessionResponse(
-            session_id=session.id, target_model=t.name, vocab_size=t.vocab_size, eos_token_ids=list(t.eos_token_ids),
-            pass_rows=list(passes), pass_ms=list(passes.values()),
-        )
+        return codec.opened_to_pb(codec.Opened(session.id, t.name, t.vocab_size, tuple(t.eos_token_ids),
+                                               tuple(passes), tuple(passes.values())))
 
     async def _round(self, session_id: str, request, context) -> pb.Verdict:
         received = _now_us()
         try:
             session = self.verifier.get(session_id)
-            result: RoundResult = await self._run(self.verifier.verify, session, request,
+            result: RoundResult = await self._run(self.verifier.verify, session, codec.batch_from_pb(request),
                                                   executor=self.round_executor)
         except SessionError as exc:
             self.metrics.sessions.set(self.verifier.active_sessions)
@@ -120,11 +131,7 @@ class VerifierServicer:
             "round session=%s drafted=%d accepted=%d verify_ms=%.1f replayed=%s",
             session_id, result.drafted, result.accepted, result.verify_ms, result.replayed,
         )
-        return pb.Verdict(
-            accepted=result.accepted, token=result.token, position=result.position,
-            received_unix_us=received, sent_unix_us=_now_us(), forward_us=round(result.forward_ms * 1e3),
-            plain_tokens=list(result.plain_tokens),
-        )
+        return codec.verdict_to_pb(result.verdict(received, _now_us()))
 
     async def Verify(self, request_iterator: AsyncIterator, context) -> AsyncIterator[pb.Verdict]:
         session_id = ""
@@ -133,16 +140,16 @@ class VerifierServicer:
                 await self._check(request, context)
                 if not session_id:
                     if not request.session_id:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            "the first batch of a stream must name its session")
+                        await self._refuse(context, Refusal.MALFORMED,
+                                           "the first batch of a stream must name its session")
                     try:
                         self.verifier.attach(request.session_id)
                     except SessionError as exc:
                         await self._abort(context, exc)
                     session_id = request.session_id
                 elif request.session_id and request.session_id != session_id:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
+                    await self._refuse(
+                        context, Refusal.MALFORMED,
                         f"this stream serves session {session_id}; one stream, one session (open a new stream)",
                     )
                 yield await self._round(session_id, request, context)
@@ -153,7 +160,7 @@ class VerifierServicer:
     async def VerifyBatch(self, request, context):
         await self._check(request, context)
         if not request.session_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is required")
+            await self._refuse(context, Refusal.MALFORMED, "session_id is required")
         return await self._round(request.session_id, request, context)
 
     async def CloseSession(self, request, context):
@@ -161,25 +168,32 @@ class VerifierServicer:
         closed = self.verifier.close(request.session_id)
         self.metrics.sessions.set(self.verifier.active_sessions)
         if not closed:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown or expired session {request.session_id[:64]!r}")
+            await self._refuse(context, Refusal.UNKNOWN_SESSION, f"unknown or expired session {request.session_id[:64]!r}")
         return pb.CloseSessionResponse()
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handlers(servicer: VerifierServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """One handler per RPC the service descriptor declares (what the generated
+    add_VerifierServicer_to_server registers), with malformed-request-tolerant deserializers.
+    A declared RPC the servicer does not implement is an AttributeError here, at start-up."""
+    ser = lambda m: m.SerializeToString()  # noqa: E731
+    return {
+        m.name: _HANDLERS[m.client_streaming, m.server_streaming](
+            getattr(servicer, m.name), request_deserializer=_safe(getattr(pb, m.input_type.name)),
+            response_serializer=ser,
+        )
+        for m in SERVICE.methods
+    }
 
 
 def add_to_server(servicer: VerifierServicer, server: grpc.aio.Server) -> None:
     """Register the service with malformed-request-tolerant deserializers."""
-    ser = lambda m: m.SerializeToString()  # noqa: E731
-    handlers = {
-        "OpenSession": grpc.unary_unary_rpc_method_handler(
-            servicer.OpenSession, request_deserializer=_safe(pb.OpenSessionRequest), response_serializer=ser
-        ),
-        "Verify": grpc.stream_stream_rpc_method_handler(
-            servicer.Verify, request_deserializer=_safe(pb.DraftBatch), response_serializer=ser
-        ),
-        "VerifyBatch": grpc.unary_unary_rpc_method_handler(
-            servicer.VerifyBatch, request_deserializer=_safe(pb.DraftBatch), response_serializer=ser
-        ),
-        "CloseSession": grpc.unary_unary_rpc_method_handler(
-            servicer.CloseSession, request_deserializer=_safe(pb.CloseSessionRequest), response_serializer=ser
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(servicer)),))

@@ -34,7 +34,7 @@ so nothing else touches those LMs meanwhile.
 
 from __future__ import annotations
 
-import hashlib
+import enum
 import logging
 import re
 import secrets
@@ -48,9 +48,8 @@ import numpy as np
 
 from cloud.batcher import Batcher, BatchStats
 from common import codec
-from common.bits import formula_bits
+from common.batch_format import batch_bits
 from common.costmodel import PassTimes
-from common.pb.v1 import sqs_pb2 as pb
 from common.rejection import SparseRow, target_probs, verify_sparse
 from common.schemes import Scheme
 
@@ -85,10 +84,21 @@ class VerifierConfig:
     batch_max_rows: int = 64  # rows (L+1 per round) of one batched forward pass at most
 
 
-class SessionError(Exception):
-    """A request the verifier refuses; `code` names the gRPC status the servicer answers with."""
+class Refusal(enum.StrEnum):
+    """Why the verifier refuses a request. The value is the name of the gRPC status it is answered
+    with (DESIGN.md section 8); cloud/servicer.py maps each to its status code in one table."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    MALFORMED = "INVALID_ARGUMENT"  # a malformed or inconsistent request
+    UNKNOWN_SESSION = "NOT_FOUND"  # unknown or expired: the edge re-opens it (resync)
+    VOCAB_MISMATCH = "FAILED_PRECONDITION"  # draft and target do not share a tokenizer
+    CONTEXT_FULL = "OUT_OF_RANGE"  # the session's context would exceed max_context
+    SESSION_LIVE = "ALREADY_EXISTS"  # a re-open that differs from the live session of that id
+
+
+class SessionError(Exception):
+    """A request the verifier refuses: `code` says why (a Refusal), `reason` says it to a person."""
+
+    def __init__(self, code: Refusal, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -99,14 +109,6 @@ _SESSION_ID = re.compile(r"[0-9a-f]{32}")  # what new_session_id() issues
 
 def new_session_id() -> str:
     return secrets.token_hex(16)
-
-
-def batch_digest(msg: pb.DraftBatch) -> bytes:
-    """sha256 of a batch without its session_id (sent on the first message of a stream only)."""
-    m = pb.DraftBatch()
-    m.CopyFrom(msg)
-    m.ClearField("session_id")
-    return hashlib.sha256(m.SerializeToString(deterministic=True)).digest()
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,16 @@ class RoundResult:
     plain_tokens: tuple[int, ...] = ()  # tokens of the plain steps after `token`
     replayed: bool = False  # the verdict of an earlier identical batch, sent again (no new work)
 
+    def verdict(self, received_unix_us: int, sent_unix_us: int) -> codec.Verdict:
+        """What the edge is told, with the wall clock when the batch came in and the verdict went out."""
+        return codec.Verdict(self.accepted, self.token, self.position, self.plain_tokens, received_unix_us,
+                             sent_unix_us, round(self.forward_ms * 1e3))
+
 
 @dataclass(frozen=True)
 class LastRound:
     position: int  # accepted context length the batch continued
-    digest: bytes  # batch_digest of that batch
+    digest: bytes  # Batch.digest() of that batch
     result: RoundResult
 
 
@@ -184,32 +191,29 @@ class Verifier:
             return self._pass_times.table()
 
     # -- sessions ---------------------------------------------------------------------------
-    def open(self, msg: pb.OpenSessionRequest) -> Session:
+    def open(self, req: codec.OpenRequest) -> Session:
         """A new session, or with `client_session_id` a re-open (see the module docstring).
 
+        `req` has passed codec.decode_open against this target's vocabulary (the servicer decodes).
         The context is not fed to the LM here: the caller runs prefill_step() until it returns
         True (one executor job per chunk); a round on a session not prefilled feeds the rest itself.
         """
-        try:
-            req = codec.decode_open(msg, self.target.vocab_size)
-        except codec.PayloadError as exc:
-            raise SessionError("INVALID_ARGUMENT", str(exc)) from None
         if req.vocab_fingerprint != self.target.fingerprint:
             raise SessionError(
-                "FAILED_PRECONDITION",
+                Refusal.VOCAB_MISMATCH,
                 f"vocabulary fingerprint {req.vocab_fingerprint[:12] or '(none)'}... does not match the target "
                 f"model {self.target.name} ({self.target.fingerprint[:12]}...): draft and target must share a tokenizer",
             )
         n, limit = len(req.context), self.config.max_context
         if n + 2 > limit:  # a round adds at least one draft's worth and a token
             raise SessionError(
-                "INVALID_ARGUMENT",
+                Refusal.MALFORMED,
                 f"context of {n} tokens leaves no room for a round: this cloud keeps at most {limit} tokens per "
                 f"session (context + one draft + one token)",
             )
         cid = req.client_session_id
         if cid and not _SESSION_ID.fullmatch(cid):
-            raise SessionError("INVALID_ARGUMENT", "client_session_id must be a session id this service issued")
+            raise SessionError(Refusal.MALFORMED, "client_session_id must be a session id this service issued")
         if cid:
             with self._lock:
                 self._expire_locked()
@@ -242,7 +246,7 @@ class Verifier:
         )
         if not same:
             raise SessionError(
-                "ALREADY_EXISTS",
+                Refusal.SESSION_LIVE,
                 f"session {sid} is live with another context or parameters; a re-open can only bring back a "
                 f"session this cloud does not hold",
             )
@@ -281,7 +285,7 @@ class Verifier:
         self._expire_locked()
         session = self._sessions.get(session_id)
         if session is None:
-            raise SessionError("NOT_FOUND", f"unknown or expired session {session_id[:64]!r}")
+            raise SessionError(Refusal.UNKNOWN_SESSION, f"unknown or expired session {session_id[:64]!r}")
         self._sessions.move_to_end(session_id)
         session.last_used = self._clock()
         session.orphan = False
@@ -332,7 +336,7 @@ class Verifier:
         return len(gone)
 
     # -- one round --------------------------------------------------------------------------
-    def verify(self, session: Session, msg: pb.DraftBatch) -> RoundResult:
+    def verify(self, session: Session, batch: codec.Batch) -> RoundResult:
         """Verify one batch; a malformed batch closes the session (SessionError INVALID_ARGUMENT).
 
         The batch that was verified last may come again (its verdict was lost on the way): it gets
@@ -345,49 +349,49 @@ class Verifier:
         """
         with session.lock:
             t0 = time.perf_counter()
-            prep = self._prepare(session, msg)
+            prep = self._prepare(session, batch)
             if isinstance(prep, RoundResult):
                 return prep
             logits, forward_ms = self._forward(session, prep.context, prep.want)  # [L+1, V]
             return self._finish(session, prep, logits, forward_ms, t0)
 
-    def _prepare(self, session: Session, msg: pb.DraftBatch) -> _Prepared | RoundResult:
-        """Decode and validate `msg` against the session (its lock held); a replayed verdict as is."""
+    def _prepare(self, session: Session, batch: codec.Batch) -> _Prepared | RoundResult:
+        """Decode and validate `batch` against the session (its lock held); a replayed verdict as is."""
         req = session.request
-        digest = batch_digest(msg)
+        digest = batch.digest()
         last = session.last
-        if last is not None and msg.position == last.position:
+        if last is not None and batch.position == last.position:
             if digest == last.digest:
                 log.info("round replayed session=%s position=%d", session.id, last.position)
                 return replace(last.result, replayed=True)
             self.close(session.id)
             raise SessionError(
-                "INVALID_ARGUMENT",
-                f"position {msg.position} was already verified with a different batch: a batch whose verdict "
+                Refusal.MALFORMED,
+                f"position {batch.position} was already verified with a different batch: a batch whose verdict "
                 f"was lost must be resent unchanged",
             )
         try:
-            if msg.position != len(session.context):
+            if batch.position != len(session.context):
                 raise codec.PayloadError(
-                    f"batch continues position {msg.position}, the session's accepted context has "
+                    f"batch continues position {batch.position}, the session's accepted context has "
                     f"{len(session.context)} tokens"
                 )
-            drafts = codec.decode_batch(msg, req.scheme, session.max_drafts)
+            drafts = codec.unpack_batch(batch, req.scheme, session.max_drafts)
         except codec.PayloadError as exc:
             self.close(session.id)
-            raise SessionError("INVALID_ARGUMENT", str(exc)) from None
+            raise SessionError(Refusal.MALFORMED, str(exc)) from None
         if len(session.context) + len(drafts) + 1 > self.config.max_context:
-            raise SessionError("OUT_OF_RANGE", f"session context would exceed {self.config.max_context} tokens")
+            raise SessionError(Refusal.CONTEXT_FULL, f"session context would exceed {self.config.max_context} tokens")
         tokens = [d.token for d in drafts]
-        return _Prepared(msg, digest, drafts, tokens, session.context + tokens, len(tokens) + 1)
+        return _Prepared(batch, digest, drafts, tokens, session.context + tokens, len(tokens) + 1)
 
     def _finish(self, session: Session, prep: _Prepared, logits: np.ndarray, forward_ms: float,
                 t0: float) -> RoundResult:
         """Sample the verdict from the target rows, extend the context, run the plain steps, record."""
-        req, msg, drafts, tokens = session.request, prep.msg, prep.drafts, prep.tokens
+        req, batch, drafts, tokens = session.request, prep.batch, prep.drafts, prep.tokens
         start = len(session.context)
         s = req.sampling
-        steps = min(int(msg.plain_steps), self.config.max_plain_steps)
+        steps = min(int(batch.plain_steps), self.config.max_plain_steps)
         p = target_probs(logits.astype(np.float64), s.temperature, s.top_k, s.top_p)  # [L+1, V]
         rng = np.random.default_rng([s.seed, len(session.context)])
         rows = [SparseRow(d.support, d.probs) for d in drafts]
@@ -406,16 +410,16 @@ class Verifier:
             session.context.append(token)
             plain.append(token)
         session.rounds += 1
-        scheme = codec.batch_scheme(msg, req.scheme)
-        formula = sum(formula_bits(scheme, int(d.support.size)) for d in drafts)
+        # The cloud's own bits of the batch, for its metrics (the edge's records carry the edge's).
+        bits = batch_bits(codec.batch_scheme(batch, req.scheme), (d.support.size for d in drafts))
         result = RoundResult(
             accepted=accepted,
             token=round_token,
             position=len(session.context),
             drafted=len(drafts),
             scheme=req.scheme.scheme,
-            payload_bytes=len(msg.packed) + len(msg.raw),
-            formula_bits=formula,
+            payload_bytes=batch.payload_bytes,
+            formula_bits=bits.formula,
             verify_ms=(time.perf_counter() - t0) * 1e3,
             forward_ms=forward_ms,
             plain_tokens=tuple(plain),
@@ -483,7 +487,7 @@ class Verifier:
 class _Prepared:
     """A decoded, validated round waiting for its forward pass."""
 
-    msg: pb.DraftBatch
+    batch: codec.Batch
     digest: bytes
     drafts: list
     tokens: list[int]

@@ -26,8 +26,9 @@ The token index costs log2 K bits more than the paper's formula, which leaves th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -42,16 +43,37 @@ class PayloadError(ValueError):
 
 
 @dataclass(frozen=True)
+class BatchBits:
+    """A batch's cost in bits: the honest count (what is packed) and the paper's formula."""
+
+    honest: float  # sum of log2 radices + raw bits: what the description really costs
+    formula: float  # the paper's formula, summed over the drafts (no token index)
+
+
+@dataclass(frozen=True)
 class PackedBatch:
     payload: bytes  # the mixed-radix integer, little-endian, ceil(packed_bits / 8) bytes
     raw: bytes  # float values of the float baselines (empty for lattice schemes)
     packed_bits: int  # ceil(sum log2 radices) + 8 * len(raw)
-    honest_bits: float  # sum of log2 radices + raw bits: what the description really costs
-    formula_bits: float  # the paper's formula, summed over the drafts
+    config: SchemeConfig  # the description the drafts were packed with
+    support_sizes: tuple[int, ...]  # K of each draft
 
     @property
     def payload_bytes(self) -> int:
         return len(self.payload) + len(self.raw)
+
+    @property
+    def bits(self) -> BatchBits:
+        """batch_bits of what was packed (computed when asked: the edge's drafter has them already)."""
+        return batch_bits(self.config, self.support_sizes)
+
+    @property
+    def honest_bits(self) -> float:
+        return self.bits.honest
+
+    @property
+    def formula_bits(self) -> float:
+        return self.bits.formula
 
 
 def draft_radices(config: SchemeConfig, k: int) -> list[int]:
@@ -69,14 +91,27 @@ def draft_radices(config: SchemeConfig, k: int) -> list[int]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def draft_bits(config: SchemeConfig, k: int) -> tuple[float, float]:
-    """(honest bits, formula bits) of one draft with support size k."""
+    """(honest bits, formula bits) of one draft with support size k (cached: the drafter prices the
+    same sizes again and again, and big supports cost milliseconds of big-integer binomials)."""
     honest = sum(log2_int(r) for r in draft_radices(config, k))
     if config.scheme == Scheme.FP16_TOPK:
         honest += 16 * k
     elif config.scheme == Scheme.FP32:
         honest += 32 * k
     return honest, bits.formula_bits(config, k)
+
+
+def batch_bits(config: SchemeConfig, support_sizes: Iterable[int]) -> BatchBits:
+    """The bits of a batch whose drafts have these support sizes: the one place a batch's bits are
+    summed (the edge's drafter for its records, the cloud for its metrics, PackedBatch.bits)."""
+    honest = formula = 0.0
+    for k in support_sizes:
+        h, f = draft_bits(config, int(k))
+        honest += h
+        formula += f
+    return BatchBits(honest, formula)
 
 
 def _check_draft(d: Draft, config: SchemeConfig) -> int:
@@ -107,7 +142,6 @@ def pack(drafts: Sequence[Draft], config: SchemeConfig) -> PackedBatch:
     v = config.vocab_size
     w = MixedRadixWriter()
     raw = bytearray()
-    formula = 0.0
     for d in drafts:
         index = _check_draft(d, config)
         k = int(d.support.size)
@@ -122,13 +156,12 @@ def pack(drafts: Sequence[Draft], config: SchemeConfig) -> PackedBatch:
             w.write(value, radix)
         if d.values is not None:
             raw += np.asarray(d.values).astype("<f2" if config.scheme == Scheme.FP16_TOPK else "<f4").tobytes()
-        formula += bits.formula_bits(config, k)
     return PackedBatch(
         payload=w.to_bytes(),
         raw=bytes(raw),
         packed_bits=w.bits + 8 * len(raw),
-        honest_bits=(w.log2_capacity + 8 * len(raw)) if drafts else 0.0,
-        formula_bits=formula,
+        config=config,
+        support_sizes=tuple(int(d.support.size) for d in drafts),
     )
 
 

@@ -1,12 +1,20 @@
 """Math objects <-> protobuf messages: the only module that knows both.
 
+Both directions of every exchange have a plain dataclass here: OpenRequest / Opened for a session
+open, Batch for a round's drafts (still packed: the cloud checks a batch against its session before
+it unpacks it), Verdict for the cloud's answer. The Verifier (cloud/verifier.py) and the edge's
+round loop (edge/generate.py) work on these; only the servicer and the client turn them into and
+out of protobuf (*_to_pb / *_from_pb copy fields; decode_open and unpack_batch validate).
+
 Every decode validates what it reads and raises PayloadError with the reason (never an assert,
 never an IndexError), so the server can answer INVALID_ARGUMENT and keep serving.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -14,7 +22,12 @@ from common.batch_format import PackedBatch, PayloadError, pack, unpack
 from common.pb.v1 import sqs_pb2 as pb
 from common.schemes import Draft, Scheme, SchemeConfig
 
-__all__ = ["PayloadError", "Sampling", "OpenRequest", "encode_open", "decode_open", "encode_batch", "decode_batch"]
+__all__ = [
+    "PayloadError", "Sampling", "OpenRequest", "Opened", "Batch", "Verdict",
+    "encode_open", "decode_open", "opened_to_pb", "opened_from_pb",
+    "pack_batch", "unpack_batch", "batch_to_pb", "batch_from_pb", "batch_scheme", "encode_batch", "decode_batch",
+    "verdict_to_pb", "verdict_from_pb",
+]
 
 MAX_DRAFTS = 1024  # per batch
 MAX_CONTEXT = 1 << 17  # tokens in an opened context
@@ -109,21 +122,85 @@ def decode_open(msg: pb.OpenSessionRequest, target_vocab_size: int) -> OpenReque
     return OpenRequest(ctx, sampling, scheme, msg.vocab_fingerprint, int(msg.max_drafts), msg.client_session_id)
 
 
+@dataclass(frozen=True)
+class Opened:
+    """The cloud's answer to an open (OpenSessionResponse)."""
+
+    session_id: str
+    target_model: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    # The cloud's measured forward time (ms) by rows scored; the edge seeds its cost model with them.
+    pass_rows: tuple[int, ...] = ()
+    pass_ms: tuple[float, ...] = ()
+
+
+def opened_to_pb(o: Opened) -> pb.OpenSessionResponse:
+    return pb.OpenSessionResponse(
+        session_id=o.session_id, target_model=o.target_model, vocab_size=o.vocab_size,
+        eos_token_ids=list(o.eos_token_ids), pass_rows=list(o.pass_rows), pass_ms=list(o.pass_ms),
+    )
+
+
+def opened_from_pb(msg: pb.OpenSessionResponse) -> Opened:
+    return Opened(msg.session_id, msg.target_model, int(msg.vocab_size), tuple(msg.eos_token_ids),
+                  tuple(msg.pass_rows), tuple(msg.pass_ms))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One round's drafts as the wire carries them (a DraftBatch without its session routing):
+    packed, so that the cloud can check a batch against its session before unpacking it."""
+
+    position: int  # accepted context length the drafts continue
+    num_drafts: int
+    packed: bytes = b""  # the mixed-radix integer (common/batch_format.py)
+    raw: bytes = b""  # float values of the float baselines
+    k: int = 0  # this batch's description; 0 = the session's
+    ell: int = 0
+    plain_steps: int = 0  # plain target steps after the round's token (cloud-only rounds)
+
+    @property
+    def payload_bytes(self) -> int:
+        return len(self.packed) + len(self.raw)
+
+    def digest(self) -> bytes:
+        """sha256 of every field: equal digests, equal batches (the cloud's idempotent rounds)."""
+        head = struct.pack("<6Q", self.position, self.num_drafts, self.k, self.ell, self.plain_steps, len(self.packed))
+        return hashlib.sha256(head + self.packed + self.raw).digest()
+
+
+def pack_batch(position: int, drafts: Sequence[Draft], config: SchemeConfig, plain_steps: int = 0) -> Batch:
+    """`config` is this batch's description (its k and ell travel with the batch)."""
+    packed = pack(drafts, config)
+    return Batch(position, len(drafts), packed.payload, packed.raw, config.k, config.ell, plain_steps)
+
+
+def batch_to_pb(batch: Batch, session_id: str = "") -> pb.DraftBatch:
+    return pb.DraftBatch(
+        session_id=session_id, position=batch.position, num_drafts=batch.num_drafts, packed=batch.packed,
+        raw=batch.raw, k=batch.k, ell=batch.ell, plain_steps=batch.plain_steps,
+    )
+
+
+def batch_from_pb(msg: pb.DraftBatch) -> Batch:
+    """The batch of a message (its session_id is the servicer's business); unpack_batch validates it."""
+    return Batch(int(msg.position), int(msg.num_drafts), bytes(msg.packed), bytes(msg.raw), int(msg.k),
+                 int(msg.ell), int(msg.plain_steps))
+
+
 def encode_batch(
     session_id: str, position: int, drafts: Sequence[Draft], config: SchemeConfig
 ) -> tuple[pb.DraftBatch, PackedBatch]:
-    """`config` is this batch's description (its k and ell travel with the batch)."""
+    """pack_batch and batch_to_pb in one call (tests of the whole wire path)."""
     packed = pack(drafts, config)
-    msg = pb.DraftBatch(
-        session_id=session_id, position=position, num_drafts=len(drafts), packed=packed.payload, raw=packed.raw,
-        k=config.k, ell=config.ell,
-    )
-    return msg, packed
+    batch = Batch(position, len(drafts), packed.payload, packed.raw, config.k, config.ell)
+    return batch_to_pb(batch, session_id), packed
 
 
-def batch_scheme(msg: pb.DraftBatch, session: SchemeConfig) -> SchemeConfig:
+def batch_scheme(batch: Batch, session: SchemeConfig) -> SchemeConfig:
     """The description a batch was packed with: the session's scheme with the batch's k and ell."""
-    k, ell = int(msg.k) or session.k, int(msg.ell) or session.ell
+    k, ell = int(batch.k) or session.k, int(batch.ell) or session.ell
     if session.scheme.lattice and not 1 <= ell <= MAX_ELL:
         raise PayloadError(f"ell must lie in [1, {MAX_ELL}], got {ell}")
     if (k, ell) == (session.k, session.ell):
@@ -134,17 +211,47 @@ def batch_scheme(msg: pb.DraftBatch, session: SchemeConfig) -> SchemeConfig:
         raise PayloadError(f"batch scheme: {exc}") from None
 
 
-def decode_batch(msg: pb.DraftBatch, session: SchemeConfig, max_drafts: int) -> list[Draft]:
+def unpack_batch(batch: Batch, session: SchemeConfig, max_drafts: int) -> list[Draft]:
     """The drafts of a batch, validated against the session's scheme and limits."""
-    config = batch_scheme(msg, session)
-    n = msg.num_drafts
+    config = batch_scheme(batch, session)
+    n = batch.num_drafts
     if n > max_drafts:
         raise PayloadError(f"num_drafts {n} exceeds the session's max_drafts {max_drafts}")
-    if config.scheme == Scheme.NONE and (n or msg.packed or msg.raw):
+    if config.scheme == Scheme.NONE and (n or batch.packed or batch.raw):
         raise PayloadError("scheme none sends no drafts")
-    if config.scheme.lattice and msg.raw:
+    if config.scheme.lattice and batch.raw:
         raise PayloadError("lattice schemes carry no raw float values")
     limit = n * config.vocab_size * 4
-    if len(msg.raw) > limit:
-        raise PayloadError(f"raw values of {len(msg.raw)} bytes exceed {limit} for {n} drafts")
-    return unpack(n, msg.packed, msg.raw, config)
+    if len(batch.raw) > limit:
+        raise PayloadError(f"raw values of {len(batch.raw)} bytes exceed {limit} for {n} drafts")
+    return unpack(n, batch.packed, batch.raw, config)
+
+
+def decode_batch(msg: pb.DraftBatch, session: SchemeConfig, max_drafts: int) -> list[Draft]:
+    """batch_from_pb and unpack_batch in one call."""
+    return unpack_batch(batch_from_pb(msg), session, max_drafts)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The cloud's answer to a batch (see Verdict in proto/.../sqs.proto)."""
+
+    accepted: int  # drafts accepted, T
+    token: int  # resampled token (T < num_drafts) or bonus token (T == num_drafts)
+    position: int  # accepted context length after this round
+    plain_tokens: tuple[int, ...] = ()  # tokens of the plain steps after `token`
+    received_unix_us: int = 0  # cloud wall clock when the batch was read ...
+    sent_unix_us: int = 0  # ... and when the verdict was written
+    forward_us: int = 0  # the target forward passes alone
+
+
+def verdict_to_pb(v: Verdict) -> pb.Verdict:
+    return pb.Verdict(
+        accepted=v.accepted, token=v.token, position=v.position, received_unix_us=v.received_unix_us,
+        sent_unix_us=v.sent_unix_us, forward_us=v.forward_us, plain_tokens=list(v.plain_tokens),
+    )
+
+
+def verdict_from_pb(msg: pb.Verdict) -> Verdict:
+    return Verdict(int(msg.accepted), int(msg.token), int(msg.position), tuple(msg.plain_tokens),
+                   int(msg.received_unix_us), int(msg.sent_unix_us), int(msg.forward_us))

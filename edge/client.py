@@ -93,11 +93,13 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class RoundReply:
-    verdict: pb.Verdict
-    sent_unix_us: int
-    received_unix_us: int
-    uplink_wire_bytes: int
+    verdict: codec.Verdict
+    sent_unix_us: int  # edge wall clock when the batch went out ...
+    received_unix_us: int  # ... and when its verdict came in
+    uplink_wire_bytes: int  # bytes on the connection for this round (0 without the meter)
     downlink_wire_bytes: int
+    message_bytes: int  # the serialized DraftBatch, without its session routing
+    verdict_bytes: int  # the serialized Verdict
 
 
 class _Backoff:
@@ -196,11 +198,11 @@ class CloudClient:
         return self.relay.counts() if self.relay else (0, 0)
 
     # -- session ----------------------------------------------------------------------------
-    def open(self, request: codec.OpenRequest) -> pb.OpenSessionResponse:
+    def open(self, request: codec.OpenRequest) -> codec.Opened:
         """First connect: fail within connect_timeout_s (+ connect_wait_s) if the cloud does not answer."""
         c = self.config
         until = time.monotonic() + c.connect_timeout_s + c.connect_wait_s
-        reply = self._open(codec.encode_open(request), until, at_open=True)
+        reply = codec.opened_from_pb(self._open(codec.encode_open(request), until, at_open=True))
         self.session_id = reply.session_id
         self._drop_stream()
         return reply
@@ -230,9 +232,10 @@ class CloudClient:
                 raise self._error(exc.code(), exc.details(), at_open=at_open) from None
 
     # -- one round --------------------------------------------------------------------------
-    def round(self, batch: pb.DraftBatch, reopen: Callable[[], codec.OpenRequest]) -> RoundReply:
+    def round(self, batch: codec.Batch, reopen: Callable[[], codec.OpenRequest]) -> RoundReply:
         """Send one batch and wait for its verdict, riding out outages; reopen() gives the accepted
         context for resync()."""
+        msg = codec.batch_to_pb(batch)
         c = self.config
         backoff = _Backoff(c.backoff_s, c.backoff_max_s)
         outage_since: float | None = None
@@ -240,7 +243,7 @@ class CloudClient:
         while True:
             self._check_cancel()
             try:
-                return self._send(batch)
+                return self._send(msg)
             except (grpc.RpcError, CloudError) as exc:
                 code = exc.code() if isinstance(exc, grpc.RpcError) else exc.code
                 reason = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
@@ -265,6 +268,7 @@ class CloudClient:
                 raise self._error(code, reason) from None
 
     def _send(self, batch: pb.DraftBatch) -> RoundReply:
+        message_bytes = batch.ByteSize()
         msg = pb.DraftBatch()
         msg.CopyFrom(batch)
         if self.config.transport == "unary":
@@ -281,7 +285,8 @@ class CloudClient:
         verdict = call()
         received = time.time_ns() // 1000
         up1, down1 = self.wire_counts()
-        return RoundReply(verdict, sent, received, up1 - up0, down1 - down0)
+        return RoundReply(codec.verdict_from_pb(verdict), sent, received, up1 - up0, down1 - down0, message_bytes,
+                          verdict.ByteSize())
 
     def _unary(self, msg: pb.DraftBatch) -> pb.Verdict:
         future = self._stub.VerifyBatch.future(msg, timeout=self.config.round_timeout_s)

@@ -21,7 +21,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from common.batch_format import draft_bits
+from common.batch_format import BatchBits, batch_bits, draft_bits
 from common.conformal import ConformalController
 from common.costmodel import CostModel
 from common.planner import (
@@ -95,11 +95,10 @@ class DraftConfig:
 class DraftedBatch:
     drafts: list[Draft]
     scheme: SchemeConfig  # this batch's description (its k and ell travel with it)
-    honest_bits: float
-    formula_bits: float
     draft_ms: float
     plain_steps: int = 0  # cloud-only steps requested after the round's token
     plan: RoundPlan | None = None
+    bits: BatchBits = BatchBits(0.0, 0.0)  # of the drafts sent: batch_bits, once per batch
     predicted_ms: float = 0.0  # the plan's round time for the drafts actually sent
     predicted_tokens: float = 1.0
     confidences: list[float] = field(default_factory=list)  # per draft, for the acceptance model
@@ -175,8 +174,8 @@ class Drafter:
         costs = self.costs.costs()
         plan = self.plan(costs, max_drafts + 1)
         if not plan.speculate:
-            return DraftedBatch([], self.config.scheme, 0.0, 0.0, 0.0, plan.plain_steps, plan,
-                                plan.predicted_ms, plan.expected_tokens)
+            return DraftedBatch([], self.config.scheme, 0.0, plan.plain_steps, plan,
+                                predicted_ms=plan.predicted_ms, predicted_tokens=plan.expected_tokens)
         cfg = self.config
         d0 = plan.description
         scheme = self._scheme_for(d0.k, d0.ell)
@@ -184,7 +183,7 @@ class Drafter:
         ctx = list(context)
         rng = np.random.default_rng([cfg.seed, len(ctx), 0xED6E])  # keyed by position: restart-safe
         rnd = Round(costs, plan)
-        batch = DraftedBatch([], scheme, 0.0, 0.0, 0.0, 0, plan)
+        batch = DraftedBatch([], scheme, 0.0, 0, plan)
         spent = 0.0
         while len(batch.drafts) < limit and not (should_stop and should_stop()):
             t_pos = time.perf_counter()
@@ -214,13 +213,12 @@ class Drafter:
             batch.drafts.append(d)
             batch.confidences.append(c)
             batch.tv_losses.append(tv)
-            batch.honest_bits += honest
-            batch.formula_bits += formula
             rnd.add(a, cost)
             ctx.append(d.token)
             self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
             if d.token in self.eos or (cfg.adaptive and not rnd.more()):
                 break
+        batch.bits = batch_bits(scheme, (d.support.size for d in batch.drafts))
         batch.draft_ms = (time.perf_counter() - t0) * 1e3
         batch.predicted_ms, batch.predicted_tokens = rnd.total_ms(), rnd.e
         return batch

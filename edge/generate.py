@@ -100,15 +100,14 @@ def generate(
                 batch.draft_ms = ahead.overrun_ms  # only what outlasted the flight costs time
             else:
                 batch = drafter.draft(context, max_drafts=remaining - 1)
-            msg, packed = codec.encode_batch("", len(context), batch.drafts, batch.scheme)
-            msg.plain_steps = batch.plain_steps
+            wire = codec.pack_batch(len(context), batch.drafts, batch.scheme, batch.plain_steps)
             n = len(batch.drafts)
             ahead = None
             if pool is not None and n and remaining - n - 1 >= 2 and batch.drafts[-1].token not in eos:
-                reply, ahead = _round_drafting_ahead(pool, client, msg, open_request, drafter, batch, context,
+                reply, ahead = _round_drafting_ahead(pool, client, wire, open_request, drafter, batch, context,
                                                      remaining - n - 2, link)
             else:
-                reply = client.round(msg, reopen=open_request)
+                reply = client.round(wire, reopen=open_request)
             v = reply.verdict
             plain = list(v.plain_tokens)
             if v.accepted > n or len(plain) > batch.plain_steps or v.position != len(context) + v.accepted + 1 + len(plain):
@@ -117,7 +116,7 @@ def generate(
             if ahead is not None:
                 ahead.adopted = v.accepted == n and not plain and v.token == ahead.guess and bool(ahead.batch.drafts)
             drafter.settle(batch, v.accepted, carry=ahead is not None and ahead.adopted)
-            rec = _record(batch, packed, msg, reply, v, drafter.beta, link)
+            rec = _record(batch, wire, reply, drafter.beta, link)
             if ahead is not None:
                 rec.ahead_drafts, rec.ahead_adopted = len(ahead.batch.drafts), ahead.adopted
                 if not ahead.adopted:  # drafting past the verdict delayed this round
@@ -177,7 +176,7 @@ class _Ahead:
     adopted: bool = False
 
 
-def _round_drafting_ahead(pool, client, msg, open_request, drafter: Drafter, batch: DraftedBatch,
+def _round_drafting_ahead(pool, client, wire: codec.Batch, open_request, drafter: Drafter, batch: DraftedBatch,
                           context: list[int], max_drafts: int, link: LinkModel | None):
     """Send a batch; while its verdict is on the way, draft the next batch as if every draft were
     accepted and the bonus token were the edge's own guess (pipelined drafting).
@@ -190,7 +189,7 @@ def _round_drafting_ahead(pool, client, msg, open_request, drafter: Drafter, bat
     turns out to be the real one. With an analytic link the verdict lands when the model says.
     """
     t_send = time.perf_counter()
-    future = pool.submit(client.round, msg, reopen=open_request)
+    future = pool.submit(client.round, wire, reopen=open_request)
     guessed = context + [d.token for d in batch.drafts]
     guess = drafter.guess_bonus(guessed, batch.scheme)
     n = len(batch.drafts)
@@ -200,7 +199,7 @@ def _round_drafting_ahead(pool, client, msg, open_request, drafter: Drafter, bat
         measured = (r.received_unix_us - r.sent_unix_us) / 1e3
         if link is None:
             return measured
-        up, down = link.network_ms(r.uplink_wire_bytes or msg.ByteSize(), r.downlink_wire_bytes or r.verdict.ByteSize())
+        up, down = link.network_ms(r.uplink_wire_bytes or r.message_bytes, r.downlink_wire_bytes or r.verdict_bytes)
         return up + (r.verdict.sent_unix_us - r.verdict.received_unix_us) / 1e3 + down
 
     def invalidated() -> bool:
@@ -215,7 +214,8 @@ def _round_drafting_ahead(pool, client, msg, open_request, drafter: Drafter, bat
     return reply, _Ahead(guess, ahead_batch, overrun)
 
 
-def _record(batch, packed, msg, reply, v, beta, link: LinkModel | None) -> RoundRecord:
+def _record(batch: DraftedBatch, wire: codec.Batch, reply, beta, link: LinkModel | None) -> RoundRecord:
+    v = reply.verdict
     round_trip_ms = (reply.received_unix_us - reply.sent_unix_us) / 1e3
     verify_ms = (v.sent_unix_us - v.received_unix_us) / 1e3
     uplink_ms = (v.received_unix_us - reply.sent_unix_us) / 1e3
@@ -224,17 +224,17 @@ def _record(batch, packed, msg, reply, v, beta, link: LinkModel | None) -> Round
         uplink_ms = downlink_ms = max(0.0, round_trip_ms - verify_ms) / 2
     if link is not None:
         uplink_ms, downlink_ms = link.network_ms(
-            reply.uplink_wire_bytes or msg.ByteSize(), reply.downlink_wire_bytes or v.ByteSize()
+            reply.uplink_wire_bytes or reply.message_bytes, reply.downlink_wire_bytes or reply.verdict_bytes
         )
         round_trip_ms = uplink_ms + verify_ms + downlink_ms
     plan = batch.plan
     return RoundRecord(
         drafted=len(batch.drafts),
         accepted=v.accepted,
-        formula_bits=batch.formula_bits,
-        honest_bits=batch.honest_bits,
-        payload_bytes=packed.payload_bytes,
-        message_bytes=msg.ByteSize(),
+        formula_bits=batch.bits.formula,
+        honest_bits=batch.bits.honest,
+        payload_bytes=wire.payload_bytes,
+        message_bytes=reply.message_bytes,
         uplink_wire_bytes=reply.uplink_wire_bytes,
         downlink_wire_bytes=reply.downlink_wire_bytes,
         draft_ms=batch.draft_ms,

@@ -17,7 +17,6 @@ from scipy import stats
 
 from cloud.verifier import TargetInfo, Verifier, VerifierConfig
 from common import codec
-from common.pb.v1 import sqs_pb2 as pb
 from common.planner import Costs
 from common.rejection import target_probs
 from common.schemes import Scheme, SchemeConfig
@@ -46,26 +45,25 @@ class LoopbackClient:
         self.verifier = verifier
         self.session_id = ""
         self.reopens = 0
-        self.requests: list[pb.DraftBatch] = []
+        self.requests: list[codec.Batch] = []
 
     def wire_counts(self):
         return 0, 0
 
-    def open(self, req: codec.OpenRequest) -> pb.OpenSessionResponse:
-        s = self.verifier.open(codec.encode_open(req))
+    def open(self, req: codec.OpenRequest) -> codec.Opened:
+        s = self.verifier.open(req)
         self.session_id = s.id
         passes = {1: 10.0, 2: 10.0, 9: 10.0}
-        return pb.OpenSessionResponse(session_id=s.id, target_model="table", vocab_size=V,
-                                      pass_rows=list(passes), pass_ms=list(passes.values()))
+        return codec.Opened(s.id, "table", V, pass_rows=tuple(passes), pass_ms=tuple(passes.values()))
 
-    def round(self, msg: pb.DraftBatch, reopen) -> RoundReply:
+    def round(self, msg: codec.Batch, reopen) -> RoundReply:
         self.requests.append(msg)
         sent = time.time_ns() // 1000
         r = self.verifier.verify(self.verifier.get(self.session_id), msg)
         now = time.time_ns() // 1000
-        v = pb.Verdict(accepted=r.accepted, token=r.token, position=r.position, received_unix_us=sent,
-                       sent_unix_us=now, forward_us=round(r.forward_ms * 1e3), plain_tokens=list(r.plain_tokens))
-        return RoundReply(v, sent, now, msg.ByteSize() + 40, v.ByteSize() + 30)
+        v = r.verdict(sent, now)
+        up, down = codec.batch_to_pb(msg).ByteSize(), codec.verdict_to_pb(v).ByteSize()  # sizes on the wire
+        return RoundReply(v, sent, now, up + 40, down + 30, up, down)
 
 
 def verifier(table=TARGET, eos=()) -> Verifier:

@@ -289,6 +289,8 @@ def test_bit_accounting_is_honest(config, n, seed):
     assert packed.payload_bytes == len(packed.payload) + len(packed.raw)
     radices = [r for k in ks for r in draft_radices(config, k)]
     assert 8 * len(packed.payload) >= math.ceil(sum(log2_int(r) for r in radices) - 1e-9)
+    # Oracle: log2 of the exact product of every radix written, plus the raw bits.
+    assert packed.honest_bits == pytest.approx(log2_int(math.prod(radices)) + 8 * len(packed.raw), rel=1e-9, abs=1e-6)
     if config.scheme in (Scheme.TOPK, Scheme.TOKEN) and not config.drop_zeros:
         for k in ks:
             honest, formula = draft_bits(config, k)

@@ -40,7 +40,7 @@ def make_verifier(m, window_ms: float, **cfg) -> Verifier:
 def open_session(v: Verifier, m, context, seed: int, temperature: float, k: int = 8):
     cfg = SchemeConfig("topk", m.vocab_size, k=k, ell=64)
     req = codec.OpenRequest(list(context), codec.Sampling(temperature, 0, 1.0, seed), cfg, m.fingerprint, 8)
-    s = v.open(codec.encode_open(req))
+    s = v.open(req)
     while not v.prefill_step(s):
         pass
     v.attach(s.id)  # as a Verify stream does: the batch leader waits for attached sessions
@@ -65,8 +65,7 @@ def generate(v: Verifier, m, prompt, seed: int, temperature: float, n_tokens: in
         barrier.wait()
     while len(s.context) - len(prompt) < n_tokens:
         drafts = drafts_for(m, s.context, cfg, seed, 3, temperature)
-        msg, _ = codec.encode_batch(s.id, len(s.context), drafts, cfg)
-        v.verify(s, msg)
+        v.verify(s, codec.pack_batch(len(s.context), drafts, cfg))
     v.release(s.id)
     return s.context[len(prompt):][:n_tokens]
 
@@ -127,8 +126,7 @@ def test_t1_first_token_through_the_batched_path_is_distributed_as_the_target(ti
     def one(seed, barrier):
         s, cfg = open_session(v, m, context, seed, 1.0)
         barrier.wait()
-        msg, _ = codec.encode_batch(s.id, len(s.context), drafts_for(m, context, cfg, seed, 2, 1.0), cfg)
-        v.verify(s, msg)
+        v.verify(s, codec.pack_batch(len(s.context), drafts_for(m, context, cfg, seed, 2, 1.0), cfg))
         v.release(s.id)
         v.close(s.id)
         return s.context[len(context)]
@@ -154,9 +152,9 @@ def test_a_malformed_batch_fails_only_its_own_session(tiny):
 
     def round_of(i):
         s, cfg = sessions[i]
-        msg, _ = codec.encode_batch(s.id, len(s.context), drafts_for(m, s.context, cfg, i, 3, 0.0), cfg)
-        if i == 1:
-            msg.position += 5  # not the session's position: INVALID_ARGUMENT, before any batching
+        # Session 1's batch does not continue its position: INVALID_ARGUMENT, before any batching.
+        position = len(s.context) + (5 if i == 1 else 0)
+        msg = codec.pack_batch(position, drafts_for(m, s.context, cfg, i, 3, 0.0), cfg)
         barrier.wait()
         return v.verify(s, msg)
 

@@ -240,7 +240,8 @@ def test_cloud_metrics_match_the_edge_stats(cloud, run_generation):
     g = cloud.running.metrics.registry.get_sample_value
     lab = {"sparsifier": "conformal"}
     before = {n: g(n, lab) or 0.0 for n in ("sqs_batches_total", "sqs_draft_tokens_total", "sqs_accepted_tokens_total",
-                                           "sqs_resampled_tokens_total", "sqs_uplink_payload_bytes_total")}
+                                           "sqs_resampled_tokens_total", "sqs_uplink_payload_bytes_total",
+                                           "sqs_uplink_formula_bits_total")}
     res = run_generation(cloud.address, PROMPT, scheme="conformal", max_new_tokens=20, temperature=1.0, seed=5)
     s = res.stats
     assert g("sqs_batches_total", lab) - before["sqs_batches_total"] == s.rounds
@@ -248,6 +249,9 @@ def test_cloud_metrics_match_the_edge_stats(cloud, run_generation):
     assert g("sqs_accepted_tokens_total", lab) - before["sqs_accepted_tokens_total"] == s.accepted
     assert g("sqs_resampled_tokens_total", lab) - before["sqs_resampled_tokens_total"] == s.resampled
     assert g("sqs_uplink_payload_bytes_total", lab) - before["sqs_uplink_payload_bytes_total"] == s.uplink_payload_bytes
+    # Both sides price a batch with common.batch_format.batch_bits: the cloud's count is the edge's.
+    cloud_bits = g("sqs_uplink_formula_bits_total", lab) - before["sqs_uplink_formula_bits_total"]
+    assert cloud_bits == pytest.approx(s.formula_bits, rel=1e-9)
 
 
 def test_sqs_cloud_process_serves_and_exports_metrics(free_port, run_generation):

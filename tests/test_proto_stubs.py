@@ -37,3 +37,40 @@ def test_every_rpc_of_the_service_is_served():
     service = sqs_pb2.DESCRIPTOR.services_by_name["Verifier"]
     missing = [m.name for m in service.methods if not callable(getattr(VerifierServicer, m.name, None))]
     assert not missing, f"RPCs without a handler: {missing}"
+
+
+def test_the_handler_table_is_the_service_descriptor():
+    """add_to_server registers exactly the RPCs the descriptor declares, each with the streaming kind
+    the descriptor gives it; a servicer missing one fails at start-up, never silently."""
+    import grpc
+
+    from cloud.servicer import VerifierServicer, method_handlers
+    from common.pb.v1 import sqs_pb2
+
+    service = sqs_pb2.DESCRIPTOR.services_by_name["Verifier"]
+    handlers = method_handlers(VerifierServicer(None, None, None))
+    assert set(handlers) == {m.name for m in service.methods}
+    for m in service.methods:
+        h = handlers[m.name]
+        assert (h.request_streaming, h.response_streaming) == (m.client_streaming, m.server_streaming), m.name
+    assert isinstance(handlers["OpenSession"], grpc.RpcMethodHandler)
+
+    class Partial:  # as if VerifyBatch had been added to the proto but not to the servicer
+        async def OpenSession(self, request, context): ...
+        async def Verify(self, request_iterator, context): ...
+        async def CloseSession(self, request, context): ...
+
+    with pytest.raises(AttributeError, match="VerifyBatch"):
+        method_handlers(Partial())
+
+
+def test_every_refusal_has_its_status_in_the_one_table():
+    """Each Refusal of the verifier goes out with the gRPC status its value names (DESIGN.md 8)."""
+    import grpc
+
+    from cloud.servicer import STATUS
+    from cloud.verifier import Refusal
+
+    assert set(STATUS) == set(Refusal)
+    for refusal, code in STATUS.items():
+        assert code == grpc.StatusCode[refusal.value], refusal
