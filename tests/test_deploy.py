@@ -277,9 +277,11 @@ def test_dockerfile_one_file_two_targets():
     for target, model_arg, command in (("cloud", "TARGET_MODEL", "sqs-cloud"), ("edge", "DRAFT_MODEL", "sqs-edge")):
         final = by_name[target]
         assert final[0].startswith("FROM runtime AS"), final[0]
-        assert any(f'python -m sqs_models install "${{{model_arg}}}"' in i for i in by_name[f"models-{target}"])
-        # The installer writes model.safetensors 0600 as root; the services run as uid 10001.
-        assert any("chmod -R a+rX /models" in i for i in by_name[f"models-{target}"])
+        # Both models stages install with one script (bind-mounted, never in a layer), which makes
+        # /models world-readable: the installer writes model.safetensors 0600 as root; the services
+        # run as uid 10001.
+        assert any("source=deploy/install_model.sh,target=/install_model.sh" in i
+                   and f'sh /install_model.sh "${{{model_arg}}}"' in i for i in by_name[f"models-{target}"])
         users = [i.split()[1] for i in final if i.upper().startswith("USER ")]
         assert users and users[-1] not in ("root", "0"), f"{target} must run as a non-root user"
         assert any(i.upper().startswith("HEALTHCHECK ") and " CMD " in i for i in final)
@@ -288,6 +290,8 @@ def test_dockerfile_one_file_two_targets():
         # The project arrives as a wheel built in another stage: no build backend, no sources.
         assert any("--mount=type=bind,from=wheel" in i and "pip install --no-deps" in i for i in final)
         assert not any(i.startswith("COPY ") and "--from=" not in i for i in final + by_name["runtime"])
+    install = (DEPLOY / "install_model.sh").read_text()
+    assert 'python -m sqs_models install "$model"' in install and "chmod -R a+rX /models" in install
     cloud_hc = [i for i in by_name["cloud"] if i.startswith("HEALTHCHECK ")]
     assert 'CMD sqs-cloud check "127.0.0.1:${SQS_PORT:-50051}"' in cloud_hc[0]
 
