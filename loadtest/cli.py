@@ -6,8 +6,25 @@
 Without --cloud a verifier is started in this process on 127.0.0.1 (any free port) with
 --target-model. Each level runs --warmup unmeasured requests per client, then measured requests
 until --requests (all clients together) or --duration-s, whichever comes first. Prints one table
-row per level. Exit status: 0, 1 if a level had no successful request, 2 for bad usage, 130 when
-interrupted (the levels measured so far are still printed and written).
+row per level. Exit status: 0, 1 if a level had no successful request (or llama-server could not
+run), 2 for bad usage, 130 when interrupted (the levels measured so far are still printed and written).
+
+llama.cpp's llama-server side by side (--llama-server; the binary: `make llama-server`): after our
+levels, one level per N against `llama-server --parallel N` (the target's GGUF), N client threads, the
+same prompts, --max-new-tokens, --temperature and request/duration/warm-up rules; a second table.
+
+Pinning for a capacity comparison on one machine (our cloud and llama-server on CPU 1, the edges'
+drafting on CPU 0), e.g. N = 8:
+
+  taskset -c 1 sqs-cloud --model qwen2.5-coder-1.5b --engine llama --torch-threads 1 --port 50051 \
+      --metrics-port 0 &
+  taskset -c 0 sqs-loadtest --cloud 127.0.0.1:50051 --draft-model qwen2.5-coder-0.5b \
+      --target-model qwen2.5-coder-1.5b --clients 8 --requests 32 --torch-threads 1 \
+      --llama-server --llama-server-cpus 1 --llama-server-threads 1
+
+(taskset pins a process and the threads it starts; llama-server is pinned to --llama-server-cpus
+whatever this process's own affinity. An in-process cloud is stopped before llama-server's levels;
+an external one idles through them.)
 """
 
 from __future__ import annotations
@@ -48,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--csv-out", metavar="FILE", help="write one CSV row per measured request")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
     load.add_argument("--log-level", default=os.environ.get("SQS_LOG_LEVEL", "WARNING"))
+    ls = ap.add_argument_group("llama-server side by side")
+    ls.add_argument("--llama-server", action="store_true",
+                    help="after our levels, the same levels against llama.cpp's llama-server --parallel N")
+    ls.add_argument("--llama-server-binary", metavar="PATH", help="default: the one `make llama-server` built")
+    ls.add_argument("--llama-server-model", metavar="NAME|FILE.gguf",
+                    help="default: --target-model's GGUF (tiny: written on the fly)")
+    ls.add_argument("--llama-server-cpus", metavar="CPUS",
+                    help="pin llama-server to these CPUs (taskset -c syntax: 1 or 0,2 or 2-3; default: this process's)")
+    ls.add_argument("--llama-server-threads", type=int, default=0,
+                    help="llama-server --threads (default: one per --llama-server-cpus CPU)")
     gen = ap.add_argument_group("generation (as sqs-edge generate)")
     add_generation_args(gen)
     # A load test never picks up $SQS_CLOUD: without --cloud it starts its own verifier.
@@ -64,7 +91,18 @@ def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
         connect_timeout_s=a.connect_timeout_s, round_timeout_s=a.round_timeout_s, retries=a.retries,
         meter=a.meter, cloud_workers=a.cloud_workers,
         batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows, progress=not a.no_progress,
+        llama_server=a.llama_server, llama_server_binary=a.llama_server_binary,
+        llama_server_model=a.llama_server_model, llama_server_threads=a.llama_server_threads,
+        llama_server_cpus=_cpus(a.llama_server_cpus),
     )
+
+
+def _cpus(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    from bench.llama_server import parse_cpus
+
+    return parse_cpus(text)
 
 
 def _fail(msg: str, code: int) -> int:
@@ -84,6 +122,13 @@ def run(argv: list[str] | None = None) -> int:
         config.validate()
     except ValueError as exc:
         return _fail(str(exc), 2)
+    if config.llama_server:
+        from bench.llama_server import LlamaServerError, resolve_binary
+
+        try:
+            resolve_binary(config.llama_server_binary)  # before anything is loaded
+        except LlamaServerError as exc:
+            return _fail(str(exc), 2)
 
     # gRPC core logs at INFO (e.g. a GOAWAY when the in-process cloud stops); keep its errors only.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -119,7 +164,9 @@ def run(argv: list[str] | None = None) -> int:
                 return _fail(f"cannot write {path}: {exc}", 1)
     if report.interrupted:
         return 130
-    if any(lv.summary()["ok"] == 0 for lv in report.levels):
+    if report.llama_server is not None and report.llama_server.get("error"):
+        return 1
+    if any(lv.summary()["ok"] == 0 for lv in report.levels + report.llama_levels):
         return 1
     return 0
 

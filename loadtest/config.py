@@ -68,6 +68,13 @@ class LoadTestConfig(GenerationOptions):
     batch_window_ms: float = 2.0  # in-process cloud: cross-session batched verification window (0 = off)
     batch_max_rows: int = 64  # in-process cloud: rows of one batched forward pass at most
     progress: bool = True  # tqdm bar on stderr
+    # llama.cpp's llama-server side by side (loadtest/llama_levels.py): after our levels, one level per
+    # N of `clients` against `llama-server --parallel N`, same prompts, max_new_tokens, temperature
+    llama_server: bool = False
+    llama_server_binary: str | None = None  # None: the one `make llama-server` built
+    llama_server_model: str | None = None  # a GGUF path or a model name; None: target_model's GGUF
+    llama_server_cpus: tuple[int, ...] | None = None  # its CPU affinity; None: this process's
+    llama_server_threads: int = 0  # 0: one per llama_server_cpus CPU (all of this process's without)
 
     def validate(self) -> None:
         if not self.clients or any(n < 1 for n in self.clients):
@@ -93,3 +100,7 @@ class LoadTestConfig(GenerationOptions):
             raise ValueError("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
         if self.cloud is not None:
             check_loopback(self.cloud)
+        if self.llama_server_threads < 0:
+            raise ValueError("--llama-server-threads must be >= 0")
+        if self.llama_server_cpus is not None and (not self.llama_server_cpus or min(self.llama_server_cpus) < 0):
+            raise ValueError("--llama-server-cpus needs CPU ids >= 0")

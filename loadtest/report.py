@@ -8,6 +8,7 @@ import csv
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -43,7 +44,7 @@ class RequestRecord:
 CSV_FIELDS = [
     "clients", "client", "request", "seed", "prompt_index", "status", "ok", "start_s", "end_s", "latency_ms",
     "ttft_ms", "tokens", "rounds", "drafted", "accepted", "acceptance_rate", "stop_reason",
-    "uplink_payload_bytes", "reopens", "error",
+    "uplink_payload_bytes", "reopens", "error", "system",
 ]
 
 
@@ -112,6 +113,10 @@ class RunReport:
     levels: list[LevelResult] = field(default_factory=list)
     interrupted: bool = False
     started_unix: float = 0.0
+    # llama-server side by side (--llama-server): what ran (binary, version, model, cpus, threads,
+    # "error" when a server could not start) and one level per N (loadtest/llama_levels.py)
+    llama_server: dict | None = None
+    llama_levels: list[LevelResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         cfg = dataclasses.asdict(self.config)
@@ -133,6 +138,8 @@ class RunReport:
                 "wall_s": "measured phase: all clients warmed up -> last measured request done",
             },
             "levels": [lv.summary() for lv in self.levels],
+            **({"llama_server": {**self.llama_server, "levels": [lv.summary() for lv in self.llama_levels]}}
+               if self.llama_server is not None else {}),
         }
 
     def write_json(self, path: str) -> None:
@@ -146,38 +153,36 @@ class RunReport:
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             w.writeheader()
-            for lv in self.levels:
-                for r in sorted(lv.records, key=lambda r: r.request):
-                    row = dataclasses.asdict(r)
-                    row["ok"] = int(r.ok)
-                    row["acceptance_rate"] = f"{r.accepted / r.drafted:.4f}" if r.drafted else ""
-                    row["ttft_ms"] = "" if r.ttft_ms is None else f"{r.ttft_ms:.3f}"
-                    for key in ("start_s", "end_s"):
-                        row[key] = f"{row[key]:.4f}"
-                    row["latency_ms"] = f"{r.latency_ms:.3f}"
-                    w.writerow(row)
+            for system, levels in (("sqs-sd", self.levels), ("llama-server", self.llama_levels)):
+                for lv in levels:
+                    for r in sorted(lv.records, key=lambda r: r.request):
+                        w.writerow(self._csv_row(r, system))
+
+    @staticmethod
+    def _csv_row(r: RequestRecord, system: str) -> dict:
+        row = dataclasses.asdict(r)
+        row["ok"] = int(r.ok)
+        row["acceptance_rate"] = f"{r.accepted / r.drafted:.4f}" if r.drafted else ""
+        row["ttft_ms"] = "" if r.ttft_ms is None else f"{r.ttft_ms:.3f}"
+        for key in ("start_s", "end_s"):
+            row[key] = f"{row[key]:.4f}"
+        row["latency_ms"] = f"{r.latency_ms:.3f}"
+        row["system"] = system
+        return row
 
     def table(self) -> str:
-        head = ["clients", "ok", "err", "wall_s", "req/s", "tok/s", "p50_ms", "p95_ms", "p99_ms",
-                "ttft_mean", "ttft_p95", "accept", "sess/pass", "errors"]
-        rows = []
-        for lv in self.levels:
-            s = lv.summary()
-            lat, ttft = s["latency_ms"], s["ttft_ms"]
-            acc = s["acceptance_rate"]
-            errs = " ".join(f"{k}={v}" for k, v in s["errors_by_status"].items()) or "-"
-            b = s["cloud_batching"]
-            rows.append([
-                str(s["clients"]), str(s["ok"]), str(s["errors"]), f"{s['wall_s']:.2f}",
-                f"{s['requests_per_s']:.2f}", f"{s['tokens_per_s']:.1f}", _ms(lat["p50"]), _ms(lat["p95"]),
-                _ms(lat["p99"]), _ms(ttft["mean"]), _ms(ttft["p95"]), "-" if acc is None else f"{acc:.1%}",
-                "-" if not b else f"{b['sessions_per_pass']:.2f}", errs,
-            ])
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-        lines = ["  ".join(h.rjust(w) if i < len(head) - 1 else h for i, (h, w) in enumerate(zip(head, widths)))]
-        for r in rows:
-            lines.append("  ".join(c.rjust(w) if i < len(head) - 1 else c for i, (c, w) in enumerate(zip(r, widths))))
-        return "\n".join(lines)
+        """Our levels; with --llama-server, a line saying what it ran and its levels below, same columns."""
+        out = _table(self.levels)
+        if self.llama_server is not None:
+            ls = self.llama_server
+            out += (f"\nllama-server --parallel N ({ls.get('version') or '?'}): {Path(ls.get('model') or '?').name}, "
+                    f"{ls['threads']} thread(s) on CPU(s) {','.join(map(str, ls['cpus']))}; plain sampling, "
+                    f"no prompt cache; tok/s = predicted tokens / wall_s, no TTFT (not streamed)")
+            if self.llama_levels:
+                out += "\n" + _table(self.llama_levels)
+            if ls.get("error"):
+                out += f"\nllama-server: error: {ls['error']}"
+        return out
 
     def header(self) -> str:
         c = self.config
@@ -194,6 +199,29 @@ class RunReport:
                 "; cloud batching off") if self.cloud_in_process else "")
             + ("; INTERRUPTED" if self.interrupted else "")
         )
+
+
+def _table(levels: list[LevelResult]) -> str:
+    head = ["clients", "ok", "err", "wall_s", "req/s", "tok/s", "p50_ms", "p95_ms", "p99_ms",
+            "ttft_mean", "ttft_p95", "accept", "sess/pass", "errors"]
+    rows = []
+    for lv in levels:
+        s = lv.summary()
+        lat, ttft = s["latency_ms"], s["ttft_ms"]
+        acc = s["acceptance_rate"]
+        errs = " ".join(f"{k}={v}" for k, v in s["errors_by_status"].items()) or "-"
+        b = s["cloud_batching"]
+        rows.append([
+            str(s["clients"]), str(s["ok"]), str(s["errors"]), f"{s['wall_s']:.2f}",
+            f"{s['requests_per_s']:.2f}", f"{s['tokens_per_s']:.1f}", _ms(lat["p50"]), _ms(lat["p95"]),
+            _ms(lat["p99"]), _ms(ttft["mean"]), _ms(ttft["p95"]), "-" if acc is None else f"{acc:.1%}",
+            "-" if not b else f"{b['sessions_per_pass']:.2f}", errs,
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) if i < len(head) - 1 else h for i, (h, w) in enumerate(zip(head, widths)))]
+    for r in rows:
+        lines.append("  ".join(c.rjust(w) if i < len(head) - 1 else c for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
 
 
 def _ms(v: float | None) -> str:

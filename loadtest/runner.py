@@ -201,18 +201,21 @@ def _client_loop(sh: _Shared, lv: _Level, client: int, barrier: threading.Barrie
                 lv.records.append(rec)
 
 
-def _run_level(sh: _Shared, config: LoadTestConfig, n: int, progress_file: IO[str] | None) -> _Level:
+def _run_level(sh: _Shared, config: LoadTestConfig, n: int, progress_file: IO[str] | None, *,
+               client_loop=_client_loop, label: str = "") -> _Level:
+    """One level: n threads running `client_loop(sh, lv, client, barrier, level_t0)` (our edge's, or
+    loadtest.llama_levels' for llama-server); `sh` needs a `stop` event."""
     from tqdm import tqdm
 
     lv = _Level(n, config, sh.stop)
     barrier = threading.Barrier(n, action=lv.start)
     level_t0 = time.perf_counter()
     threads = [
-        threading.Thread(target=_client_loop, args=(sh, lv, c, barrier, level_t0), name=f"loadtest-client-{c}",
+        threading.Thread(target=client_loop, args=(sh, lv, c, barrier, level_t0), name=f"loadtest-client-{c}",
                          daemon=True)
         for c in range(n)
     ]
-    bar = tqdm(total=config.requests, desc=f"N={n:<3d} warm-up", unit="req", file=progress_file or sys.stderr,
+    bar = tqdm(total=config.requests, desc=f"{label}N={n:<3d} warm-up", unit="req", file=progress_file or sys.stderr,
                disable=not config.progress, dynamic_ncols=True, leave=True)
     for t in threads:
         t.start()
@@ -227,7 +230,7 @@ def _run_level(sh: _Shared, config: LoadTestConfig, n: int, progress_file: IO[st
                 alive[0].join(0.1)
                 if lv.t0 is not None and not measuring:
                     measuring = True
-                    bar.set_description(f"N={n:<3d}", refresh=False)
+                    bar.set_description(f"{label}N={n:<3d}", refresh=False)
                     bar.reset(total=config.requests)  # the rate counts from the measured phase
                 with lv.lock:
                     done = len(lv.records)
@@ -309,6 +312,13 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
             batching = _batching_delta(before, cloud.running.verifier.batch_stats()) if before is not None else None
             report.levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by,
                                              batching))
+        if config.llama_server and not stop.is_set():
+            from loadtest.llama_levels import run_llama_levels
+
+            if cloud is not None:  # its threads would compete with llama-server for the CPUs
+                cloud.stop()
+                cloud = None
+            report.llama_server, report.llama_levels = run_llama_levels(config, stop, progress_file)
     except KeyboardInterrupt:  # between levels
         stop.set()
     finally:
