@@ -1,0 +1,182 @@
+"""llama.cpp's llama-server (bench/llama_server.py, loadtest/llama_levels.py) on the tiny pair.
+
+The tiny pair is written as GGUF files (bench/tiny_gguf.py), so no real model is needed: llama.cpp's
+greedy tokens must equal the torch tiny target's (the same function up to float rounding), and its
+own speculative decoding with the tiny draft must keep them at T = 0 and report its draft counts.
+
+llama-server is an integration tool: `make llama-server` (or `make test`) builds it; without it these
+tests skip, or fail under SQS_REQUIRE_INTEGRATION=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+
+import pytest
+
+from bench.llama_server import (
+    LlamaServer,
+    LlamaServerError,
+    ServerConfig,
+    built_binary,
+    complete,
+    parse_cpus,
+    register,
+    resolve_binary,
+)
+from tests.conftest import require_tool
+
+PROMPT = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def binary() -> str:
+    path = built_binary()
+    if path is None:
+        require_tool("llama-server is not built (make llama-server: ~11 min on 2 cores)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory) -> tuple[str, str]:
+    from bench.tiny_gguf import write_tiny_gguf
+
+    d = tmp_path_factory.mktemp("gguf")
+    return str(write_tiny_gguf(d / "target.gguf", "target")), str(write_tiny_gguf(d / "draft.gguf", "draft"))
+
+
+def _greedy_torch(prompt: str, n: int) -> list[int]:
+    import torch
+
+    from sqs_models.tiny import build_tiny
+
+    model = build_tiny("target")
+    ids = [ord(c) for c in prompt]
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_every_flag_we_pass_is_one_this_llama_server_knows(binary):
+    import subprocess
+
+    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60).stdout
+    cmd = ServerConfig(binary, "m.gguf", draft_model="d.gguf").command(8080)
+    flags = [a for a in cmd[1:] if a.startswith("--")]
+    assert len(flags) > 10
+    missing = [f for f in flags if f not in help_text]
+    assert not missing, f"llama-server --help does not list {missing}"
+
+
+def test_tiny_greedy_completion_matches_torch_and_reports_timings(binary, tiny_ggufs):
+    with LlamaServer(ServerConfig(binary, tiny_ggufs[0], threads=1, slot_ctx=128)) as srv:
+        c = complete(srv.address, PROMPT, n_predict=12, temperature=0.0, seed=0, ignore_eos=True, timeout_s=60)
+        again = complete(srv.address, PROMPT, n_predict=12, temperature=1.0, seed=3, ignore_eos=True, timeout_s=60)
+    assert srv.proc.poll() is not None  # stopped
+    assert c.predicted_n == 12 and c.tokens == _greedy_torch(PROMPT, 12)
+    assert c.prompt_n == len(PROMPT)
+    assert c.predicted_per_second > 0 and c.predicted_ms > 0 and c.wall_ms > 0
+    assert c.draft_n == c.draft_n_accepted == 0
+    assert again.predicted_n == 12 and all(0 <= t < 128 for t in again.tokens)
+
+
+def test_its_speculative_decoding_reports_draft_counts_and_keeps_greedy_tokens(binary, tiny_ggufs):
+    target, draft = tiny_ggufs
+    with LlamaServer(ServerConfig(binary, target, draft_model=draft, draft_n_max=4, threads=1, slot_ctx=128)) as srv:
+        c = complete(srv.address, PROMPT, n_predict=16, temperature=0.0, seed=0, ignore_eos=True, timeout_s=60)
+    assert c.predicted_n == 16 and c.tokens == _greedy_torch(PROMPT, 16)
+    assert c.draft_n > 0 and 0 <= c.draft_n_accepted <= c.draft_n
+
+
+def test_pinned_to_the_cpus_asked(binary, tiny_ggufs):
+    cpu = max(os.sched_getaffinity(0))
+    with LlamaServer(ServerConfig(binary, tiny_ggufs[0], threads=1, cpus=(cpu,), slot_ctx=128)) as srv:
+        assert os.sched_getaffinity(srv.proc.pid) == {cpu}
+
+
+@pytest.mark.timeout(30)
+def test_bad_binary_and_model_paths_fail_in_one_line(binary, tiny_ggufs, tmp_path):
+    with pytest.raises(LlamaServerError, match="does not exist or is not executable"):
+        LlamaServer(ServerConfig(str(tmp_path / "no-such-llama-server"), tiny_ggufs[0])).start()
+    with pytest.raises(LlamaServerError, match="model .* does not exist"):
+        LlamaServer(ServerConfig(binary, str(tmp_path / "missing.gguf"))).start()
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(b"not a gguf file" * 100)
+    t0 = time.monotonic()
+    with pytest.raises(LlamaServerError) as exc:
+        LlamaServer(ServerConfig(binary, str(bad), start_timeout_s=20)).start()
+    assert "exited with status" in str(exc.value) and "\n" not in str(exc.value)
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_dead_server_is_a_connection_error_not_a_hang(free_port):
+    with pytest.raises(LlamaServerError) as exc:
+        complete(f"127.0.0.1:{free_port()}", PROMPT, n_predict=4, temperature=0.0, seed=0, timeout_s=5)
+    assert exc.value.status == "CONNECTION"
+
+
+def test_resolve_binary_and_cpu_lists(tmp_path):
+    with pytest.raises(LlamaServerError):
+        resolve_binary(str(tmp_path))  # a directory is no binary
+    assert parse_cpus("1") == (1,) and parse_cpus("0,2") == (0, 2) and parse_cpus("2-3,0") == (0, 2, 3)
+    with pytest.raises(ValueError):
+        parse_cpus("x")
+
+
+def test_loadtest_llama_server_levels_next_to_ours(binary, tmp_path):
+    from loadtest.runner import LoadTestConfig, run_load_test
+
+    cfg = LoadTestConfig(clients=(1, 2), requests=4, duration_s=60, warmup=1, max_new_tokens=8, draft_len=4,
+                         progress=False, llama_server=True, llama_server_binary=binary, llama_server_threads=1)
+    report = run_load_test(cfg)
+    assert [lv.clients for lv in report.levels] == [1, 2] == [lv.clients for lv in report.llama_levels]
+    assert "error" not in report.llama_server and report.llama_server["threads"] == 1
+    for lv in report.llama_levels:
+        s = lv.summary()
+        assert s["ok"] == s["requests"] == 4 and s["errors"] == 0 and s["stopped_by"] == "requests"
+        assert s["tokens"] == 4 * 8 and s["tokens_per_s"] > 0 and s["warmup_requests"] == lv.clients
+        assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p95"]
+    table = report.table()
+    assert "llama-server --parallel N" in table and len(table.splitlines()) == 3 + 1 + 3
+    report.write_json(tmp_path / "r.json")
+    report.write_csv(tmp_path / "r.csv")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [lv["clients"] for lv in data["llama_server"]["levels"]] == [1, 2]
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert sorted({r["system"] for r in rows}) == ["llama-server", "sqs-sd"] and len(rows) == 16
+
+
+def test_loadtest_cli_refuses_a_missing_binary_before_loading(tmp_path, capsys):
+    from loadtest.cli import run as cli_run
+
+    rc = cli_run(["--llama-server", "--llama-server-binary", str(tmp_path / "nope"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not executable" in err
+
+
+@pytest.mark.slow
+def test_bench_quick_all_four_rows(binary, tmp_path, capsys):
+    from bench.llama_server import main
+
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers(dest="cmd"))
+    cpu = str(max(os.sched_getaffinity(0)))
+    args = ap.parse_args(["llama-server", "--quick", "--llama-server", binary, "--server-cpus", cpu,
+                          "--edge-cpus", cpu, "--temperatures", "0", "--out", str(tmp_path), "--no-progress"])
+    before = os.sched_getaffinity(0)
+    assert main(args) == 0
+    assert os.sched_getaffinity(0) == before  # the edge's pinning is undone
+    out = capsys.readouterr().out
+    assert "sqs-cloud / llama-ar p50 latency" in out
+    rows = list(csv.DictReader((tmp_path / "llama_server.csv").open()))
+    assert [r["row"] for r in rows] == ["llama-ar", "llama-sd", "sqs-cloud", "sqs-sd"]
+    assert all(int(r["generated"]) == 2 * 8 and float(r["tokens_per_s"]) > 0 for r in rows)
+    by = {r["row"]: r for r in rows}
+    assert int(by["llama-sd"]["drafted"]) > 0  # ours plans per round: on one shared CPU it may not draft
+    assert by["llama-ar"]["drafted"] == by["sqs-cloud"]["drafted"] == "0"
+    assert all(r["cpu_flags"] and r["server_cpus"] == cpu for r in rows)
