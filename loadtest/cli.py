@@ -16,11 +16,11 @@ same prompts, --max-new-tokens, --temperature and request/duration/warm-up rules
 Pinning for a capacity comparison on one machine (our cloud and llama-server on CPU 1, the edges'
 drafting on CPU 0), e.g. N = 8:
 
-  taskset -c 1 sqs-cloud --model qwen2.5-coder-1.5b --engine llama --torch-threads 1 --port 50051 \
+  taskset -c 1 sqs-cloud --model qwen2.5-coder-1.5b --engine llama --torch-threads 1 --port 50051 \\
       --metrics-port 0 &
-  taskset -c 0 sqs-loadtest --cloud 127.0.0.1:50051 --draft-model qwen2.5-coder-0.5b \
-      --target-model qwen2.5-coder-1.5b --clients 8 --requests 32 --torch-threads 1 \
-      --llama-server --llama-server-cpus 1 --llama-server-threads 1
+  taskset -c 0 sqs-loadtest --cloud 127.0.0.1:50051 --draft-model qwen2.5-coder-0.5b \\
+      --target-model qwen2.5-coder-1.5b --clients 8 --requests 32 --duration-s 900 \\
+      --max-new-tokens 48 --torch-threads 1 --llama-server --llama-server-cpus 1 --llama-server-threads 1
 
 (taskset pins a process and the threads it starts; llama-server is pinned to --llama-server-cpus
 whatever this process's own affinity. An in-process cloud is stopped before llama-server's levels;

@@ -175,7 +175,7 @@ class RunReport:
         out = _table(self.levels)
         if self.llama_server is not None:
             ls = self.llama_server
-            out += (f"\nllama-server --parallel N ({ls.get('version') or '?'}): {Path(ls.get('model') or '?').name}, "
+            out += (f"\nllama-server --parallel N ({ls.get('version') or '?'}): {'/'.join(Path(ls.get('model') or '?').parts[-2:])}, "
                     f"{ls['threads']} thread(s) on CPU(s) {','.join(map(str, ls['cpus']))}; plain sampling, "
                     f"no prompt cache; tok/s = predicted tokens / wall_s, no TTFT (not streamed)")
             if self.llama_levels:
