@@ -1,11 +1,13 @@
 """sqs-bench: benchmarks that print their figures.
 
   sqs-bench codec [--quick]      time and bits per draft token for every scheme
-  sqs-bench run --out DIR        the paper's experiments, all schemes side by side: results.csv + PNG plots
-  sqs-bench report --results DIR rebuild link sweep and plots from DIR/results.csv
+  sqs-bench run --out DIR        the paper's experiments, all policies side by side: results.csv, plots,
+                                 paired comparisons with bootstrap intervals (--resume goes on)
+  sqs-bench report --results DIR rebuild every table and plot from DIR/runs.jsonl
   sqs-bench e2e                  a few schemes through a real cloud process, printed
   sqs-bench batching             would a batched (multi-session) verify pass raise cloud throughput?
   sqs-bench engines              step and multi-row pass cost, RSS, KL vs fp32 per engine x model x threads
+  sqs-bench llama-server         llama.cpp's llama-server (AR and its own SD) next to our cloud-only and SD paths
 """
 
 from __future__ import annotations
@@ -36,28 +38,36 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--schemes", nargs="+", default=["none", "topk:8", "conformal:0.01"],
                    help="none | topk:K | conformal:BETA0 | dense | token | fp16-topk:K | fp32")
     e.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
-    e.add_argument("--prompts", nargs="+", default=["def fibonacci(n):"])
+    e.add_argument("--prompts", type=int, default=1, help="code prompts (bench.adaptive.CODE_PROMPTS)")
     e.add_argument("--max-new-tokens", type=int, default=48)
     e.add_argument("--draft-len", type=int_or_auto, default="auto", help="auto (planned per round) or a fixed N")
     e.add_argument("--budget-bits", type=float, default=5000.0)
     e.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("run", help="the paper's experiments: all schemes side by side -> results.csv + plots")
-    r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--quick", action="store_true", help="tiny pair, small grid: under a minute")
+    r = sub.add_parser("run", help="the paper's experiments: all policies side by side -> results.csv + plots")
+    r.add_argument("--out", required=True, help="output directory (runs.jsonl holds every generation)")
+    r.add_argument("--resume", action="store_true", help="go on with DIR/runs.jsonl: run only what it lacks")
+    r.add_argument("--quick", action="store_true", help="tiny pair, small grid: about a minute")
     r.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
     r.add_argument("--target-model", default="qwen2.5-coder-1.5b")
+    r.add_argument("--draft-engine", default="auto", choices=["auto", "torch", "llama"],
+                   help="edge engine (auto: llama.cpp where installed with the model's GGUF)")
+    r.add_argument("--target-engine", default="auto", choices=["auto", "torch", "llama"],
+                   help="cloud engine (auto: the cheaper verify pass, measured at start)")
     r.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    r.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
-    r.add_argument("--betas", nargs="+", type=float, default=[0.01, 0.001])
-    r.add_argument("--etas", nargs="+", type=float, default=[0.0, 0.001])
+    r.add_argument("--ks", nargs="+", type=int, default=[8], help="K-SQS settings (fixed plans)")
+    r.add_argument("--betas", nargs="+", type=float, default=[0.01], help="C-SQS beta0 settings")
+    r.add_argument("--etas", nargs="+", type=float, default=[0.001], help="C-SQS learning rates")
     r.add_argument("--alpha", type=float, default=0.0005)
     r.add_argument("--ell", type=int, default=100)
     r.add_argument("--budget-bits", type=float, default=5000.0)
-    r.add_argument("--draft-len", type=int_or_auto, default="auto",
-                   help="auto: each round planned from measured costs; N: a fixed plan of up to N drafts")
-    r.add_argument("--prompts", type=int, default=4, help="Wikipedia-summary prompts per setting")
-    r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--no-baselines", action="store_true")
+    r.add_argument("--draft-len", type=int, default=8,
+                   help="fixed plans: at most N drafts per batch (the budget B may stop a batch earlier)")
+    r.add_argument("--no-planner", action="store_true", help="leave out the round planner (--draft-len auto) rows")
+    r.add_argument("--baselines", action="store_true", help="also dense QS, token-only, fp16 top-8, dense fp32")
+    r.add_argument("--prompts", type=int, default=8, help="prompts per kind (code and prose)")
+    r.add_argument("--cloud-only-prompts", type=int, default=2,
+                   help="prompts per kind for cloud-only rows (its cost per token does not depend on the prompt)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--link-rate", type=float, default=1e6, help="headline link rate, bit/s")
     r.add_argument("--link-rtt-ms", type=float, default=50.0)
     r.add_argument("--seed", type=int, default=0)
@@ -74,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ad.add_argument("--max-new-tokens", type=int, default=32)
     ad.add_argument("--seed", type=int, default=0)
     ad.add_argument("--no-progress", action="store_true")
-    rp = sub.add_parser("report", help="rebuild the link sweep and plots from DIR/results.csv")
-    rp.add_argument("--results", required=True, help="directory holding results.csv")
+    rp = sub.add_parser("report", help="rebuild every table and plot from DIR/runs.jsonl")
+    rp.add_argument("--results", required=True, help="directory holding runs.jsonl")
     rp.add_argument("--link-rate", type=float, default=1e6)
     rp.add_argument("--link-rtt-ms", type=float, default=50.0)
     b = sub.add_parser("batching", help="one batched verify pass vs separate passes, on the target model")
@@ -95,7 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     en.add_argument("--positions", type=int, default=32, help="positions compared with torch fp32")
     en.add_argument("--cell-timeout-s", type=float, default=900.0)
     en.add_argument("--out", help="directory for engines.csv")
+    from bench import llama_server
+
+    llama_server.register(sub)
     a = ap.parse_args(argv)
+    if a.cmd == "llama-server":
+        sys.exit(llama_server.main(a))
     if a.cmd == "engines":
         from bench.engines import main_engines
 
@@ -117,17 +132,20 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(main_run(a))
     if a.cmd == "e2e":
-        from bench.paper import BenchSetting, add_link_columns, format_headline, row, run
+        import tempfile
+        from pathlib import Path
 
-        settings = [BenchSetting(**_parse_scheme(s), temperature=t, budget_bits=a.budget_bits)
+        from bench.paper import BenchSetting, RunContext, bench_prompts, run
+        from bench.paper_report import report
+
+        settings = [BenchSetting(**_parse_scheme(s), temperature=t, budget_bits=a.budget_bits,
+                                 draft_len=0 if s == "none" else a.draft_len)
                     for t in a.temperatures for s in a.schemes]
-        results = run(settings, a.prompts, a.draft_model, a.target_model, a.max_new_tokens,
-                      max_draft_len=a.draft_len, seed=a.seed)
-        rows = [row(r, a.draft_model, a.target_model, 0, len(a.prompts)) for r in results]
-        add_link_columns(rows, 1e6, 50.0)
-        print(f"draft {a.draft_model}, target {a.target_model}, {len(a.prompts)} prompt(s), "
-              f"{a.max_new_tokens} new tokens each; link columns: analytic at 1 Mbit/s, 50 ms RTT")
-        print(format_headline(rows))
+        ctx = RunContext(a.draft_model, a.target_model, "auto", "auto", a.max_new_tokens, a.seed, 1e6, 50.0)
+        prompts = [p for p in bench_prompts(max(a.prompts, 1)) if p.kind == "code"][: a.prompts]
+        with tempfile.TemporaryDirectory() as d:
+            records = run(settings, prompts, ctx, Path(d) / "runs.jsonl")
+            report(records, Path(d), 1e6, 50.0)
     if a.cmd == "codec":
         from bench.codec_bench import format_table, run
 

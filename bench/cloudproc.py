@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from cloud.health import NotServing, wait_serving
 from common.stats import GenerationStats
@@ -36,22 +37,41 @@ def pin_edge(cpus: set[int]) -> None:
     torch.set_num_threads(len(cpus))
 
 
-def start_cloud(model: str, port: int, cpus: set[int] | None = None) -> subprocess.Popen:
+def start_cloud(model: str, port: int, cpus: set[int] | None = None, engine: str = "auto",
+                log_path: str | Path | None = None) -> subprocess.Popen:
+    """A sqs-cloud process serving ``model`` on 127.0.0.1:``port``, pinned to ``cpus``, once it serves.
+
+    log_path: its stderr at INFO level goes there (``cloud_engine(log_path)`` reads which engine and
+    dtype it loaded); without it, only warnings are kept (in a pipe).
+    """
     cmd = [sys.executable, "-m", "cloud", "--model", model, "--port", str(port), "--metrics-port", "0",
-           "--host", "127.0.0.1", "--log-level", "WARNING"]
+           "--host", "127.0.0.1", "--engine", engine, "--log-level", "INFO" if log_path else "WARNING"]
     if cpus:
         cmd += ["--torch-threads", str(len(cpus))]
+    err = open(log_path, "w") if log_path else subprocess.PIPE
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cmd, stdout=subprocess.DEVNULL, stderr=err, text=True,
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     try:
-        wait_serving(f"127.0.0.1:{port}", 300, process=proc)
+        wait_serving(f"127.0.0.1:{port}", 600, process=proc)
     except NotServing as exc:
         if proc.poll() is None:
             proc.kill()
-        raise RuntimeError(f"{exc}; stderr: {proc.stderr.read()[-500:]}") from None
+        tail = Path(log_path).read_text()[-500:] if log_path else proc.stderr.read()[-500:]
+        raise RuntimeError(f"{exc}; stderr: {tail}") from None
+    finally:
+        if log_path:
+            err.close()
     return proc
+
+
+def cloud_engine(log_path: str | Path) -> str:
+    """The engine line the cloud logged at start ("torch bfloat16 (measured), 1 threads", ...)."""
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        if " engine " in line and "loaded in" in line:
+            return line.split(": engine ", 1)[-1].rsplit(", loaded in", 1)[0].strip()
+    return "unknown"
 
 
 def merge_stats(acc: GenerationStats, s: GenerationStats) -> None:

@@ -1,38 +1,38 @@
-"""The paper's experiments, measured: every scheme side by side in one run, results.csv and plots.
+"""sqs-bench run: the paper's experiments, measured, resumable, every policy side by side.
 
-Each setting runs real generations (a sqs-cloud process, the edge library path on loopback) and
-keeps per-round measurements: compute times (draft, verify), wire bytes each way, drafts, accepted.
-From those, an analytic model gives the latency at any link: per round
-    draft + up_wire_bytes * 8 / rate + RTT + verify + down_wire_bytes * 8 / rate
-(measured compute and measured bytes; only the link is modelled), reported for a grid of rates and
-RTTs and, in results.csv, at the headline link.
+Each (setting, prompt) pair is one real generation: a sqs-cloud process on its own CPUs, the edge
+(this process, the draft engine) on the others, over loopback gRPC. Each finished generation is
+appended at once to DIR/runs.jsonl (one JSON record: the setting, the prompt, its seed, totals and
+the compact per-round trace the link model prices), so a run that stops can go on with --resume,
+and everything reported (bench/paper_report.py) is recomputed from that file alone.
+
+Settings (per temperature): cloud-only decoding, K-SQS and C-SQS with a fixed plan (at most
+--draft-len drafts per batch, fewer when the uplink budget B runs out, as in the paper), the round
+planner (--draft-len/--k/--ell auto, pipelined) as one more policy, and optionally the baselines
+(dense QS, token-only, fp16 top-K, dense fp32). Every setting sees the same prompts with the same
+seeds (prompt i: seed + i), so settings compare paired, prompt by prompt.
 """
 
 from __future__ import annotations
 
-import csv
-import math
-from dataclasses import dataclass, field
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
-from bench.cloudproc import free_port, merge_stats, pin_edge, split_cpus, start_cloud
-from common.schemes import SchemeConfig
-from common.stats import GenerationStats
+from bench.cloudproc import cloud_engine, free_port, pin_edge, split_cpus, start_cloud
 
-CSV_COLUMNS = [
-    "scheme", "k", "beta0", "eta", "alpha", "ell", "budget_bits", "temperature", "draft_model", "target_model",
-    "vocab_size", "prompts", "rounds", "generated", "drafted", "accepted", "resampled", "bonus",
-    "acceptance_rate", "resampling_rate", "accepted_per_round", "drafts_per_batch", "formula_bits_per_draft",
-    "honest_bits_per_draft", "formula_bits_per_token", "payload_bytes_per_batch", "wire_bytes_per_batch",
-    "wire_bytes_per_token", "downlink_wire_bytes_per_batch", "draft_ms", "uplink_ms", "verify_ms", "downlink_ms",
-    "total_ms", "latency_ms_per_token", "tokens_per_s", "mean_dropped_mass", "theorem2_bound",
-    "link_rate_bps", "link_rtt_ms", "link_latency_ms_per_token", "link_tokens_per_s",
-    "link_latency_ms_per_token_parallel_verify",
-]
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class BenchSetting:
+    """One policy at one temperature. draft_len: the most drafts per batch (a fixed plan; the
+    budget B may stop a batch earlier), 0 for cloud-only, "auto" for the round planner (then K
+    and ell are planned too where the sparsifier has them)."""
+
     scheme: str
     temperature: float
     k: int = 8
@@ -41,312 +41,242 @@ class BenchSetting:
     alpha: float = 0.0005
     ell: int = 100
     budget_bits: float = 5000.0
+    draft_len: int | str = 8
+
+    @property
+    def adaptive(self) -> bool:
+        return self.draft_len == AUTO
 
     @property
     def label(self) -> str:
+        if self.scheme == "none":
+            return "cloud-only"
+        if self.adaptive:
+            return {"topk": "planner K-SQS", "conformal": "planner C-SQS"}.get(self.scheme, f"planner {self.scheme}")
         if self.scheme in ("topk", "fp16-topk"):
-            return f"{self.scheme} K={self.k}"
-        if self.scheme == "conformal":
-            return f"C-SQS b0={self.beta0:g} eta={self.eta:g}"
-        return {"none": "cloud-only AR", "dense": "dense QS", "token": "token-only", "fp32": "dense fp32"}.get(
-            self.scheme, self.scheme)
+            name = f"{self.scheme} K={self.k}"
+        elif self.scheme == "conformal":
+            name = f"C-SQS b0={self.beta0:g} eta={self.eta:g}"
+        else:
+            name = {"dense": "dense QS", "token": "token-only", "fp32": "dense fp32"}.get(self.scheme, self.scheme)
+        return f"{name} L<={self.draft_len}"
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
 
 
-@dataclass
-class SettingResult:
-    setting: BenchSetting
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    dropped_mass_sum: float = 0.0
-    counted_positions: int = 0
-
-
-def grid(temperatures, ks, betas, etas, baselines=True, alpha=0.0005, ell=100, budget_bits=5000.0):
+def grid(temperatures: Iterable[float], ks: Iterable[int], betas: Iterable[float], etas: Iterable[float], *,
+         draft_len: int = 8, baselines: bool = False, planner: bool = True, alpha: float = 0.0005, ell: int = 100,
+         budget_bits: float = 5000.0) -> list[BenchSetting]:
     out = []
     for t in temperatures:
+        common = dict(temperature=t, ell=ell, budget_bits=budget_bits, draft_len=draft_len)
+        out.append(BenchSetting("none", t, draft_len=0))
         if baselines:
-            out += [BenchSetting("none", t), BenchSetting("fp32", t), BenchSetting("fp16-topk", t, k=8),
-                    BenchSetting("dense", t), BenchSetting("token", t)]
-        out += [BenchSetting("topk", t, k=k, ell=ell, budget_bits=budget_bits) for k in ks]
-        out += [BenchSetting("conformal", t, beta0=b, eta=e, alpha=alpha, ell=ell, budget_bits=budget_bits)
-                for b in betas for e in etas]
+            out += [BenchSetting(s, **common) for s in ("fp32", "dense", "token")]
+            out.append(BenchSetting("fp16-topk", k=8, **common))
+        out += [BenchSetting("topk", k=k, **common) for k in ks]
+        out += [BenchSetting("conformal", beta0=b, eta=e, alpha=alpha, **common) for b in betas for e in etas]
+        if planner:
+            out.append(BenchSetting("topk", t, ell=ell, budget_bits=budget_bits, draft_len=AUTO))
     return out
 
 
-def run(settings: list[BenchSetting], prompts: list[str], draft_model: str, target_model: str,
-        max_new_tokens: int, max_draft_len: int | str = "auto", seed: int = 0,
-        show_progress: bool = True) -> list[SettingResult]:
+@dataclass(frozen=True)
+class Prompt:
+    kind: str  # "code" | "prose"
+    index: int  # within its kind; the seed of a generation is seed + index
+    text: str
+
+
+def bench_prompts(per_kind: int) -> list[Prompt]:
+    """per_kind code prompts and per_kind prose prompts (offline Wikipedia summaries)."""
+    from bench.adaptive import CODE_PROMPTS
+    from bench.prompts import wiki_prompts
+
+    code = [CODE_PROMPTS[i % len(CODE_PROMPTS)] + ("" if i < len(CODE_PROMPTS) else "\n")
+            for i in range(per_kind)]
+    return [Prompt("code", i, t) for i, t in enumerate(code)] + [
+        Prompt("prose", i, t) for i, t in enumerate(wiki_prompts(per_kind))]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every record of one run shares; part of each record's identity for --resume."""
+
+    draft_model: str
+    target_model: str
+    draft_engine: str  # requested: auto | torch | llama
+    target_engine: str
+    max_new_tokens: int
+    seed: int
+    link_rate_bps: float  # the link the planner plans for (fixed plans do not depend on it)
+    link_rtt_ms: float
+
+
+def record_key(ctx: RunContext, st: BenchSetting, p: Prompt) -> str:
+    return json.dumps({"ctx": asdict(ctx), "setting": json.loads(st.key()), "prompt": [p.kind, p.index, p.text]},
+                      sort_keys=True)
+
+
+def load_records(path: Path) -> list[dict]:
+    """Records of runs.jsonl; a torn last line (a run killed mid-write) is dropped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def cpu_flags() -> str:
+    from bench.adaptive import cpu_flags as flags
+
+    return flags()
+
+
+def _options(st: BenchSetting, seed: int) -> dict:
+    """The generation options (edge/options.py names) of one setting."""
+    if st.scheme == "none":
+        return {"sparsifier": "topk", "draft_len": 0, "temperature": st.temperature, "seed": seed}
+    return {
+        "sparsifier": st.scheme, "k": AUTO if st.adaptive and st.scheme in ("topk", "fp16-topk") else st.k,
+        "ell": AUTO if st.adaptive else st.ell, "draft_len": st.draft_len, "budget_bits": st.budget_bits,
+        "beta0": st.beta0, "eta": st.eta, "alpha": st.alpha, "temperature": st.temperature, "seed": seed,
+        # Fixed plans as the paper prices them (draft, then send, then verify); the planner as deployed.
+        "no_pipeline": not st.adaptive,
+    }
+
+
+def make_record(ctx: RunContext, st: BenchSetting, p: Prompt, g, engines: dict, ratio: float, flags: str) -> dict:
+    """One generation as a JSON-able record: identity, totals, and per round the few numbers the
+    link model needs (compute and network split, wire bytes, drafts)."""
+    s = g.stats
+    recs = s.records
+    betas = [r.beta for r in recs if r.beta is not None]
+    return {
+        "key": record_key(ctx, st, p), "ctx": asdict(ctx), "setting": asdict(st), "label": st.label,
+        "kind": p.kind, "index": p.index, "seed": ctx.seed + p.index, "stop_reason": g.stop_reason,
+        "generated": s.generated, "rounds": s.rounds, "drafted": s.drafted, "accepted": s.accepted,
+        "tested": s.tested, "resampled": s.resampled, "bonus": s.bonus, "plain": s.plain,
+        "zero_draft_rounds": sum(1 for r in recs if not r.drafted),
+        "max_drafts_in_round": max((r.drafted for r in recs), default=0),
+        "formula_bits": s.formula_bits, "honest_bits": s.honest_bits, "payload_bytes": s.uplink_payload_bytes,
+        "message_bytes": s.uplink_message_bytes, "uplink_wire_bytes": s.uplink_wire_bytes,
+        "downlink_wire_bytes": s.downlink_wire_bytes, "setup_wire_bytes": s.setup_wire_bytes,
+        **{f"{part}_ms": v for part, v in s.latency_ms.items()},
+        "forward_ms": sum(r.forward_ms for r in recs), "wall_s": s.wall_s,
+        "final_beta": betas[-1] if betas else None,
+        "counted_positions": g.counted_positions, "mean_dropped_mass": g.mean_dropped_mass,
+        "theorem2_bound": g.theorem2_bound,  # this generation's own (the controller starts afresh per generation)
+        "accepted_by_position": s.accepted_by_position, "tested_by_position": s.tested_by_position,
+        # per round: total, uplink, downlink, verify (ms); uplink, downlink wire bytes; drafted, accepted, plain
+        "trace": [[round(r.total_ms, 3), round(r.uplink_ms, 3), round(r.downlink_ms, 3), round(r.verify_ms, 3),
+                   r.uplink_wire_bytes or r.message_bytes, r.downlink_wire_bytes, r.drafted, r.accepted, r.plain]
+                  for r in recs],
+        "verify_step_ratio": ratio, "vocab_size": engines["vocab_size"], "draft_engine_detail": engines["draft"], "target_engine_detail": engines["target"],
+        "cpu_flags": flags, "finished_unix": time.time(),
+    }
+
+
+def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, records_path: Path, *,
+        show_progress: bool = True) -> list[dict]:
+    """Generate every (setting, prompt) pair not yet in records_path, appending one record each.
+    Returns all records of this context (old and new), in settings x prompts order."""
     from tqdm import tqdm
 
     from edge.client import ClientConfig, CloudClient
     from edge.drafter import DraftConfig, Drafter
-    from edge.options import AUTO, BY_NAME
-    from edge.generate import generate
-    from sqs_models.cached_lm import CachedLM
-    from sqs_models.registry import load_model
+    from edge.generate import LinkModel, generate
+    from sqs_models.engines import load_engine
 
-    m = load_model(draft_model, role="draft")
-    port = free_port()
-    edge_cpus, cloud_cpus = split_cpus()
-    cloud = start_cloud(target_model, port, cloud_cpus)
-    pin_edge(edge_cpus)
-    results = []
-    bar = tqdm(total=len(settings) * len(prompts), disable=not show_progress, desc="sqs-bench", unit="gen")
-    try:
-        for st in settings:
-            res = SettingResult(st)
-            for i, prompt in enumerate(prompts):
-                cfg = DraftConfig(
-                    scheme=SchemeConfig(st.scheme, m.vocab_size, k=st.k, ell=st.ell, beta0=st.beta0, eta=st.eta,
-                                        alpha=st.alpha),
-                    max_draft_len=None if max_draft_len == AUTO else BY_NAME["draft_len"].check(max_draft_len),
-                    budget_bits=st.budget_bits,
-                    temperature=st.temperature,
-                    seed=seed + i,
-                )
-                drafter = Drafter(CachedLM(m.model, m.vocab_size), cfg, m.eos_token_ids)
-                with CloudClient(ClientConfig(f"127.0.0.1:{port}")) as client:
-                    g = generate(m.tokenizer.encode(prompt), drafter, client, max_new_tokens=max_new_tokens,
-                                 vocab_fingerprint=m.fingerprint)
-                merge_stats(res.stats, g.stats)
-                if g.mean_dropped_mass is not None:
-                    res.dropped_mass_sum += g.mean_dropped_mass * g.counted_positions
-                    res.counted_positions += g.counted_positions
-                bar.set_postfix_str(f"{st.label} T={st.temperature:g}")
-                bar.update()
-            results.append(res)
-    finally:
-        bar.close()
-        cloud.terminate()
-        cloud.wait(30)
-    return results
-
-
-def link_latency(r: dict, rate_bps: float, rtt_ms: float, verify_ms: float | None = None) -> float:
-    """Analytic ms per generated token for a results row on a link of `rate_bps` (both ways) and
-    `rtt_ms`: rounds x (draft + verify + RTT) + wire bytes x 8 / rate, over generated tokens.
-
-    verify_ms replaces the measured per-round verify time (the parallel-verify what-if).
-    The model is linear, so the per-round means in the row give the same sum as the rounds.
-    """
-    rounds, generated = float(r["rounds"]), float(r["generated"])
-    if not generated:
-        return float("nan")
-    per_round = float(r["draft_ms"]) + (float(r["verify_ms"]) if verify_ms is None else verify_ms) + rtt_ms
-    wire_bits = (float(r["wire_bytes_per_batch"]) + float(r["downlink_wire_bytes_per_batch"])) * 8 * rounds
-    return (rounds * per_round + wire_bits / rate_bps * 1e3) / generated
-
-
-def parallel_verify_ms(rows: list[dict]) -> dict[float, float]:
-    """Per temperature, the cloud-only (L = 0) round's measured verify time: what one verify pass
-    costs when a forward over L+1 tokens costs one step (an accelerator), the what-if column."""
-    return {float(r["temperature"]): float(r["verify_ms"]) for r in rows if r["scheme"] == "none"}
-
-
-def row(res: SettingResult, draft_model: str, target_model: str, vocab: int, n_prompts: int) -> dict:
-    st, s = res.setting, res.stats
-    r = max(s.rounds, 1)
-    per_tok = max(s.accepted + s.rounds, 1)
-    mean_dropped = res.dropped_mass_sum / res.counted_positions if res.counted_positions else None
-    # Theorem 2 over all counted positions of the setting: alpha + (|b1| + 1 + eta*alpha) / (eta * T_total)
-    bound = (st.alpha + (abs(st.beta0) + 1 + st.eta * st.alpha) / (st.eta * res.counted_positions)
-             if st.scheme == "conformal" and st.eta > 0 and res.counted_positions else None)
-    return {
-        "scheme": st.scheme, "k": st.k if st.scheme in ("topk", "fp16-topk") else "",
-        "beta0": st.beta0 if st.scheme == "conformal" else "", "eta": st.eta if st.scheme == "conformal" else "",
-        "alpha": st.alpha if st.scheme == "conformal" else "", "ell": st.ell, "budget_bits": st.budget_bits,
-        "temperature": st.temperature, "draft_model": draft_model, "target_model": target_model,
-        "vocab_size": vocab, "prompts": n_prompts, "rounds": s.rounds, "generated": s.generated,
-        "drafted": s.drafted, "accepted": s.accepted, "resampled": s.resampled, "bonus": s.bonus,
-        "acceptance_rate": s.acceptance_rate, "resampling_rate": s.resampling_rate,
-        "accepted_per_round": s.accepted / r, "drafts_per_batch": s.drafted / r,
-        "formula_bits_per_draft": s.formula_bits / s.drafted if s.drafted else 0.0,
-        "honest_bits_per_draft": s.honest_bits / s.drafted if s.drafted else 0.0,
-        "formula_bits_per_token": s.formula_bits / per_tok,
-        "payload_bytes_per_batch": s.uplink_payload_bytes / r, "wire_bytes_per_batch": s.uplink_wire_bytes / r,
-        "wire_bytes_per_token": s.uplink_wire_bytes / per_tok,
-        "downlink_wire_bytes_per_batch": s.downlink_wire_bytes / r,
-        **{f"{p}_ms": s.latency_ms[p] / r for p in ("draft", "uplink", "verify", "downlink", "total")},
-        "latency_ms_per_token": s.latency_ms["total"] / max(s.generated, 1),
-        "tokens_per_s": s.tokens_per_s,
-        "mean_dropped_mass": mean_dropped if mean_dropped is not None else "",
-        "theorem2_bound": bound if bound is not None else "",
-    }
-
-
-def add_link_columns(rows: list[dict], rate_bps: float, rtt_ms: float) -> None:
-    """The headline-link columns, measured compute and, as a what-if, parallel verify."""
-    pv = parallel_verify_ms(rows)
-    for r in rows:
-        ms = link_latency(r, rate_bps, rtt_ms)
-        t = float(r["temperature"])
-        ms_pv = link_latency(r, rate_bps, rtt_ms, pv.get(t)) if t in pv else float("nan")
-        r.update(link_rate_bps=rate_bps, link_rtt_ms=rtt_ms, link_latency_ms_per_token=ms,
-                 link_tokens_per_s=1e3 / ms if ms and math.isfinite(ms) else 0.0,
-                 link_latency_ms_per_token_parallel_verify=ms_pv)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-
-
-RATES_BPS = [64e3, 256e3, 1e6, 4e6, 16e6, 100e6]
-RTTS_MS = [1, 10, 50, 200]
-
-
-def write_sweep(rows: list[dict], path: Path) -> list[dict]:
-    pv = parallel_verify_ms(rows)
-    out = []
-    for r in rows:
-        t = float(r["temperature"])
-        for rate in RATES_BPS:
-            for rtt in RTTS_MS:
-                ms = link_latency(r, rate, rtt)
-                out.append({"scheme": label_of(r), "temperature": t, "rate_bps": rate, "rtt_ms": rtt,
-                            "latency_ms_per_token": ms, "tokens_per_s": 1e3 / ms if ms else 0.0,
-                            "latency_ms_per_token_parallel_verify": link_latency(r, rate, rtt, pv.get(t))
-                            if t in pv else float("nan")})
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(out[0]))
-        w.writeheader()
-        w.writerows(out)
-    return out
-
-
-def label_of(r: dict) -> str:
-    return BenchSetting(r["scheme"], float(r["temperature"]), k=int(r["k"] or 8), beta0=float(r["beta0"] or 0.01),
-                        eta=float(r["eta"]) if r["eta"] != "" else 0.001).label
-
-
-def plot(rows: list[dict], out: Path, headline: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from cycler import cycler
-
-    plt.rcParams["axes.prop_cycle"] = cycler(color=plt.get_cmap("tab20").colors)  # > 10 schemes: no repeats
-    files = []
-    by = {(label_of(r), float(r["temperature"])): r for r in rows}
-    labels = sorted({k[0] for k in by}, key=lambda x: (x.split()[0], len(x), x))
-    temps = sorted({k[1] for k in by})
-    pv = parallel_verify_ms(rows)
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        files.append(out / name)
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
-    for label in labels:
-        xs = [t for t in temps if (label, t) in by]
-        style = "-o" if label.startswith(("topk", "C-SQS")) else "--x"
-        axes[0].plot(xs, [float(by[(label, t)]["link_latency_ms_per_token"]) for t in xs], style, label=label)
-        axes[1].plot(xs, [float(by[(label, t)]["link_latency_ms_per_token_parallel_verify"]) for t in xs], style,
-                     label=label)
-        axes[2].plot(xs, [float(by[(label, t)]["resampling_rate"]) for t in xs], style, label=label)
-    axes[0].set(xlabel="temperature", ylabel="ms per generated token", title=f"Latency, measured compute ({headline})")
-    axes[1].set(xlabel="temperature", ylabel="ms per generated token",
-                title="What-if: verify pass costs one step (accelerator)")
-    axes[2].set(xlabel="temperature", ylabel="resampled rounds / rounds", title="Resampling rate")
-    axes[2].legend(fontsize=7, ncol=2)
-    save(fig, "latency_resampling_vs_temperature.png")
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for label in labels:
-        pts = [(float(by[(label, t)]["formula_bits_per_draft"]), float(by[(label, t)]["acceptance_rate"]))
-               for t in temps if (label, t) in by and int(by[(label, t)]["drafted"])]
-        if pts:
-            ax.plot(*zip(*pts), "o", label=label, alpha=0.8)
-    ax.set_xscale("log")
-    ax.set(xlabel="formula bits per draft token (log)", ylabel="acceptance rate (accepted / drafted)",
-           title="Bits vs acceptance, all schemes and temperatures")
-    ax.legend(fontsize=7, ncol=2)
-    save(fig, "bits_vs_acceptance.png")
-
-    t_mid = temps[len(temps) // 2]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for label in labels:
-        if (label, t_mid) not in by:
-            continue
-        r = by[(label, t_mid)]
-        axes[0].plot(RATES_BPS, [link_latency(r, x, 50) for x in RATES_BPS], "-o", label=label)
-        if t_mid in pv:
-            axes[1].plot(RATES_BPS, [link_latency(r, x, 50, pv[t_mid]) for x in RATES_BPS], "-o", label=label)
-    for ax, title in zip(axes, ("measured compute", "what-if: verify pass = one step")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set(xlabel="link rate (bit/s), RTT 50 ms", ylabel="ms per generated token",
-               title=f"Link sweep at T={t_mid:g}, {title}")
-    axes[1].legend(fontsize=7, ncol=2)
-    save(fig, "link_sweep.png")
-    return files
-
-
-def format_headline(rows: list[dict]) -> str:
-    head = (f"{'T':>4} {'scheme':<24} {'acc':>6} {'resamp':>6} {'acc/rnd':>7} {'drafts/b':>8} {'fbits/draft':>11} "
-            f"{'fbits/tok':>9} {'wireB/tok':>9} {'link ms/tok':>11} {'link tok/s':>10} {'pv ms/tok':>9} "
-            f"{'loopback tok/s':>14}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        label = label_of(r)
-        lines.append(
-            f"{r['temperature']:>4.2f} {label:<24} {r['acceptance_rate']:>6.1%} {r['resampling_rate']:>6.1%} "
-            f"{r['accepted_per_round']:>7.2f} {r['drafts_per_batch']:>8.2f} {r['formula_bits_per_draft']:>11.1f} "
-            f"{r['formula_bits_per_token']:>9.1f} {r['wire_bytes_per_token']:>9.1f} "
-            f"{r['link_latency_ms_per_token']:>11.1f} {r['link_tokens_per_s']:>10.2f} "
-            f"{r['link_latency_ms_per_token_parallel_verify']:>9.1f} {r['tokens_per_s']:>14.2f}"
-        )
-    return "\n".join(lines)
+    done = {r["key"]: r for r in load_records(records_path)}
+    todo = [(st, p) for st in settings for p in prompts if record_key(ctx, st, p) not in done]
+    print(f"{len(settings) * len(prompts) - len(todo)} of {len(settings) * len(prompts)} generations already in "
+          f"{records_path}; {len(todo)} to run", flush=True)
+    if todo:
+        draft = load_engine(ctx.draft_model, "draft", engine=ctx.draft_engine)
+        port = free_port()
+        edge_cpus, cloud_cpus = split_cpus()
+        log_path = records_path.with_name("cloud.log")
+        cloud = start_cloud(ctx.target_model, port, cloud_cpus, engine=ctx.target_engine, log_path=log_path)
+        pin_edge(edge_cpus)
+        engines = {"draft": f"{draft.kind}: {draft.detail}", "target": cloud_engine(log_path),
+                   "vocab_size": draft.vocab_size}
+        flags = cpu_flags()
+        planned_link = LinkModel(ctx.link_rate_bps, ctx.link_rate_bps, ctx.link_rtt_ms)
+        bar = tqdm(total=len(todo), disable=not show_progress, desc="sqs-bench run", unit="gen")
+        try:
+            with open(records_path, "a") as out:
+                for st, p in todo:
+                    seed = ctx.seed + p.index
+                    cfg = DraftConfig.from_options(_options(st, seed), draft.vocab_size)
+                    drafter = Drafter(draft.new_lm(), cfg, draft.eos_token_ids)
+                    with CloudClient(ClientConfig(f"127.0.0.1:{port}")) as client:
+                        g = generate(draft.tokenizer.encode(p.text), drafter, client,
+                                     max_new_tokens=ctx.max_new_tokens, vocab_fingerprint=draft.fingerprint,
+                                     link=planned_link if st.adaptive else None)
+                    passes = drafter.costs.passes
+                    ratio = passes.predict(9) / max(passes.predict(1), 1e-9) if passes else float("nan")
+                    rec = make_record(ctx, st, p, g, engines, ratio, flags)
+                    out.write(json.dumps(rec) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+                    done[rec["key"]] = rec
+                    bar.set_postfix_str(f"{st.label} T={st.temperature:g}")
+                    bar.update()
+        finally:
+            bar.close()
+            cloud.terminate()
+            cloud.wait(30)
+    return [done[record_key(ctx, st, p)] for st in settings for p in prompts]
 
 
 def main_run(args) -> int:
-    from bench.prompts import wiki_prompts
-    from sqs_models.registry import load_model
+    from bench.paper_report import report
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    records_path = out / "runs.jsonl"
+    if records_path.exists() and not args.resume:
+        print(f"sqs-bench run: {records_path} exists: pass --resume to go on with it, or use another --out")
+        return 2
     if args.quick:
-        draft, target = "tiny", "tiny"
-        settings = grid([0.0, 1.0], [2, 8], [0.02], [0.001])
-        prompts, max_new = wiki_prompts(1), 16
+        ctx = RunContext("tiny", "tiny", "torch", "torch", 16, args.seed, args.link_rate, args.link_rtt_ms)
+        settings = grid([0.0, 1.0], [2, 8], [0.02], [0.001], draft_len=8, baselines=True, planner=True)
+        prompts = bench_prompts(1)
+        cloud_only_prompts = prompts
     else:
-        draft, target = args.draft_model, args.target_model
-        settings = grid(args.temperatures, args.ks, args.betas, args.etas, baselines=not args.no_baselines,
-                        alpha=args.alpha, ell=args.ell, budget_bits=args.budget_bits)
-        prompts, max_new = wiki_prompts(args.prompts), args.max_new_tokens
-    results = run(settings, prompts, draft, target, max_new, max_draft_len=args.draft_len, seed=args.seed,
-                  show_progress=not args.no_progress)
-    vocab = load_model(draft, role="draft").vocab_size
-    rows = [row(r, draft, target, vocab, len(prompts)) for r in results]
-    add_link_columns(rows, args.link_rate, args.link_rtt_ms)
-    write_csv(rows, out / "results.csv")
-    write_sweep(rows, out / "link_sweep.csv")
-    headline = f"{args.link_rate / 1e6:g} Mbit/s, {args.link_rtt_ms:g} ms RTT"
-    files = plot(rows, out, headline)
-    print(f"draft {draft}, target {target}, vocab {vocab}, {len(prompts)} prompt(s) x {max_new} new tokens; "
-          f"link columns: analytic at {headline} from measured compute and wire bytes; pv = what-if with a "
-          f"verify pass costing one cloud-only step")
-    print(format_headline(rows))
-    print(f"wrote {out / 'results.csv'}, {out / 'link_sweep.csv'}, " + ", ".join(str(f) for f in files))
-    return 0
+        ctx = RunContext(args.draft_model, args.target_model, args.draft_engine, args.target_engine,
+                         args.max_new_tokens, args.seed, args.link_rate, args.link_rtt_ms)
+        settings = grid(args.temperatures, args.ks, args.betas, args.etas, draft_len=args.draft_len,
+                        baselines=args.baselines, planner=not args.no_planner, alpha=args.alpha, ell=args.ell,
+                        budget_bits=args.budget_bits)
+        prompts = bench_prompts(args.prompts)
+        # Cloud-only's cost per token does not depend on the prompt's draftability: fewer prompts do.
+        cloud_only_prompts = [p for p in prompts if p.index < args.cloud_only_prompts]
+    t0 = time.perf_counter()
+    # Cloud-only rows on their (smaller) prompt set, all others on the full one.
+    # Fixed plans over all temperatures before the planner's rows: a run cut short still answers
+    # the paper's K-SQS vs C-SQS question first.
+    spec = sorted((st for st in settings if st.scheme != "none"), key=lambda st: st.adaptive)
+    plain = [st for st in settings if st.scheme == "none"]
+    records = run(plain, cloud_only_prompts, ctx, records_path, show_progress=not args.no_progress)
+    records += run(spec, prompts, ctx, records_path, show_progress=not args.no_progress)
+    print(f"generation took {time.perf_counter() - t0:.0f} s")
+    return report(records, out, args.link_rate, args.link_rtt_ms)
 
 
 def main_report(args) -> int:
-    """Rebuild link_sweep.csv, the link columns and the plots from an existing results.csv."""
+    """Rebuild results.csv, link_sweep.csv, the tables and the plots from DIR/runs.jsonl."""
+    from bench.paper_report import report
+
     out = Path(args.results)
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    add_link_columns(rows, args.link_rate, args.link_rtt_ms)
-    write_csv(rows, out / "results.csv")
-    write_sweep(rows, out / "link_sweep.csv")
-    files = plot(rows, out, f"{args.link_rate / 1e6:g} Mbit/s, {args.link_rtt_ms:g} ms RTT")
-    for r in rows:  # numbers as read back from CSV are strings
-        for key in ("temperature", "acceptance_rate", "resampling_rate", "accepted_per_round", "drafts_per_batch",
-                    "formula_bits_per_draft", "formula_bits_per_token", "wire_bytes_per_token", "tokens_per_s"):
-            r[key] = float(r[key])
-    print(format_headline(rows))
-    print("wrote " + ", ".join(str(f) for f in [out / "results.csv", out / "link_sweep.csv", *files]))
-    return 0
+    records = load_records(out / "runs.jsonl")
+    if not records:
+        print(f"sqs-bench report: no records in {out / 'runs.jsonl'}")
+        return 2
+    return report(records, out, args.link_rate, args.link_rtt_ms)

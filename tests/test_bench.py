@@ -19,30 +19,45 @@ DESIGN_COLUMNS = (
 
 
 @pytest.mark.slow
-def test_quick_run_writes_results_and_plots(tmp_path):
-    # A fixed plan: the grid compares descriptions, and the auto plan may decode the tiny pair plainly.
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--quick", "--no-progress", "--draft-len", "8",
-                          "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+def test_quick_run_writes_results_and_plots_and_resumes(tmp_path):
+    cmd = [sys.executable, "-m", "bench.cli", "run", "--quick", "--no-progress", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert set(DESIGN_COLUMNS) <= set(rows[0])
-    assert len(rows) == 16  # 2 temperatures x (5 baselines + 2 K-SQS + 1 C-SQS)
+    assert len(rows) == 18  # 2 temperatures x (cloud-only + 4 baselines + 2 K-SQS + 1 C-SQS + the planner)
     schemes = {r["scheme"] for r in rows}
     assert schemes == {"none", "fp32", "fp16-topk", "dense", "token", "topk", "conformal"}
     for r in rows:
-        assert int(r["generated"]) == 16
+        assert int(r["generated"]) == 32 and int(r["prompts"]) == 2  # 1 code + 1 prose prompt x 16 tokens
+        assert r["cpu_flags"] and r["target_engine"] and r["draft_engine"]
         if r["scheme"] == "none":
             assert int(r["drafted"]) == 0 and float(r["formula_bits_per_draft"]) == 0
+            assert r["link_cost_model"] == "streaming"
+            # one RTT per generation, not per round
+            assert float(r["model_ms_per_token"]) < float(r["model_ms_per_token_round_trip"])
         else:
-            assert int(r["accepted"]) <= int(r["drafted"])
+            assert int(r["accepted"]) <= int(r["tested"]) <= int(r["drafted"])
+        if r["drafted"] != "0" and r["max_draft_len"] != "auto":
+            lo, hi = float(r["position_acceptance_lo"]), float(r["position_acceptance_hi"])
+            assert lo - 1e-9 <= float(r["position_acceptance_rate"]) <= hi + 1e-9
+            assert int(r["max_drafts_in_round"]) <= 8
         if r["scheme"] == "conformal":
-            assert float(r["mean_dropped_mass"]) <= float(r["theorem2_bound"])
+            assert r["final_beta"] != "" and r["theorem2_held"] == "2/2"
     for png in ("latency_resampling_vs_temperature.png", "bits_vs_acceptance.png", "link_sweep.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep = list(csv.DictReader(open(tmp_path / "link_sweep.csv")))
-    assert len(sweep) == 16 * 6 * 4
-    assert "results.csv" in out.stdout and "cloud-only AR" in out.stdout
+    assert len(sweep) == 18 * 6 * 4
+    assert len(list(csv.DictReader(open(tmp_path / "prompts.csv")))) == 36
+    assert "results.csv" in out.stdout and "cloud-only" in out.stdout
+
+    # A second run refuses to overwrite; --resume finds every generation done and reports the same.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--resume" in again.stdout
+    before = (tmp_path / "results.csv").read_text()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "0 to run" in resumed.stdout and (tmp_path / "results.csv").read_text() == before
 
 
 def test_codec_bench_rows_are_consistent():
