@@ -141,13 +141,14 @@ def run(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.torch_threads)
 
     from loadtest.runner import run_load_test
+    from sqs_models.engines import EngineUnavailable
     from sqs_models.registry import ModelNotInstalled
 
     try:
         report = run_load_test(config)
     except KeyboardInterrupt:
         return _fail("interrupted before any level was measured", 130)
-    except ModelNotInstalled as exc:
+    except (ModelNotInstalled, EngineUnavailable) as exc:
         return _fail(str(exc), 2)
     except ValueError as exc:
         return _fail(str(exc), 2)

@@ -167,12 +167,10 @@ def _one_request(sh: _Shared, lv: _Level, lm, client: int, ticket: int, prompt_i
 
 
 def _client_loop(sh: _Shared, lv: _Level, client: int, barrier: threading.Barrier, level_t0: float) -> None:
-    from sqs_models.cached_lm import CachedLM
-
     cfg = lv.config
     lm = None
     try:
-        lm = CachedLM(sh.model.model, sh.model.vocab_size)
+        lm = sh.model.new_lm()  # this client's own KV cache
         for j in range(cfg.warmup):
             if sh.stop.is_set() or time.perf_counter() - level_t0 > cfg.duration_s:
                 break
@@ -273,12 +271,13 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
     """
     from edge.client import ClientConfig
     from edge.drafter import DraftConfig
-    from sqs_models.registry import load_model
+    from sqs_models.engines import load_engine
 
     config.validate()
     stop = stop or threading.Event()
     started = time.time()
-    model = load_model(config.draft_model, role="draft", dtype=config.dtype)
+    # The draft behind --engine as sqs-edge loads it (llama.cpp where installed with a GGUF).
+    model = load_engine(config.draft_model, "draft", engine=config.engine, dtype=config.dtype)
     prompt_ids = [list(model.tokenizer.encode(p)) for p in config.prompts]
     if any(not ids for ids in prompt_ids):
         raise ValueError("a prompt encodes to no tokens")
