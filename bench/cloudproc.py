@@ -49,10 +49,7 @@ def start_cloud(model: str, port: int, cpus: set[int] | None = None, engine: str
     if cpus:
         cmd += ["--torch-threads", str(len(cpus))]
     err = open(log_path, "w") if log_path else subprocess.PIPE
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=err, text=True,
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, preexec_fn=child_preexec(cpus))
     try:
         wait_serving(f"127.0.0.1:{port}", 600, process=proc)
     except NotServing as exc:
@@ -64,6 +61,24 @@ def start_cloud(model: str, port: int, cpus: set[int] | None = None, engine: str
         if log_path:
             err.close()
     return proc
+
+
+def child_preexec(cpus: set[int] | None = None):
+    """preexec_fn of a benchmark's server process: pinned to `cpus`, and (Linux) sent SIGTERM
+    when the benchmark dies (killed by a timeout, say), so no orphaned server keeps cores busy."""
+
+    def setup() -> None:
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
 
 
 def cloud_engine(log_path: str | Path) -> str:

@@ -57,7 +57,7 @@ CSV_COLUMNS = [
 @contextlib.contextmanager
 def sqs_cloud(model: str, engine: str, cpus: Sequence[int] | None, threads: int, timeout_s: float = 600.0):
     """A sqs-cloud process on 127.0.0.1 (a free port), pinned to `cpus`; yields its address."""
-    from bench.cloudproc import free_port
+    from bench.cloudproc import child_preexec, free_port
     from cloud.health import NotServing, wait_serving
 
     port = free_port()
@@ -66,7 +66,7 @@ def sqs_cloud(model: str, engine: str, cpus: Sequence[int] | None, threads: int,
     cpu_set = set(cpus) if cpus else None
     with tempfile.TemporaryFile(prefix="sqs-cloud-") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                preexec_fn=(lambda: os.sched_setaffinity(0, cpu_set)) if cpu_set else None)
+                                preexec_fn=child_preexec(cpu_set))
         try:
             try:
                 wait_serving(f"127.0.0.1:{port}", timeout_s, process=proc)

@@ -150,14 +150,14 @@ class LlamaServer:
         for what, path in (("model", c.model), ("draft model", c.draft_model)):
             if path is not None and not os.path.isfile(path):
                 raise LlamaServerError(f"llama-server {what} {path!r} does not exist")
-        from bench.cloudproc import free_port
+        from bench.cloudproc import child_preexec, free_port
 
         self.port = c.port or free_port()
         self._log = tempfile.TemporaryFile(prefix="llama-server-")
         cpus = set(c.cpus) if c.cpus else None
         self.proc = subprocess.Popen(
             [binary, *c.command(self.port)[1:]], stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+            preexec_fn=child_preexec(cpus),
         )
         try:
             self._wait_ready()
