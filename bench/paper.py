@@ -198,12 +198,12 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
     print(f"{len(settings) * len(prompts) - len(todo)} of {len(settings) * len(prompts)} generations already in "
           f"{records_path}; {len(todo)} to run", flush=True)
     if todo:
+        edge_cpus, cloud_cpus = split_cpus()
+        pin_edge(edge_cpus)  # before the draft loads: llama.cpp sizes its thread pool by the CPUs it may use
         draft = load_engine(ctx.draft_model, "draft", engine=ctx.draft_engine)
         port = free_port()
-        edge_cpus, cloud_cpus = split_cpus()
         log_path = records_path.with_name("cloud.log")
         cloud = start_cloud(ctx.target_model, port, cloud_cpus, engine=ctx.target_engine, log_path=log_path)
-        pin_edge(edge_cpus)
         engines = {"draft": f"{draft.kind}: {draft.detail}", "target": cloud_engine(log_path),
                    "vocab_size": draft.vocab_size}
         flags = cpu_flags()

@@ -146,7 +146,8 @@ def aggregate(recs: list[dict], rate: float, rtt: float, step_ms: float | None) 
     rs = ratio_ci([r["resampled"] for r in recs], [r["rounds"] for r in recs])
     hb = ratio_ci([r["honest_bits"] for r in recs], gens)
     lat = ratio_ci(ms, gens)
-    ratios = [r["verify_step_ratio"] for r in recs if r.get("verify_step_ratio") is not None
+    # The edge's fitted verify(9)/step cost ratio; only rounds with drafts measure multi-row passes.
+    ratios = [r["verify_step_ratio"] for r in recs if r["drafted"] and r.get("verify_step_ratio") is not None
               and math.isfinite(r["verify_step_ratio"])]
     return {
         "policy": recs[0]["label"], "scheme": st["scheme"],
@@ -418,8 +419,10 @@ def report(records: list[dict], out: Path, rate: float, rtt: float) -> int:
         write_csv(comps, out / "comparisons.csv", list(comps[0]))
     files = plot(rows, groups, out, rate, rtt)
     r0 = rows[0]
+    measured = [r["verify_step_ratio"] for r in rows if r["verify_step_ratio"] != ""]
+    ratio = f"{min(measured):.2f}-{max(measured):.2f} (median per setting)" if measured else "n/a"
     print(f"draft {r0['draft_model']} ({r0['draft_engine']}), target {r0['target_model']} ({r0['target_engine']}); "
-          f"CPU flags [{r0['cpu_flags']}]; verify(9)/step measured {r0['verify_step_ratio'] or 'n/a'}; "
+          f"CPU flags [{r0['cpu_flags']}]; verify(9)/step measured {ratio}; "
           f"{r0['max_new_tokens']} new tokens per prompt; model columns: measured compute and bytes, "
           f"modelled link {rate / 1e6:g} Mbit/s both ways, {rtt:g} ms RTT; cloud-only priced as streaming")
     print(format_table(rows))
