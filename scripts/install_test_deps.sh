@@ -3,6 +3,7 @@
 #   docker-compose  tests/test_deploy.py renders docker-compose.yml with `docker-compose config`
 #   prometheus      tests/test_prometheus.py scrapes a real sqs-cloud with /usr/bin/prometheus
 #   iproute2        tc, for link shaping (tbf/htb) in tests that use network namespaces
+#   cmake, g++      scripts/build_llama_server.sh builds llama-server (tests/test_llama_server.py)
 # The Docker engine of the stack tests (tests/test_deploy.py) is scripts/container_engine.sh's job:
 # it installs docker.io and debootstrap itself, starts dockerd and builds the local base images.
 # Idempotent: installs only what is missing, only as root on a Debian-like system with apt-get.
@@ -16,10 +17,12 @@ declare -A PROVIDES=(
   [docker-compose]=/usr/bin/docker-compose
   [prometheus]=/usr/bin/prometheus
   [iproute2]=/usr/sbin/tc
+  [cmake]=/usr/bin/cmake
+  [g++]=/usr/bin/g++
 )
 
 missing=()
-for pkg in docker-compose prometheus iproute2; do
+for pkg in docker-compose prometheus iproute2 cmake g++; do
   if [ -x "${PROVIDES[$pkg]}" ] || dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
     say "$pkg: present"
   else
