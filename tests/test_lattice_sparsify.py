@@ -238,3 +238,44 @@ def test_dense_and_token_only():
     assert d.tokens.tolist() == [0, 1, 2] and 0.0 <= d.dropped_mass <= 1e-12
     t = sparsify.token_only(q)
     assert t.tokens.tolist() == [1] and t.dropped_mass == pytest.approx(0.6, abs=1e-12)
+
+
+def _top_k_by_sort(q, k):
+    """Reference: stable sort by (-q, id): the k most probable, ties to the lower id."""
+    order = np.lexsort((np.arange(q.size), -q))
+    return np.sort(order[:k])
+
+
+@pytest.mark.parametrize("case", ["one-hot", "few-hot", "ties-at-zero", "dense", "dense-with-zeros"])
+def test_top_k_matches_a_full_sort_on_degenerate_distributions(case):
+    from common.sparsify import top_k
+
+    rng = np.random.default_rng(7)
+    v = 5000
+    q = np.zeros(v)
+    if case == "one-hot":
+        q[1234] = 1.0
+    elif case == "few-hot":
+        q[[7, 900, 4000]] = [0.5, 0.3, 0.2]
+    elif case == "ties-at-zero":
+        q[[10, 20, 30, 40]] = 0.25
+    elif case == "dense":
+        q = rng.dirichlet(np.ones(v))
+    else:
+        q[rng.choice(v, 300, replace=False)] = rng.dirichlet(np.ones(300))
+    for k in (1, 2, 3, 4, 8, 64, 400):
+        assert np.array_equal(top_k(q, k).tokens, _top_k_by_sort(q, k)), (case, k)
+
+
+def test_quant_loss_keeps_the_largest_values_padded_with_zeros():
+    from common.planner import TOP, QuantLoss
+
+    ql = QuantLoss()
+    q = np.zeros(3000)
+    q[[5, 6]] = [0.75, 0.25]
+    ql.seen(q)
+    rng = np.random.default_rng(1)
+    d = rng.dirichlet(np.ones(3000) * 0.1)
+    ql.seen(d)
+    assert np.array_equal(ql._tops[0], np.concatenate([[0.75, 0.25], np.zeros(TOP - 2)]))
+    assert np.allclose(ql._tops[1], np.sort(d)[::-1][:TOP])
