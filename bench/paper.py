@@ -194,7 +194,9 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
     from sqs_models.engines import load_engine
 
     done = {r["key"]: r for r in load_records(records_path)}
-    todo = [(st, p) for st in settings for p in prompts if record_key(ctx, st, p) not in done]
+    # Prompt by prompt, every setting in turn: a slow drift of the machine's speed (another job,
+    # thermal) then falls on all settings alike instead of on whichever ran last.
+    todo = [(st, p) for p in prompts for st in settings if record_key(ctx, st, p) not in done]
     print(f"{len(settings) * len(prompts) - len(todo)} of {len(settings) * len(prompts)} generations already in "
           f"{records_path}; {len(todo)} to run", flush=True)
     if todo:

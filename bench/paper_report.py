@@ -302,6 +302,38 @@ def format_comparisons(comps: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict], comps: list[dict]) -> str:
+    """The headline table and the paired comparisons as Markdown (DIR/tables.md, for RESULTS.md)."""
+    def ci(r, v, fmt, pct=False):
+        lo, hi = r[f"{v}_lo"], r[f"{v}_hi"]
+        f = (lambda x: f"{100 * x:{fmt}}") if pct else (lambda x: format(x, fmt))
+        return f"{f(r[v if v != 'position_acceptance' and v != 'resampling' else v + ('_rate')])}" + (
+            f" [{f(lo)}, {f(hi)}]" if isinstance(lo, float) and math.isfinite(lo) else "")
+
+    out = ["| T | policy | prompts | position acceptance % [95% CI] | resampling % [95% CI] | mean accepted length "
+           "| per-position acceptance (1..4) | honest bits / token [95% CI] | wire B / token up | down "
+           "| formula bits / token (reference) | modelled ms / token [95% CI] | final beta |",
+           "|" + "---|" * 13]
+    for r in rows:
+        spec = bool(r["drafted"])
+        out.append("| " + " | ".join([
+            f"{r['temperature']:g}", r["policy"], str(r["prompts"]),
+            ci(r, "position_acceptance", ".1f", pct=True) if spec else "",
+            ci(r, "resampling", ".1f", pct=True) if spec else "",
+            f"{r['mean_accepted_length']:.2f}" if spec else "",
+            " ".join(r["per_position_acceptance"].split(";")[:4]) if spec else "",
+            ci(r, "honest_bits_per_token", ".0f") if spec else "0",
+            f"{r['uplink_wire_bytes_per_token']:.1f}", f"{r['downlink_wire_bytes_per_token']:.1f}",
+            f"{r['formula_bits_per_token']:.0f}", ci(r, "model_ms_per_token", ".0f"),
+            f"{r['final_beta']:.4f}" if r["final_beta"] != "" else ""]) + " |")
+    if comps:
+        out += ["", "| T | a | b | paired prompts | modelled ms/token a / b [95% CI] | verdict |", "|---|---|---|---|---|---|"]
+        for c in comps:
+            out.append(f"| {c['temperature']:g} | {c['a']} | {c['b']} | {c['paired_prompts']} | "
+                       f"{_ci(c['ms_ratio_a_over_b'], c['lo'], c['hi'], '.3f')} | {c['verdict']} |")
+    return "\n".join(out) + "\n"
+
+
 def write_sweep(groups, path: Path, steps: dict[float, float]) -> None:
     out = []
     for recs in groups.values():
@@ -418,6 +450,7 @@ def report(records: list[dict], out: Path, rate: float, rtt: float) -> int:
     if comps:
         write_csv(comps, out / "comparisons.csv", list(comps[0]))
     files = plot(rows, groups, out, rate, rtt)
+    (out / "tables.md").write_text(markdown(rows, comps))
     r0 = rows[0]
     measured = [r["verify_step_ratio"] for r in rows if r["verify_step_ratio"] != ""]
     ratio = f"{min(measured):.2f}-{max(measured):.2f} (median per setting)" if measured else "n/a"
@@ -430,5 +463,5 @@ def report(records: list[dict], out: Path, rate: float, rtt: float) -> int:
         print("\nPaired comparisons (same prompts and seeds; ratio < 1: a is faster)")
         print(format_comparisons(comps))
     print("wrote " + ", ".join(str(f) for f in [out / "results.csv", out / "link_sweep.csv", out / "prompts.csv",
-                                                 *([out / "comparisons.csv"] if comps else []), *files]))
+                                                 *([out / "comparisons.csv"] if comps else []), out / "tables.md", *files]))
     return 0
