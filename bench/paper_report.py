@@ -219,7 +219,9 @@ def _paired(a: list[dict], b: list[dict]) -> tuple[list[dict], list[dict]]:
 def latency_ratio(a: list[dict], b: list[dict], rate: float, rtt: float) -> tuple[float, float, float]:
     """Modelled ms/token of a over b, with its 95% interval (paired when they share prompts)."""
     pa, pb = _paired(a, b)
-    paired = len(pa) >= 2
+    # Paired when both ran the same prompts; cloud-only runs on fewer prompts (its cost per token
+    # does not depend on the prompt), so against it every prompt of each side counts, unpaired.
+    paired = len(pa) == len(a) == len(b) and len(pa) >= 2
     if not paired:
         pa, pb = a, b
     num_a, den_a = [priced_ms(r, rate, rtt) for r in pa], [r["generated"] for r in pa]
@@ -257,7 +259,9 @@ def _compare(t: float, a: list[dict], b: list[dict], rate: float, rtt: float) ->
     point, lo, hi = latency_ratio(a, b, rate, rtt)
     pa, pb = _paired(a, b)
     verdict = "a faster" if hi < 1 else "b faster" if lo > 1 else "not resolved"
-    return {"temperature": t, "a": a[0]["label"], "b": b[0]["label"], "paired_prompts": len(pa),
+    paired = len(pa) == len(a) == len(b)
+    return {"temperature": t, "a": a[0]["label"], "b": b[0]["label"],
+            "paired_prompts": len(pa) if paired else f"{len(a)} vs {len(b)} (unpaired)",
             "ms_ratio_a_over_b": point, "lo": lo, "hi": hi, "verdict": verdict}
 
 
@@ -297,7 +301,7 @@ def format_table(rows: list[dict]) -> str:
 def format_comparisons(comps: list[dict]) -> str:
     lines = [f"{'T':>4} {'a':<32} {'b':<32} {'n':>3} {'ms/token a / b [95% CI]':>26}  verdict"]
     for c in comps:
-        lines.append(f"{c['temperature']:>4.2f} {c['a']:<32} {c['b']:<32} {c['paired_prompts']:>3} "
+        lines.append(f"{c['temperature']:>4.2f} {c['a']:<32} {c['b']:<32} {str(c['paired_prompts']):>3} "
                      f"{_ci(c['ms_ratio_a_over_b'], c['lo'], c['hi'], '.3f'):>26}  {c['verdict']}")
     return "\n".join(lines)
 
