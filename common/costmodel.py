@@ -29,14 +29,20 @@ class Smoothed:
     def __init__(self, window: int = 16, default: float = 0.0) -> None:
         self._samples: deque[float] = deque(maxlen=window)
         self.default = default
+        self._value: float | None = None  # the median, kept until the next sample (read per plan)
 
     def add(self, value: float) -> None:
         if np.isfinite(value):
             self._samples.append(float(value))
+            self._value = None
 
     @property
     def value(self) -> float:
-        return float(np.median(self._samples)) if self._samples else self.default
+        if not self._samples:
+            return self.default
+        if self._value is None:
+            self._value = float(np.median(self._samples))
+        return self._value
 
 
 class PassTimes:
@@ -46,27 +52,37 @@ class PassTimes:
     def __init__(self, window: int = 9) -> None:
         self._by_rows: dict[int, deque[float]] = {}
         self._window = window
+        # (table, xs, ys) until the next measurement: the planner predicts hundreds of times per
+        # draft, and recomputing the medians each time cost ~25 ms per draft.
+        self._fit: tuple[dict[int, float], np.ndarray, np.ndarray] | None = None
 
     def add(self, rows: int, ms: float) -> None:
         if rows >= 1 and np.isfinite(ms) and ms >= 0:
             self._by_rows.setdefault(int(rows), deque(maxlen=self._window)).append(float(ms))
+            self._fit = None
 
     def seed(self, rows: list[int], ms: list[float]) -> None:
         for r, m in zip(rows, ms):
             self.add(int(r), float(m))
 
+    def _fitted(self) -> tuple[dict[int, float], np.ndarray, np.ndarray]:
+        if self._fit is None:
+            t = {r: float(np.median(v)) for r, v in sorted(self._by_rows.items()) if v}
+            xs = np.array(list(t.keys()), dtype=np.float64)
+            ys = np.maximum.accumulate(np.array(list(t.values()), dtype=np.float64))  # more rows never cheaper
+            self._fit = (t, xs, ys)
+        return self._fit
+
     def table(self) -> dict[int, float]:
-        return {r: float(np.median(v)) for r, v in sorted(self._by_rows.items()) if v}
+        return dict(self._fitted()[0])
 
     def __bool__(self) -> bool:
         return bool(self._by_rows)
 
     def predict(self, rows: int) -> float:
-        t = self.table()
+        t, xs, ys = self._fitted()
         if not t:
             return 0.0
-        xs = np.array(list(t.keys()), dtype=np.float64)
-        ys = np.maximum.accumulate(np.array(list(t.values()), dtype=np.float64))  # more rows never cheaper
         if rows <= xs[-1]:
             return float(np.interp(rows, xs, ys))
         if xs.size == 1:
@@ -91,12 +107,19 @@ class LinkEstimate:
     def __init__(self, window: int = 32) -> None:
         self._pts: deque[tuple[float, float]] = deque(maxlen=window)
         self._slope = 0.0
+        self._link: Link | None = None  # the fit, kept until the next round's point
 
     def add(self, uplink_bytes: float, network_ms: float) -> None:
         if np.isfinite(network_ms) and uplink_bytes >= 0:
             self._pts.append((float(uplink_bytes), max(0.0, float(network_ms))))
+            self._link = None
 
     def estimate(self) -> Link:
+        if self._link is None:
+            self._link = self._estimate()
+        return self._link
+
+    def _estimate(self) -> Link:
         pts = list(self._pts)
         if not pts:
             return Link(0.0, 0.0)
