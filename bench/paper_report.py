@@ -390,6 +390,7 @@ def plot(rows: list[dict], groups, out: Path, rate: float, rtt: float) -> list[P
         his = [r[hi] - y if isinstance(r[hi], float) and math.isfinite(r[hi]) else 0 for y, r in zip(ys, rs)]
         return ys, [los, his]
 
+    colors = {label: plt.get_cmap("tab10").colors[i % 10] for i, label in enumerate(labels)}  # one per policy
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     for label in labels:
         rs = sorted((r for r in rows if r["policy"] == label), key=lambda r: r["temperature"])
@@ -402,7 +403,7 @@ def plot(rows: list[dict], groups, out: Path, rate: float, rtt: float) -> list[P
             if v != "model_ms_per_token" and label == "cloud-only":
                 continue
             ys, e = err(rs, v, lo, hi)
-            ax.errorbar(xs, ys, yerr=e, fmt=style, capsize=3, label=label)
+            ax.errorbar(xs, ys, yerr=e, fmt=style, capsize=3, label=label, color=colors[label])
     axes[0].set(xlabel="temperature", ylabel="modelled ms per committed token",
                 title=f"Latency (measured compute, modelled {rate / 1e6:g} Mbit/s {rtt:g} ms link), 95% CI")
     axes[1].set(xlabel="temperature", ylabel="rounds ending in a resample / rounds", title="Resampling rate (paper's)")
