@@ -23,6 +23,7 @@ import yaml
 
 from common.metrics import Metrics
 from common.stats import PARTS
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
