@@ -308,11 +308,11 @@ def format_comparisons(comps: list[dict]) -> str:
 
 def markdown(rows: list[dict], comps: list[dict]) -> str:
     """The headline table and the paired comparisons as Markdown (DIR/tables.md, for RESULTS.md)."""
-    def ci(r, v, fmt, pct=False):
-        lo, hi = r[f"{v}_lo"], r[f"{v}_hi"]
+    def ci(r: dict, value: str, interval: str, fmt: str, pct: bool = False) -> str:
+        """`value` with its interval columns `interval`_lo/_hi, as "v [lo, hi]"."""
         f = (lambda x: f"{100 * x:{fmt}}") if pct else (lambda x: format(x, fmt))
-        return f"{f(r[v if v != 'position_acceptance' and v != 'resampling' else v + ('_rate')])}" + (
-            f" [{f(lo)}, {f(hi)}]" if isinstance(lo, float) and math.isfinite(lo) else "")
+        lo, hi = r[f"{interval}_lo"], r[f"{interval}_hi"]
+        return f(r[value]) + (f" [{f(lo)}, {f(hi)}]" if isinstance(lo, float) and math.isfinite(lo) else "")
 
     out = ["| T | policy | prompts | position acceptance % [95% CI] | resampling % [95% CI] | mean accepted length "
            "| per-position acceptance (1..4) | honest bits / token [95% CI] | wire B / token up | down "
@@ -322,13 +322,13 @@ def markdown(rows: list[dict], comps: list[dict]) -> str:
         spec = bool(r["drafted"])
         out.append("| " + " | ".join([
             f"{r['temperature']:g}", r["policy"], str(r["prompts"]),
-            ci(r, "position_acceptance", ".1f", pct=True) if spec else "",
-            ci(r, "resampling", ".1f", pct=True) if spec else "",
+            ci(r, "position_acceptance_rate", "position_acceptance", ".1f", pct=True) if spec else "",
+            ci(r, "resampling_rate", "resampling", ".1f", pct=True) if spec else "",
             f"{r['mean_accepted_length']:.2f}" if spec else "",
             " ".join(r["per_position_acceptance"].split(";")[:4]) if spec else "",
-            ci(r, "honest_bits_per_token", ".0f") if spec else "0",
+            ci(r, "honest_bits_per_token", "honest_bits_per_token", ".0f") if spec else "0",
             f"{r['uplink_wire_bytes_per_token']:.1f}", f"{r['downlink_wire_bytes_per_token']:.1f}",
-            f"{r['formula_bits_per_token']:.0f}", ci(r, "model_ms_per_token", ".0f"),
+            f"{r['formula_bits_per_token']:.0f}", ci(r, "model_ms_per_token", "model_ms_per_token", ".0f"),
             f"{r['final_beta']:.4f}" if r["final_beta"] != "" else ""]) + " |")
     if comps:
         out += ["", "| T | a | b | paired prompts | modelled ms/token a / b [95% CI] | verdict |", "|---|---|---|---|---|---|"]
