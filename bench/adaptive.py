@@ -19,24 +19,15 @@ run once per (temperature, prompt) and their rounds are priced on every link. No
 
 from __future__ import annotations
 
-import csv
 import os
-import platform
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CODE_PROMPTS = (
-    "def fibonacci(n):",
-    "import numpy as np\n\ndef normalize(x):",
-    "class Stack:\n    def push(self, item):",
-    "# Return the sum of a list\ndef total(xs):",
-    "SELECT name FROM users WHERE",
-    "for i in range(10):\n    if i % 2 == 0:",
-    "def binary_search(arr, target):",
-    "function add(a, b) {",
-)
+from bench.machine import cpu_flags, write_csv
+from bench.prompts import CODE_PROMPTS
+
 
 RATES = (64e3, 1e6, 100e6)
 RTTS = (5.0, 50.0, 200.0)
@@ -70,15 +61,6 @@ POLICIES = (
     *(Policy(f"fixed-L{n}-topk8", "topk", n, 8, 100, pipeline=False) for n in (2, 4, 8)),
     *(Policy(f"fixed-L{n}-conformal", "conformal", n, "auto", 100, pipeline=False) for n in (2, 4, 8)),
 )
-
-
-def cpu_flags() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return platform.machine()
-    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return " ".join(keep) or platform.machine()
 
 
 @dataclass
@@ -181,14 +163,6 @@ def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in COLUMNS})
-
-
 def summary(rows: list[dict]) -> tuple[str, list[str]]:
     """Per cell: tokens/s of each policy, adaptive vs the best fixed and vs cloud-only (ratios)."""
     cells: dict[tuple, dict[str, float]] = {}
@@ -251,7 +225,7 @@ def main_adaptive(args) -> int:
     t0 = time.perf_counter()
     rows = run(out, draft, target, prompts, temperatures, rates, rtts, max_new, seed=args.seed,
                progress=not args.no_progress)
-    write_csv(rows, out / "adaptive.csv")
+    write_csv(rows, out / "adaptive.csv", COLUMNS)
     plot(rows, out / "adaptive.png")
     table, misses = summary(rows)
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if os.path.exists("/usr/bin/lscpu") else ""

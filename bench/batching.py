@@ -19,6 +19,8 @@ import time
 import torch
 from transformers import DynamicCache
 
+from bench.machine import cpu_flags
+
 
 def _prefill(model, ids: torch.Tensor) -> DynamicCache:
     cache = DynamicCache()
@@ -88,17 +90,6 @@ def measure_cached(model, vocab: int, sessions: int = 4, new_tokens: int = 9, pr
     out["rows"] = sessions * new_tokens
     out["speedup"] = out["separate"] / out["batched"]
     return out
-
-
-def cpu_flags() -> str:
-    import re
-    from pathlib import Path
-
-    try:
-        flags = set(re.findall(r"\b(avx512_bf16|amx_bf16|avx2)\b", Path("/proc/cpuinfo").read_text()))
-    except OSError:
-        return "?"
-    return " ".join(sorted(flags)) or "none of avx2/avx512_bf16/amx_bf16"
 
 
 def main_batching(args) -> int:

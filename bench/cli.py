@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--schemes", nargs="+", default=["none", "topk:8", "conformal:0.01"],
                    help="none | topk:K | conformal:BETA0 | dense | token | fp16-topk:K | fp32")
     e.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
-    e.add_argument("--prompts", type=int, default=1, help="code prompts (bench.adaptive.CODE_PROMPTS)")
+    e.add_argument("--prompts", type=int, default=1, help="code prompts (bench.prompts.CODE_PROMPTS)")
     e.add_argument("--max-new-tokens", type=int, default=48)
     e.add_argument("--draft-len", type=int_or_auto, default="auto", help="auto (planned per round) or a fixed N")
     e.add_argument("--budget-bits", type=float, default=5000.0)

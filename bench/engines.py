@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.machine import cpu_flags
+
 ROWS = (1, 2, 3, 5, 9, 17)
 PREFIX = 32
 ENGINE_SPECS = ("torch-fp32", "torch-bf16", "torch", "llama")
@@ -50,16 +52,6 @@ TEXT = (
     "The Roman Empire was the post-Republican state of ancient Rome. It is generally understood to mean "
     "the period and territory ruled by the Romans following Octavian's assumption of sole rule."
 )
-
-
-def cpu_flags() -> str:
-    """The lscpu flags that decide the cost of a multi-row pass: avx2, avx512_bf16, amx_bf16."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no lscpu)"
-    found = sorted({f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in out.split()})
-    return " ".join(found) or "none of avx2/avx512_bf16/amx_bf16"
 
 
 def _mem_mb() -> tuple[float, float]:

@@ -30,7 +30,6 @@ without CURL; it gets file paths).
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import statistics
 import subprocess
@@ -227,7 +226,7 @@ def run(cfg: BenchConfig, *, pin_edge: bool = True, progress: bool = True) -> li
     """Every row of `cfg.rows` in turn; one summary dict per (row, temperature), CSV_COLUMNS keys."""
     from tqdm import tqdm
 
-    from bench.adaptive import cpu_flags
+    from bench.machine import cpu_flags
 
     bar = tqdm(total=len(cfg.rows) * len(cfg.temperatures) * len(cfg.prompts), disable=not progress,
                desc="sqs-bench llama-server", unit="req")
@@ -298,9 +297,3 @@ def ratios(rows: list[dict]) -> list[str]:
     return out
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in CSV_COLUMNS})

