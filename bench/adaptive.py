@@ -86,7 +86,7 @@ def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[
         max_new_tokens: int, seed: int = 0, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
-    from bench.cloudproc import free_port, pin_edge, split_cpus, start_cloud
+    from bench.cloudproc import free_port, pin_edge, split_cpus, start_cloud, stop_process
     from edge.client import ClientConfig, CloudClient
     from edge.drafter import DraftConfig, Drafter
     from edge.generate import LinkModel, generate
@@ -145,8 +145,7 @@ def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[
                                 add((rate, rtt, temperature, kind, p.name), g, LinkModel(rate, rate, rtt))
     finally:
         bar.close()
-        cloud.terminate()
-        cloud.wait(30)
+        stop_process(cloud)
     rows = []
     for (rate, rtt, temperature, kind, name), t in totals.items():
         rows.append({

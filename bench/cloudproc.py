@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from cloud.health import NotServing, wait_serving
@@ -38,29 +39,45 @@ def pin_edge(cpus: set[int]) -> None:
 
 
 def start_cloud(model: str, port: int, cpus: set[int] | None = None, engine: str = "auto",
-                log_path: str | Path | None = None) -> subprocess.Popen:
+                log_path: str | Path | None = None, threads: int | None = None,
+                timeout_s: float = 600.0) -> subprocess.Popen:
     """A sqs-cloud process serving ``model`` on 127.0.0.1:``port``, pinned to ``cpus``, once it serves.
 
-    log_path: its stderr at INFO level goes there (``cloud_engine(log_path)`` reads which engine and
-    dtype it loaded); without it, only warnings are kept (in a pipe).
+    threads: torch threads (default: one per CPU of ``cpus``). log_path: its stderr at INFO level
+    goes there (``cloud_engine(log_path)`` reads which engine and dtype it loaded); without it,
+    warnings go to an unnamed temporary file, never to a pipe nobody reads (a chatty cloud would
+    fill it and stall). Raises RuntimeError with the last line the cloud wrote when it does not serve.
     """
     cmd = [sys.executable, "-m", "cloud", "--model", model, "--port", str(port), "--metrics-port", "0",
            "--host", "127.0.0.1", "--engine", engine, "--log-level", "INFO" if log_path else "WARNING"]
-    if cpus:
-        cmd += ["--torch-threads", str(len(cpus))]
-    err = open(log_path, "w") if log_path else subprocess.PIPE
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, preexec_fn=child_preexec(cpus))
+    threads = threads or (len(cpus) if cpus else 0)
+    if threads:
+        cmd += ["--torch-threads", str(threads)]
+    log = open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")
     try:
-        wait_serving(f"127.0.0.1:{port}", 600, process=proc)
-    except NotServing as exc:
-        if proc.poll() is None:
-            proc.kill()
-        tail = Path(log_path).read_text()[-500:] if log_path else proc.stderr.read()[-500:]
-        raise RuntimeError(f"{exc}; stderr: {tail}") from None
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                                preexec_fn=child_preexec(cpus))
+        try:
+            wait_serving(f"127.0.0.1:{port}", timeout_s, process=proc)
+        except NotServing as exc:
+            stop_process(proc)
+            log.seek(0)
+            lines = [ln for ln in log.read().splitlines() if ln.strip()]
+            raise RuntimeError(f"{exc}: {lines[-1] if lines else '(no output)'}") from None
     finally:
-        if log_path:
-            err.close()
+        log.close()  # the child writes through its own descriptor
     return proc
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after grace_s; returns once the process is gone."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace_s)
 
 
 def child_preexec(cpus: set[int] | None = None):

@@ -32,15 +32,12 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from bench.llama_server import ROOT, LlamaServer, LlamaServerError, ServerConfig, complete, server_version
+from bench.llama_server import LlamaServer, LlamaServerError, ServerConfig, complete, server_version
 
 ROWS = ("llama-ar", "llama-sd", "sqs-cloud", "sqs-sd")
 CSV_COLUMNS = [
@@ -56,32 +53,18 @@ CSV_COLUMNS = [
 @contextlib.contextmanager
 def sqs_cloud(model: str, engine: str, cpus: Sequence[int] | None, threads: int, timeout_s: float = 600.0):
     """A sqs-cloud process on 127.0.0.1 (a free port), pinned to `cpus`; yields its address."""
-    from bench.cloudproc import child_preexec, free_port
-    from cloud.health import NotServing, wait_serving
+    from bench.cloudproc import free_port, start_cloud, stop_process
 
     port = free_port()
-    cmd = [sys.executable, "-m", "cloud", "--model", model, "--engine", engine, "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", "0", "--torch-threads", str(threads), "--log-level", "WARNING"]
-    cpu_set = set(cpus) if cpus else None
-    with tempfile.TemporaryFile(prefix="sqs-cloud-") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                preexec_fn=child_preexec(cpu_set))
-        try:
-            try:
-                wait_serving(f"127.0.0.1:{port}", timeout_s, process=proc)
-            except NotServing as exc:
-                log.seek(0)
-                tail = [ln for ln in log.read().decode("utf-8", "replace").splitlines() if ln.strip()][-1:]
-                raise LlamaServerError(f"{exc}: {tail[0] if tail else '(no output)'}") from None
-            yield f"127.0.0.1:{port}"
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(30)
+    try:
+        proc = start_cloud(model, port, set(cpus) if cpus else None, engine=engine, threads=threads,
+                           timeout_s=timeout_s)
+    except RuntimeError as exc:
+        raise LlamaServerError(str(exc)) from None
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
 
 
 def sqs_generate(address: str, engine, prompt: str, *, draft_len, max_new_tokens: int, temperature: float,

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from bench.cloudproc import cloud_engine, free_port, pin_edge, split_cpus, start_cloud
+from bench.cloudproc import cloud_engine, free_port, pin_edge, split_cpus, start_cloud, stop_process
 from bench.machine import cpu_flags
 
 AUTO = "auto"
@@ -226,8 +226,7 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
                     bar.update()
         finally:
             bar.close()
-            cloud.terminate()
-            cloud.wait(30)
+            stop_process(cloud)
     return [done[record_key(ctx, st, p)] for st in settings for p in prompts]
 
 

@@ -68,3 +68,11 @@ def test_codec_bench_rows_are_consistent():
     zd = bench_scheme(dists, SchemeConfig("dense", 2000, drop_zeros=True))
     dense = bench_scheme(dists, SchemeConfig("dense", 2000))
     assert zd.honest_bits < dense.honest_bits  # zero-drop: same q_hat, fewer bits
+
+
+def test_a_cloud_that_cannot_serve_fails_with_its_last_line():
+    from bench.cloudproc import free_port, start_cloud
+
+    with pytest.raises(RuntimeError) as exc:
+        start_cloud("no-such-model", free_port(), timeout_s=120)
+    assert "\n" not in str(exc.value) and str(exc.value).strip()
