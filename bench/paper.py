@@ -167,7 +167,8 @@ def make_record(ctx: RunContext, st: BenchSetting, p: Prompt, g, engines: dict, 
         "counted_positions": g.counted_positions, "mean_dropped_mass": g.mean_dropped_mass,
         "theorem2_bound": g.theorem2_bound,  # this generation's own (the controller starts afresh per generation)
         "accepted_by_position": s.accepted_by_position, "tested_by_position": s.tested_by_position,
-        # per round: total, uplink, downlink, verify (ms); uplink, downlink wire bytes; drafted, accepted, plain
+        # per round, in the order of paper_report.TOTAL_MS..PLAIN: total, uplink, downlink, verify (ms);
+        # uplink, downlink wire bytes; drafted, accepted, plain
         "trace": [[round(r.total_ms, 3), round(r.uplink_ms, 3), round(r.downlink_ms, 3), round(r.verify_ms, 3),
                    r.uplink_wire_bytes or r.message_bytes, r.downlink_wire_bytes, r.drafted, r.accepted, r.plain]
                   for r in recs],

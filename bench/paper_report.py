@@ -56,9 +56,12 @@ COLUMNS = [
 
 # --- pricing on a link ---------------------------------------------------------------------------
 
+# A record's "trace" has one row per round (bench/paper.py make_record), these fields in this order:
+TOTAL_MS, UPLINK_MS, DOWNLINK_MS, VERIFY_MS, UPLINK_BYTES, DOWNLINK_BYTES, DRAFTED, ACCEPTED, PLAIN = range(9)
+
 def _round_ms(t: list, rate: float, rtt: float) -> float:
-    total, up, down, _verify, up_b, down_b = t[:6]
-    return total - up - down + rtt + (up_b + down_b) * 8e3 / rate
+    network_ms = rtt + (t[UPLINK_BYTES] + t[DOWNLINK_BYTES]) * 8e3 / rate
+    return t[TOTAL_MS] - t[UPLINK_MS] - t[DOWNLINK_MS] + network_ms
 
 
 def priced_ms(rec: dict, rate: float, rtt: float, *, streaming: bool = True, step_ms: float | None = None) -> float:
@@ -70,10 +73,11 @@ def priced_ms(rec: dict, rate: float, rtt: float, *, streaming: bool = True, ste
     if not tr:
         return 0.0
     if rec["setting"]["scheme"] == "none" and streaming:
-        return rtt + sum(t[3] for t in tr) + (tr[0][4] + sum(t[5] for t in tr)) * 8e3 / rate
+        wire = tr[0][UPLINK_BYTES] + sum(t[DOWNLINK_BYTES] for t in tr)  # one request, every reply
+        return rtt + sum(t[VERIFY_MS] for t in tr) + wire * 8e3 / rate
     if step_ms is None:
         return sum(_round_ms(t, rate, rtt) for t in tr)
-    return sum(_round_ms(t, rate, rtt) - t[3] + step_ms * (1 + t[8]) for t in tr)
+    return sum(_round_ms(t, rate, rtt) - t[VERIFY_MS] + step_ms * (1 + t[PLAIN]) for t in tr)
 
 
 # --- bootstrap over prompts ----------------------------------------------------------------------
@@ -122,7 +126,8 @@ def step_ms_by_temperature(groups) -> dict[float, float]:
     for recs in groups.values():
         st = recs[0]["setting"]
         if st["scheme"] == "none":
-            out[st["temperature"]] = _div(sum(t[3] for r in recs for t in r["trace"]), sum(r["generated"] for r in recs))
+            cloud_ms = sum(t[VERIFY_MS] for r in recs for t in r["trace"])
+            out[st["temperature"]] = _div(cloud_ms, sum(r["generated"] for r in recs))
     return out
 
 
@@ -303,10 +308,9 @@ def format_comparisons(comps: list[dict]) -> str:
 def markdown(rows: list[dict], comps: list[dict]) -> str:
     """The headline table and the paired comparisons as Markdown (DIR/tables.md, for RESULTS.md)."""
     def ci(r: dict, value: str, interval: str, fmt: str, pct: bool = False) -> str:
-        """`value` with its interval columns `interval`_lo/_hi, as "v [lo, hi]"."""
-        f = (lambda x: f"{100 * x:{fmt}}") if pct else (lambda x: format(x, fmt))
-        lo, hi = r[f"{interval}_lo"], r[f"{interval}_hi"]
-        return f(r[value]) + (f" [{f(lo)}, {f(hi)}]" if isinstance(lo, float) and math.isfinite(lo) else "")
+        """`value` with its interval columns `interval`_lo/_hi, as "v [lo, hi]" (percent with pct)."""
+        k = 100.0 if pct else 1.0
+        return _ci(k * r[value], k * r[f"{interval}_lo"], k * r[f"{interval}_hi"], fmt)
 
     out = ["| T | policy | prompts | position acceptance % [95% CI] | resampling % [95% CI] | mean accepted length "
            "| per-position acceptance (1..4) | honest bits / token [95% CI] | wire B / token up | down "
