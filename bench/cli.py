@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     en.add_argument("--positions", type=int, default=32, help="positions compared with torch fp32")
     en.add_argument("--cell-timeout-s", type=float, default=900.0)
     en.add_argument("--out", help="directory for engines.csv")
-    from bench import llama_server
+    from bench import llama_compare
 
-    llama_server.register(sub)
+    llama_compare.register(sub)
     a = ap.parse_args(argv)
     if a.cmd == "llama-server":
-        sys.exit(llama_server.main(a))
+        sys.exit(llama_compare.main(a))
     if a.cmd == "engines":
         from bench.engines import main_engines
 

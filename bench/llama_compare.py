@@ -32,12 +32,15 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from bench.llama_server import LlamaServer, LlamaServerError, ServerConfig, complete, server_version
+from bench.llama_server import (LlamaServer, LlamaServerError, ServerConfig, complete, default_cpus, parse_cpus,
+                                resolve_binary, server_version)
 
 ROWS = ("llama-ar", "llama-sd", "sqs-cloud", "sqs-sd")
 CSV_COLUMNS = [
@@ -279,4 +282,92 @@ def ratios(rows: list[dict]) -> list[str]:
                 out.append(f"T={t:g}: {sd} / {base} tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}")
     return out
 
+
+# --- sqs-bench llama-server ----------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    """Add `llama-server` to sqs-bench's subcommands (bench/cli.py)."""
+    import argparse
+
+    from edge.options import arg_type
+
+    p = subparsers.add_parser("llama-server", help="llama.cpp's llama-server side by side with ours, same cores",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny pair (GGUFs written on the fly), 2 prompts x 8 tokens")
+    p.add_argument("--llama-server", metavar="PATH", help="the binary (default: the one `make llama-server` built)")
+    p.add_argument("--target-model", default="qwen2.5-coder-1.5b")
+    p.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--engine", default="llama", choices=["llama", "torch", "auto"],
+                   help="our cloud's engine (llama: the same GGUF as llama-server, through llama-cpp-python)")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--prompts", type=int, default=4, help="code prompts (bench.prompts.CODE_PROMPTS), each once per row")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--draft-n-max", type=int, default=8, help="llama-server --spec-draft-n-max")
+    p.add_argument("--draft-len", type=arg_type("draft_len"), default="auto",
+                   help="our sqs-sd row: auto (each round planned from measured costs; may choose plain target "
+                        "steps) or a fixed plan of up to N drafts")
+    p.add_argument("--server-cpus", metavar="CPUS", help="cloud side: llama-server and sqs-cloud (default: the last CPU)")
+    p.add_argument("--edge-cpus", metavar="CPUS", help="our edge, this process (default: the other CPUs)")
+    p.add_argument("--threads", type=int, default=0, help="cloud-side threads (default: one per --server-cpus CPU)")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="DIR", help="write DIR/llama_server.csv")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _fail(msg: str) -> int:
+    print(f"sqs-bench llama-server: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(args) -> int:
+    """sqs-bench llama-server: 0, or 2 with one line on stderr."""
+    from bench.machine import cpu_flags, write_csv
+    from bench.prompts import CODE_PROMPTS
+    from sqs_models.engines import model_gguf
+
+    try:
+        binary = resolve_binary(args.llama_server)
+        server_cpus, edge_cpus = default_cpus()
+        server_cpus = parse_cpus(args.server_cpus) if args.server_cpus else server_cpus
+        edge_cpus = parse_cpus(args.edge_cpus) if args.edge_cpus else edge_cpus
+    except (LlamaServerError, ValueError) as exc:
+        return _fail(str(exc))
+    threads = args.threads or len(server_cpus)
+    with tempfile.TemporaryDirectory(prefix="sqs-llama-server-") as tmp:
+        if args.quick:
+            from bench.tiny_gguf import write_tiny_gguf
+
+            target, draft, engine, n, max_new = "tiny", "tiny", "auto", 2, 8
+            target_gguf = str(write_tiny_gguf(Path(tmp) / "tiny-target.gguf", "target"))
+            draft_gguf = str(write_tiny_gguf(Path(tmp) / "tiny-draft.gguf", "draft"))
+        else:
+            target, draft, engine, n, max_new = (args.target_model, args.draft_model, args.engine, args.prompts,
+                                                 args.max_new_tokens)
+            paths = [model_gguf(target), model_gguf(draft)]
+            if None in paths:
+                missing = target if paths[0] is None else draft
+                return _fail(f"no GGUF for {missing}: sqs-models install {missing}")
+            target_gguf, draft_gguf = map(str, paths)
+        cfg = BenchConfig(binary, target, draft, target_gguf, draft_gguf, list(CODE_PROMPTS[:n]),
+                          list(args.temperatures), max_new, server_cpus, edge_cpus, threads, engine=engine,
+                          draft_len=args.draft_len, draft_n_max=args.draft_n_max, seed=args.seed, rows=tuple(args.rows),
+                          ignore_eos=args.quick, slot_ctx=256 if args.quick else 1024)
+        try:
+            rows = run(cfg, progress=not args.no_progress)
+        except LlamaServerError as exc:
+            return _fail(str(exc))
+    print(f"target {target}, draft {draft}; {n} prompt(s) x {max_new} new tokens; cloud side on CPU(s) "
+          f"{cpus_text(server_cpus)} with {threads} thread(s), our edge on {cpus_text(edge_cpus)}; our cloud engine {engine}; "
+          f"llama-server {server_version(binary) or '?'}; CPU flags [{cpu_flags()}]")
+    print(table(rows))
+    for line in ratios(rows):
+        print(line)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, out / "llama_server.csv", CSV_COLUMNS)
+        print(f"wrote {out / 'llama_server.csv'}")
+    return 0
 

@@ -1,6 +1,7 @@
 """The load test's llama-server rows: for each concurrency level N, ``llama-server --parallel N``
 (continuous batching over N slots) with N client threads, the same prompts, ``max_new_tokens``,
-temperature, requests / duration / warm-up rules as our levels (loadtest/runner.py).
+temperature, requests / duration / warm-up rules as our levels (loadtest/runner.py; both run
+through loadtest/levels.py).
 
 One request = one POST /completion on a fresh HTTP connection (bench/llama_server.complete: plain
 sampling, no prompt cache), prompt ``prompts[ticket % len(prompts)]``, seed config.seed + ticket.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from loadtest.config import LoadTestConfig
+from loadtest.levels import Level, run_level
 from loadtest.report import LevelResult, RequestRecord
 
 
@@ -32,7 +34,7 @@ class _LlamaShared:
     stop: threading.Event
 
 
-def _one(sh: _LlamaShared, lv, client: int, ticket: int, prompt_index: int) -> RequestRecord:
+def _one(sh: _LlamaShared, lv: Level, client: int, ticket: int, prompt_index: int) -> RequestRecord:
     from bench.llama_server import LlamaServerError, complete
 
     cfg = lv.config
@@ -54,7 +56,7 @@ def _one(sh: _LlamaShared, lv, client: int, ticket: int, prompt_index: int) -> R
     return rec
 
 
-def _client_loop(sh: _LlamaShared, lv, client: int, barrier: threading.Barrier, level_t0: float) -> None:
+def _client_loop(sh: _LlamaShared, lv: Level, client: int, barrier: threading.Barrier, level_t0: float) -> None:
     """As loadtest.runner._client_loop: warm-up, the barrier, then tickets until the level ends."""
     cfg = lv.config
     for j in range(cfg.warmup):
@@ -100,7 +102,6 @@ def run_llama_levels(config: LoadTestConfig, stop: threading.Event,
     """One level per N of config.clients against llama-server --parallel N. Returns (what ran: binary,
     version, model, cpus, threads, and "error" if a server could not start, one line; levels)."""
     from bench.llama_server import LlamaServer, LlamaServerError, ServerConfig, resolve_binary, server_version
-    from loadtest.runner import _run_level
 
     cpus = config.llama_server_cpus or tuple(sorted(os.sched_getaffinity(0)))
     threads = config.llama_server_threads or len(cpus)
@@ -121,7 +122,7 @@ def run_llama_levels(config: LoadTestConfig, stop: threading.Event,
                                       start_timeout_s=max(300.0, config.connect_timeout_s))
                 with LlamaServer(server) as srv:
                     sh = _LlamaShared(srv.address, config.prompts, ignore_eos, stop)
-                    lv = _run_level(sh, config, n, progress_file, client_loop=_client_loop, label="llama-server ")
+                    lv = run_level(sh, config, n, progress_file, _client_loop, label="llama-server ")
                 levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by))
         except LlamaServerError as exc:
             info["error"] = str(exc)

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import IO
 
 from loadtest.config import DEFAULT_PROMPTS, LoadTestConfig, check_loopback
+from loadtest.levels import Level, run_level
 from loadtest.report import CSV_FIELDS, LevelResult, RequestRecord, RunReport
 
 __all__ = ["DEFAULT_PROMPTS", "LoadTestConfig", "check_loopback", "CSV_FIELDS", "LevelResult", "RequestRecord",
@@ -62,44 +62,6 @@ class _SeedSource:
             return s
 
 
-class _Level:
-    """Shared state of one concurrency level."""
-
-    def __init__(self, n: int, config: LoadTestConfig, stop: threading.Event) -> None:
-        self.n = n
-        self.config = config
-        self.stop = stop
-        self.lock = threading.Lock()
-        self.issued = 0
-        self.records: list[RequestRecord] = []
-        self.warm_done = 0
-        self.warm_errors = 0
-        self.cancelled = 0
-        self.t0: float | None = None  # measured phase start (perf_counter)
-        self.deadline = float("inf")
-        self.stopped_by = ""
-        self.target_model = ""
-
-    def start(self) -> None:  # Barrier action: runs once, when the last client arrives
-        self.t0 = time.perf_counter()
-        self.deadline = self.t0 + self.config.duration_s
-
-    def claim(self) -> int | None:
-        with self.lock:
-            if self.stop.is_set():
-                self.stopped_by = "interrupted"
-                return None
-            if self.issued >= self.config.requests:
-                self.stopped_by = self.stopped_by or "requests"
-                return None
-            if time.perf_counter() >= self.deadline:
-                self.stopped_by = self.stopped_by or "duration"
-                return None
-            t = self.issued
-            self.issued += 1
-            return t
-
-
 @dataclass
 class _Shared:
     """What every client of the run shares: the draft model, prompts, edge config, cloud address."""
@@ -112,7 +74,7 @@ class _Shared:
     stop: threading.Event
 
 
-def _one_request(sh: _Shared, lv: _Level, lm, client: int, ticket: int, prompt_index: int) -> RequestRecord | None:
+def _one_request(sh: _Shared, lv: Level, lm, client: int, ticket: int, prompt_index: int) -> RequestRecord | None:
     """One generation; a record (failed ones included), or None when cancelled by an interrupt."""
     import grpc
 
@@ -166,7 +128,7 @@ def _one_request(sh: _Shared, lv: _Level, lm, client: int, ticket: int, prompt_i
     return rec
 
 
-def _client_loop(sh: _Shared, lv: _Level, client: int, barrier: threading.Barrier, level_t0: float) -> None:
+def _client_loop(sh: _Shared, lv: Level, client: int, barrier: threading.Barrier, level_t0: float) -> None:
     cfg = lv.config
     lm = None
     try:
@@ -197,59 +159,6 @@ def _client_loop(sh: _Shared, lv: _Level, client: int, barrier: threading.Barrie
                 lv.cancelled += 1
             else:
                 lv.records.append(rec)
-
-
-def _run_level(sh: _Shared, config: LoadTestConfig, n: int, progress_file: IO[str] | None, *,
-               client_loop=_client_loop, label: str = "") -> _Level:
-    """One level: n threads running `client_loop(sh, lv, client, barrier, level_t0)` (our edge's, or
-    loadtest.llama_levels' for llama-server); `sh` needs a `stop` event."""
-    from tqdm import tqdm
-
-    lv = _Level(n, config, sh.stop)
-    barrier = threading.Barrier(n, action=lv.start)
-    level_t0 = time.perf_counter()
-    threads = [
-        threading.Thread(target=client_loop, args=(sh, lv, c, barrier, level_t0), name=f"loadtest-client-{c}",
-                         daemon=True)
-        for c in range(n)
-    ]
-    bar = tqdm(total=config.requests, desc=f"{label}N={n:<3d} warm-up", unit="req", file=progress_file or sys.stderr,
-               disable=not config.progress, dynamic_ncols=True, leave=True)
-    for t in threads:
-        t.start()
-    shown = 0
-    measuring = False
-    try:
-        try:
-            while True:
-                alive = [t for t in threads if t.is_alive()]
-                if not alive:
-                    break
-                alive[0].join(0.1)
-                if lv.t0 is not None and not measuring:
-                    measuring = True
-                    bar.set_description(f"{label}N={n:<3d}", refresh=False)
-                    bar.reset(total=config.requests)  # the rate counts from the measured phase
-                with lv.lock:
-                    done = len(lv.records)
-                    errors = sum(1 for r in lv.records if not r.ok)
-                if done > shown:
-                    bar.update(done - shown)
-                    shown = done
-                    bar.set_postfix(errors=errors, refresh=False)
-        except KeyboardInterrupt:
-            sh.stop.set()
-            barrier.abort()
-            bar.write(f"sqs-loadtest: interrupted; waiting for the {n} client(s) to stop (Ctrl-C again to quit)",
-                      file=progress_file or sys.stderr)
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.1)
-    finally:
-        bar.close()
-    if sh.stop.is_set():
-        lv.stopped_by = "interrupted"
-    return lv
 
 
 def _batching_delta(before, after) -> dict:
@@ -305,7 +214,7 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
             if stop.is_set():
                 break
             before = cloud.running.verifier.batch_stats() if cloud is not None else None
-            lv = _run_level(sh, config, n, progress_file)
+            lv = run_level(sh, config, n, progress_file, _client_loop)
             if lv.target_model and not report.target_model:
                 report.target_model = lv.target_model
             batching = _batching_delta(before, cloud.running.verifier.batch_stats()) if before is not None else None

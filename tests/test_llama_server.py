@@ -1,4 +1,4 @@
-"""llama.cpp's llama-server (bench/llama_server.py, loadtest/llama_levels.py) on the tiny pair.
+"""llama.cpp's llama-server (bench/llama_server.py, bench/llama_compare.py, loadtest/llama_levels.py) on the tiny pair.
 
 The tiny pair is written as GGUF files (bench/tiny_gguf.py), so no real model is needed: llama.cpp's
 greedy tokens must equal the torch tiny target's (the same function up to float rounding), and its
@@ -25,9 +25,9 @@ from bench.llama_server import (
     built_binary,
     complete,
     parse_cpus,
-    register,
     resolve_binary,
 )
+from bench.llama_compare import main, register
 from tests.conftest import require_tool
 
 PROMPT = "def fibonacci(n):"
@@ -161,8 +161,6 @@ def test_loadtest_cli_refuses_a_missing_binary_before_loading(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_quick_all_four_rows(binary, tmp_path, capsys):
-    from bench.llama_server import main
-
     ap = argparse.ArgumentParser()
     register(ap.add_subparsers(dest="cmd"))
     cpu = str(max(os.sched_getaffinity(0)))
