@@ -1,6 +1,6 @@
 """What the edge describes for one draft position, per scheme (pure: numpy only).
 
-Schemes (DESIGN.md section 4):
+Schemes (docs/DESIGN.md section 4):
   topk       K-SQS: top-K support, lattice counts
   conformal  C-SQS: threshold support (beta from the conformal controller), lattice counts
   dense      dense QS: K = V, lattice counts (the quantize-and-sample paper)

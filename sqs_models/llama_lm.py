@@ -7,7 +7,7 @@
 Uses llama-cpp-python's low-level C API (0.3.x): ``llama_decode`` on a ``llama_batch`` whose
 ``logits`` flags are set only for the last ``want`` tokens, so llama.cpp computes and copies just
 those rows. ``Llama(logits_all=True)`` would instead preallocate n_ctx x 151,936 floats and
-compute the lm_head for every prompt token (DESIGN.md section 10).
+compute the lm_head for every prompt token (docs/DESIGN.md section 10).
 
 The KV cache follows the context exactly as in :class:`sqs_models.cached_lm.CachedLM`: the longest
 common prefix with the previous context is kept, the rest is removed with

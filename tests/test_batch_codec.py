@@ -7,7 +7,7 @@ Checked:
   drop_zeros variant at V = 50, and at V = 151,936;
 - drop_zeros gives the same q_hat over the full vocabulary; bit accounting is honest (packed bits
   >= honest bits >= the radices' log2 sum, payload bytes = ceil(bits / 8)) and the paper's formula
-  bits reproduce DESIGN.md section 6;
+  bits reproduce docs/DESIGN.md section 6;
 - every malformed or inconsistent payload or open request raises PayloadError (a ValueError) with a
   non-empty reason, never IndexError/AssertionError; fuzzing decode_batch with arbitrary bytes and
   mutated valid payloads only ever yields PayloadError or well-formed drafts.
@@ -302,7 +302,7 @@ def test_bit_accounting_is_honest(config, n, seed):
     [("fp32", 8, 1_608_224.0), ("dense", 8, 1037), ("topk", 1, 15.6), ("topk", 4, 75.3), ("topk", 10, 176.3), ("topk", 32, 481.9)],
 )
 def test_formula_bits_reproduce_design_table(scheme, k, expected):
-    """DESIGN.md section 6 (GPT-Neo V = 50,257, ell = 100): formula bits per draft token to the
+    """docs/DESIGN.md section 6 (GPT-Neo V = 50,257, ell = 100): formula bits per draft token to the
     table's precision (0.05 bits; dense QS to 0.5, fp32 exact)."""
     cfg = SchemeConfig(scheme, 50_257, k=k, ell=100)
     got = bits.formula_bits(cfg, k if scheme == "topk" else 50_257)
@@ -310,7 +310,7 @@ def test_formula_bits_reproduce_design_table(scheme, k, expected):
 
 
 def test_formula_bits_support_term_dominates_k10():
-    """DESIGN.md section 6: with K = 10 the support term is ~134 of the ~176 bits."""
+    """docs/DESIGN.md section 6: with K = 10 the support term is ~134 of the ~176 bits."""
     cfg = SchemeConfig("topk", 50_257, k=10, ell=100)
     assert ranking.log2_comb(50_257, 10) == pytest.approx(134, abs=0.5)
     assert bits.formula_bits(cfg, 10) - ranking.log2_comb(50_257, 10) == pytest.approx(bits.values_bits(100, 10))

@@ -2,7 +2,7 @@
 (common/sparsify.py) against full-sort oracles.
 
 quantize must equal, entry for entry, the naive oracle below: plain Python loops doing exactly
-what DESIGN.md section 3 / paper Algorithm 2 say (b' = floor(ell*q + 1/2); while sum != ell move one
+what docs/DESIGN.md section 3 / paper Algorithm 2 say (b' = floor(ell*q + 1/2); while sum != ell move one
 count of the entry with the largest (too many) / smallest (too few) zeta = b' - ell*q, ties to the
 lower index). The only numpy call in the oracle is the normalising sum, so that both sides divide
 by the same float (the algorithm starts from the renormalised q). Comparisons are exact (no

@@ -65,7 +65,7 @@ def test_the_handler_table_is_the_service_descriptor():
 
 
 def test_every_refusal_has_its_status_in_the_one_table():
-    """Each Refusal of the verifier goes out with the gRPC status its value names (DESIGN.md 8)."""
+    """Each Refusal of the verifier goes out with the gRPC status its value names (docs/DESIGN.md section 8)."""
     import grpc
 
     from cloud.servicer import STATUS

@@ -358,7 +358,7 @@ def test_harness_detects_resampling_from_p():
 
 def test_harness_detects_drafting_from_unquantized_q():
     """Sanity of the statistics: drafting from q while verifying against the q_hat that was sent
-    (pitfall of DESIGN.md section 7) is detected (p-value < 1e-3, 6000 sequences; dense QS with
+    (pitfall of docs/DESIGN.md section 7) is detected (p-value < 1e-3, 6000 sequences; dense QS with
     ell = 7 over V = 5, every q_hat entry 1/7 or 2/7 so no draft is refused outright)."""
     v = 5
     rng = np.random.default_rng(909)
