@@ -4,7 +4,7 @@ Paper (eq. 1, 2, 5): b = support bits + log2 C(ell + K - 1, K - 1);
 support bits are log2 C(V, K) for K-SQS and ceil(log2 V) + ceil(log2 V) for C-SQS (the paper's
 count, which undercounts the subset for K > 1). Formula bits leave out the draft token itself.
 The honest count is sum of log2 of the radices that batch_format really packs (support size where
-it varies, subset rank, composition rank, token index); see batch_format.draft_fields.
+it varies, subset rank, composition rank, token index); see batch_format.draft_radices.
 """
 
 from __future__ import annotations
