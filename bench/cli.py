@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.engines import ENGINE_SPECS
+from common.lm import ENGINES
 from edge.cli import int_or_auto
 
 
@@ -49,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--quick", action="store_true", help="tiny pair, small grid: about a minute")
     r.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
     r.add_argument("--target-model", default="qwen2.5-coder-1.5b")
-    r.add_argument("--draft-engine", default="auto", choices=["auto", "torch", "llama"],
+    r.add_argument("--draft-engine", default="auto", choices=ENGINES,
                    help="edge engine (auto: llama.cpp where installed with the model's GGUF)")
-    r.add_argument("--target-engine", default="auto", choices=["auto", "torch", "llama"],
+    r.add_argument("--target-engine", default="auto", choices=ENGINES,
                    help="cloud engine (auto: the cheaper verify pass, measured at start)")
     r.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     r.add_argument("--ks", nargs="+", type=int, default=[8], help="K-SQS settings (fixed plans)")
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     en = sub.add_parser("engines", help="forward-pass cost, memory and fidelity of each engine (torch, llama.cpp)")
     en.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
     en.add_argument("--engines", nargs="+", default=["torch-fp32", "torch-bf16", "llama"],
-                    choices=["torch-fp32", "torch-bf16", "torch", "llama"],
+                    choices=ENGINE_SPECS,
                     help="torch = the dtype measured at load; llama = llama.cpp on the GGUF")
     en.add_argument("--threads", nargs="+", type=int, default=[1])
     en.add_argument("--repeats", type=int, default=3, help="timed passes per row count (median)")

@@ -290,6 +290,7 @@ def register(subparsers) -> None:
     """Add `llama-server` to sqs-bench's subcommands (bench/cli.py)."""
     import argparse
 
+    from common.lm import ENGINES
     from edge.options import arg_type
 
     p = subparsers.add_parser("llama-server", help="llama.cpp's llama-server side by side with ours, same cores",
@@ -298,7 +299,7 @@ def register(subparsers) -> None:
     p.add_argument("--llama-server", metavar="PATH", help="the binary (default: the one `make llama-server` built)")
     p.add_argument("--target-model", default="qwen2.5-coder-1.5b")
     p.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
-    p.add_argument("--engine", default="llama", choices=["llama", "torch", "auto"],
+    p.add_argument("--engine", default="llama", choices=ENGINES,
                    help="our cloud's engine (llama: the same GGUF as llama-server, through llama-cpp-python)")
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument("--prompts", type=int, default=4, help="code prompts (bench.prompts.CODE_PROMPTS), each once per row")
