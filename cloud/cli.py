@@ -84,7 +84,8 @@ async def serve(config: CloudConfig) -> None:
 
 def check_main(argv: list[str]) -> int:
     """sqs-cloud check HOST:PORT [--timeout S]: the grpc.health.v1 status of sqs.v1.Verifier."""
-    from cloud.health import VERIFIER_SERVICE, check
+    from cloud.health import check
+    from common.service import SERVICE_NAME
 
     ap = argparse.ArgumentParser(prog="sqs-cloud check", description=check_main.__doc__)
     ap.add_argument("address", metavar="HOST:PORT")
@@ -99,7 +100,7 @@ def check_main(argv: list[str]) -> int:
     if reason is not None:
         print(f"sqs-cloud check: {reason}", file=sys.stderr)
         return 1
-    print(f"{a.address}: {VERIFIER_SERVICE} SERVING")
+    print(f"{a.address}: {SERVICE_NAME} SERVING")
     return 0
 
 

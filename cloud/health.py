@@ -1,8 +1,9 @@
 """Is a sqs-cloud serving? The standard grpc.health.v1 Check, answered in one line.
 
-`check` is what `sqs-cloud check HOST:PORT` runs (compose and Dockerfile healthchecks, demo.sh);
-`wait_serving` polls a probe until the cloud serves (bench, linksim, tests). Imports grpc only: no
-torch, no model, so a healthcheck costs a fraction of a second.
+`check` is what `sqs-cloud check HOST:PORT` runs (compose and Dockerfile healthchecks, demo.sh): the
+answer of common.service.probe said for a person. `wait_serving` polls a probe until the cloud
+serves (bench, linksim, tests). Imports grpc only: no torch, no model, so a healthcheck costs a
+fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,37 +12,29 @@ import subprocess
 import time
 from typing import Callable
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from common.pb.v1 import sqs_pb2
-
-VERIFIER_SERVICE = sqs_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name  # "sqs.v1.Verifier"
+from common.service import SERVICE_NAME, probe
 
 Probe = Callable[[str, float], "str | None"]  # (address, timeout_s) -> None when serving, else a reason
 
 
-def check(address: str, timeout_s: float = 3.0, service: str = VERIFIER_SERVICE) -> str | None:
-    """None when `address` (HOST:PORT) reports `service` SERVING within timeout_s, else why not."""
-    # A direct connection: an http_proxy in the environment must not carry a health probe.
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                              timeout=timeout_s)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return f"{address} does not answer within {timeout_s:g} s"
-            if code == grpc.StatusCode.UNAVAILABLE:
-                return f"{address} does not answer ({(exc.details() or 'unavailable').splitlines()[0]})"
-            if code == grpc.StatusCode.NOT_FOUND:
-                return f"{address} answers but reports no health status for {service} (not a sqs-cloud?)"
-            if code == grpc.StatusCode.UNIMPLEMENTED:
-                return f"{address} answers but has no grpc.health.v1 service (not a sqs-cloud?)"
-            return f"{address}: health check failed: {code.name} {exc.details() or ''}".rstrip()
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        return f"{address}: {service} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
-    return None
+def check(address: str, timeout_s: float = 3.0, service: str = SERVICE_NAME) -> str | None:
+    """None when `address` (HOST:PORT) reports `service` SERVING within timeout_s, else why not,
+    in one line for an operator (common.service.probe asks; this says what its answer means)."""
+    serving, status = probe(address, timeout_s, service=service)
+    if serving:
+        return None
+    code, failed, details = status.partition(": ")  # "CODE: details" when the Check itself failed
+    if not failed:
+        return f"{address}: {service} is {status}"
+    if code == "DEADLINE_EXCEEDED":
+        return f"{address} does not answer within {timeout_s:g} s"
+    if code == "UNAVAILABLE":
+        return f"{address} does not answer ({(details or 'unavailable').splitlines()[0]})"
+    if code == "NOT_FOUND":
+        return f"{address} answers but reports no health status for {service} (not a sqs-cloud?)"
+    if code == "UNIMPLEMENTED":
+        return f"{address} answers but has no grpc.health.v1 service (not a sqs-cloud?)"
+    return f"{address}: health check failed: {code} {details}".rstrip()
 
 
 class NotServing(RuntimeError):

@@ -18,9 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from cloud.servicer import SERVICE_NAME, VerifierServicer, add_to_server
+from cloud.servicer import VerifierServicer, add_to_server
 from cloud.verifier import TargetInfo, Verifier, VerifierConfig
 from common.metrics import Metrics
+from common.service import SERVICE_NAME
 
 log = logging.getLogger("sqs.cloud")
 

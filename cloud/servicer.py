@@ -26,11 +26,9 @@ from cloud.verifier import Refusal, RoundResult, SessionError, Verifier
 from common import codec
 from common.metrics import Metrics
 from common.pb.v1 import sqs_pb2 as pb
+from common.service import SERVICE, SERVICE_NAME
 
 log = logging.getLogger("sqs.cloud")
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Verifier"]
-SERVICE_NAME = SERVICE.full_name  # sqs.v1.Verifier
 
 # Every refusal of the service and the status it goes out with (the one table).
 STATUS = {
