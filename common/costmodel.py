@@ -9,6 +9,8 @@ Every figure comes from measurements handed in by the caller; nothing is a hand-
                  clocks need not be synchronised
   Smoothed       a robust running value (median of a window) for the draft time per position
                  and the cloud's per-round overhead outside the forward pass
+  CostModel      all of them for one session, fed by each round's measurements; its output,
+                 `Costs`, is what the plan (common/planner.py) and the stop rule read
 
 Units: milliseconds and bytes throughout.
 """
@@ -17,10 +19,19 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from common.planner import Costs
+
+@dataclass(frozen=True)
+class Costs:
+    """The measured costs (ms, bytes) of a round that the plan weighs; made by CostModel.costs()."""
+
+    draft_ms: float  # edge: one drafted position (SLM step, sparsify, quantize, sample)
+    fixed_ms: float  # per round: RTT + uplink framing + cloud time outside the forward pass
+    ms_per_byte: float  # uplink
+    pass_ms: Callable[[int], float]  # target forward scoring r rows
 
 
 class Smoothed:

@@ -7,8 +7,10 @@ Per position: q = SLM next-token distribution (session temperature/top-k/top-p; 
 described by the scheme (support + lattice counts or float values), priced in bits, and only if it
 fits the budget B is the draft token sampled from exactly the q_hat that will be sent. Stops at B,
 the plan's length, the token limit, an EOS draft, or (auto) when one more draft does not raise the
-expected tokens per second. After the verdict, settle() rolls the conformal threshold back to the
-surviving positions and feeds the measured costs and outcomes back to the planner. The KV cache is
+expected tokens per second (common/stoprule.py). After the verdict, learn() rolls the conformal
+threshold back to the surviving positions and feeds the outcome to the acceptance model
+(common/acceptance.py) and the round's measured times and bytes to the cost model
+(common/costmodel.py), which the next plan reads. The KV cache is
 rolled back by the first lm.logits call in draft(): it crops the cache to the prefix it shares with
 the context the batch continues (sqs_models/cached_lm.py), so rejected drafts leave it there.
 """
@@ -17,24 +19,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from common.acceptance import AcceptanceModel, QuantLoss, confidence, tv_distance
 from common.batch_format import BatchBits, batch_bits, draft_bits
 from common.conformal import ConformalController
-from common.costmodel import CostModel
-from common.planner import (
-    ELL_MENU, K_MENU, AcceptanceModel, Costs, Description, Planner, PlannerConfig, QuantLoss, Round, RoundPlan,
-    confidence,
-)
+from common.costmodel import CostModel, Costs
+from common.lm import LM
+from common.planner import ELL_MENU, K_MENU, Description, Planner, PlannerConfig, RoundPlan
 from common.rejection import target_probs
 from common.schemes import Draft, Scheme, SchemeConfig, describe, draw
+from common.stats import RoundRecord
+from common.stoprule import StopRule
 from edge.options import AUTO, options_from
-
-class LM(Protocol):
-    def logits(self, context: Sequence[int], want: int) -> np.ndarray:  # float32 [want, V]
-        ...
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,7 @@ class Drafter:
         limit = min(max_drafts, plan.max_drafts)
         ctx = list(context)
         rng = np.random.default_rng([cfg.seed, len(ctx), 0xED6E])  # keyed by position: restart-safe
-        rnd = Round(costs, plan)
+        rule = StopRule(costs, plan)
         batch = DraftedBatch([], scheme, 0.0, 0, plan)
         spent = 0.0
         while len(batch.drafts) < limit and not (should_stop and should_stop()):
@@ -198,12 +197,12 @@ class Drafter:
             if d is None or spent + cost > cfg.budget_bits:  # stop before the draft that would exceed B
                 break
             kept = q[d.support]
-            tv = 0.5 * (float(np.abs(kept - d.probs).sum()) + max(0.0, 1.0 - float(kept.sum())))  # TV(q, q_hat)
+            tv = tv_distance(kept, d.probs)
             a = max(0.0, self.acceptance.predict(c) - tv)
             self.loss.seen(q)
             self.acceptance.seen(c)
-            if cfg.adaptive and batch.drafts and not rnd.keep(a, cost):
-                rnd.drafted_only()
+            if cfg.adaptive and batch.drafts and not rule.keep(a, cost):
+                rule.drafted_only()
                 self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
                 break
             spent += cost
@@ -213,14 +212,14 @@ class Drafter:
             batch.drafts.append(d)
             batch.confidences.append(c)
             batch.tv_losses.append(tv)
-            rnd.add(a, cost)
+            rule.add(a, cost)
             ctx.append(d.token)
             self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
-            if d.token in self.eos or (cfg.adaptive and not rnd.more()):
+            if d.token in self.eos or (cfg.adaptive and not rule.more()):
                 break
         batch.bits = batch_bits(scheme, (d.support.size for d in batch.drafts))
         batch.draft_ms = (time.perf_counter() - t0) * 1e3
-        batch.predicted_ms, batch.predicted_tokens = rnd.total_ms(), rnd.e
+        batch.predicted_ms, batch.predicted_tokens = rule.total_ms(), rule.e
         return batch
 
     def guess_bonus(self, context: Sequence[int], scheme: SchemeConfig) -> int:
@@ -260,15 +259,25 @@ class Drafter:
         honest, formula = draft_bits(scheme, int(d.support.size))
         return d, honest, formula, True
 
-    def settle(self, batch: DraftedBatch, accepted: int, carry: bool = False) -> None:
-        """After the verdict: roll the conformal threshold back, learn from the outcome.
+    def learn(self, batch: DraftedBatch, record: RoundRecord, *, carry: bool) -> None:
+        """Learn from the verdict on `batch`, as `record` (common/stats.py) has it: roll the
+        conformal threshold back to the surviving positions, teach the acceptance model the outcome
+        and the cost model the round's measured times and bytes.
 
-        carry: the batch drafted ahead during this one's flight is adopted as the next batch.
+        carry: the batch drafted ahead during this one's flight is adopted as the next batch (its
+        threshold updates stay). The record's beta is the caller's to set, from self.beta after this.
         """
+        if record.drafted != len(batch.drafts):
+            raise ValueError(f"record of {record.drafted} drafts for a batch of {len(batch.drafts)}")
         if self.controller:
-            self.controller.settle(accepted, len(batch.drafts), carry=carry)
+            self.controller.settle(record.accepted, len(batch.drafts), carry=carry)
         if batch.drafts:
-            self.acceptance.observe(batch.confidences, batch.tv_losses, accepted)
+            self.acceptance.observe(batch.confidences, batch.tv_losses, record.accepted)
+        self.costs.observe_round(
+            rows=record.drafted + 1, plain_steps=record.plain, forward_ms=record.forward_ms, cloud_ms=record.verify_ms,
+            round_trip_ms=record.uplink_ms + record.verify_ms + record.downlink_ms,
+            uplink_bytes=record.uplink_wire_bytes or record.message_bytes, payload_bytes=record.payload_bytes,
+        )
 
     @property
     def beta(self) -> float | None:

@@ -1,14 +1,15 @@
-"""The round planner and the cost model with synthetic costs (pure: numpy only)."""
+"""The round planner, the stop rule, acceptance learning and the cost model with synthetic costs
+(pure: numpy only)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from common.costmodel import CostModel, LinkEstimate, PassTimes
-from common.planner import (
-    AcceptanceModel, Costs, Planner, PlannerConfig, QuantLoss, Round, best_length, expected_tokens, tv_loss,
-)
+from common.acceptance import AcceptanceModel, QuantLoss, tv_distance, tv_loss
+from common.costmodel import CostModel, Costs, LinkEstimate, PassTimes
+from common.planner import Planner, PlannerConfig, best_length, expected_tokens
+from common.stoprule import StopRule
 
 
 def costs(step=100.0, ratio9=1.0, draft=10.0, rtt=50.0, ms_per_byte=0.0) -> Costs:
@@ -129,7 +130,7 @@ def test_tv_loss_matches_a_direct_computation():
 def test_round_stops_when_one_more_draft_does_not_pay():
     c = costs(ratio9=1.0, draft=30.0, rtt=10.0)
     plan = planner().plan(c, trained(0.9), QuantLoss(), 5000, 64)
-    r = Round(c, plan)
+    r = StopRule(c, plan)
     assert r.more()
     r.add(0.9, 20.0)
     assert not r.keep(0.0, 20.0)  # a draft certain to be rejected is never worth sending
