@@ -24,11 +24,11 @@ Sessions survive what the network and the edge do to them:
 
 Cross-session batching (`batch_window_ms` > 0, and a target LM with `logits_batch`, i.e. torch's
 CachedLM): a round is prepared (decoded, validated) alone, its forward pass goes through
-cloud/batcher.py, which runs ONE pass for the rounds of several sessions that are ready within the
-window, and it is finished (sampled, appended, recorded) alone. Each session keeps its own cache,
+cloud/pass_batcher.py, which runs ONE pass for the rounds of several sessions that are ready within
+the window, and it is finished (sampled, appended, recorded) alone. Each session keeps its own cache,
 its own (seed, position) generator and its own errors, so its verdicts are those of an unbatched
-run; the plain target steps of a cloud-only round go through the batcher too. The batch leader runs
-the other sessions' LMs while their round threads wait in the batcher holding their session locks,
+run; the plain target steps of a cloud-only round go through the pass batcher too. The pass leader
+runs the other sessions' LMs while their round threads wait in the batcher holding their session locks,
 so nothing else touches those LMs meanwhile.
 """
 
@@ -46,7 +46,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from cloud.batcher import Batcher, BatchStats
+from cloud.pass_batcher import PassBatcher, PassStats
 from common import codec
 from common.batch_format import batch_bits
 from common.costmodel import PassTimes
@@ -164,9 +164,9 @@ class Verifier:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
         self._pass_times = PassTimes()  # process-wide, by rows scored; guarded by _lock
-        self._batcher: Batcher | None = None
+        self._batcher: PassBatcher | None = None
         if config.batch_window_ms > 0:
-            self._batcher = Batcher(self._run_batch, config.batch_window_ms / 1e3, config.batch_max_rows,
+            self._batcher = PassBatcher(self._run_pass, config.batch_window_ms / 1e3, config.batch_max_rows,
                                     expected=self._attached_sessions)
 
     # -- measured forward cost --------------------------------------------------------------
@@ -433,8 +433,8 @@ class Verifier:
         (a wait in the batcher's queue is not in it: it shows in RoundResult.verify_ms).
 
         With batching on (and an LM that has a batched pass) the pass is shared with the rounds of
-        other sessions that are ready within the window (cloud/batcher.py). The pass table records,
-        for a batched pass, the time of the whole batch against the rows of THIS session: it is what
+        other sessions that are ready within the window (cloud/pass_batcher.py). The pass table records,
+        for a batched pass, the time of the whole pass against the rows of THIS session: it is what
         this session's round costs in latency, which is what the edges plan their draft lengths with.
         """
         if self._batcher is None or not hasattr(type(session.lm), "logits_batch"):
@@ -448,8 +448,8 @@ class Verifier:
         self._record_pass(want, ms)
         return logits, ms
 
-    def _run_batch(self, passes: list[_Pass]) -> list[tuple[np.ndarray, float] | BaseException]:
-        """The Batcher's run: ONE forward pass over every item (their LMs share the target model).
+    def _run_pass(self, passes: list[_Pass]) -> list[tuple[np.ndarray, float] | BaseException]:
+        """The PassBatcher's run: ONE forward pass over every item (their LMs share the target model).
 
         If the batched pass fails, each item runs alone so that a failure stays with its session.
         """
@@ -473,12 +473,14 @@ class Verifier:
         ms = (time.perf_counter() - t_fwd) * 1e3
         return [(r, ms) for r in rows]
 
-    def batch_stats(self) -> BatchStats | None:
-        """Counters of the batched passes (None with batching off)."""
+    def pass_stats(self) -> PassStats | None:
+        """Counters of the shared passes (None with cross-session batching off)."""
         return None if self._batcher is None else self._batcher.stats()
 
+    batch_stats = pass_stats  # the former name; loadtest/runner.py and tests/test_batching_e2e.py still call it
+
     def _attached_sessions(self) -> int:
-        """Sessions with a Verify stream now: the rounds a batch leader may wait for."""
+        """Sessions with a Verify stream now: the rounds a pass leader may wait for."""
         with self._lock:
             return sum(1 for s in self._sessions.values() if s.streams)
 

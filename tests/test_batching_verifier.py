@@ -1,10 +1,10 @@
-"""Cross-session batched verification (Verifier + Batcher + CachedLM.logits_batch), tiny fp32 pair.
+"""Cross-session batched verification (Verifier + PassBatcher + CachedLM.logits_batch), tiny fp32 pair.
 
 Each session's verdicts and random stream must be those of an unbatched run: T = 0 token equality
 with a window-0 verifier and with plain greedy decoding of the target, the same verdict seed by seed
 at T = 1 and a chi-square test of the first output token against the target's exact p; a malformed
 batch fails only its own session; a failed batched pass falls back to per-session passes. Sessions
-are attached (as a Verify stream would) so that a batch leader waits for all of them.
+are attached (as a Verify stream would) so that a pass leader waits for all of them.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def open_session(v: Verifier, m, context, seed: int, temperature: float, k: int 
     s = v.open(req)
     while not v.prefill_step(s):
         pass
-    v.attach(s.id)  # as a Verify stream does: the batch leader waits for attached sessions
+    v.attach(s.id)  # as a Verify stream does: the pass leader waits for attached sessions
     return s, cfg
 
 
@@ -93,10 +93,10 @@ def test_t0_tokens_equal_unbatched_and_plain_greedy(tiny):
     m = tiny
     batched = make_verifier(m, window_ms=500)
     got = run_concurrently(batched, m, [0, 1, 2, 3], 0.0, 24)
-    s = batched.batch_stats()
+    s = batched.pass_stats()
     assert s.passes > 0 and s.max_items >= 2, s  # the passes really were shared
     plain = make_verifier(m, window_ms=0)
-    assert plain.batch_stats() is None
+    assert plain.pass_stats() is None
     for prompt, seed, out in zip(PROMPTS, [0, 1, 2, 3], got):
         assert out == generate(plain, m, prompt, seed, 0.0, 24)
         assert out == greedy(m, prompt, 24)
@@ -135,7 +135,7 @@ def test_t1_first_token_through_the_batched_path_is_distributed_as_the_target(ti
         for start in range(0, n, width):
             barrier = threading.Barrier(width)
             firsts += [f.result(60) for f in [pool.submit(one, seed, barrier) for seed in range(start, start + width)]]
-    assert v.batch_stats().mean_items() > 4
+    assert v.pass_stats().mean_items() > 4
     counts = np.bincount(firsts, minlength=m.vocab_size)
     expected = p * n
     big = expected >= 5  # pool the rare tokens into one cell

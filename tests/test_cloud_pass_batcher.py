@@ -1,4 +1,4 @@
-"""cloud.batcher.Batcher: the queue and the window alone (no model, no torch)."""
+"""cloud.pass_batcher.PassBatcher: the queue and the window alone (no model, no torch)."""
 
 from __future__ import annotations
 
@@ -7,25 +7,25 @@ import time
 
 import pytest
 
-from cloud.batcher import Batcher
+from cloud.pass_batcher import PassBatcher
 
 
 class Recorder:
-    """run() that records each batch and returns item * 10 (or the item itself if it is an exception)."""
+    """run() that records each pass and returns item * 10 (or the item itself if it is an exception)."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
-        self.batches: list[list] = []
+        self.passes: list[list] = []
         self.delay_s = delay_s
         self.lock = threading.Lock()
 
     def __call__(self, items):
         with self.lock:
-            self.batches.append(list(items))
+            self.passes.append(list(items))
         time.sleep(self.delay_s)
         return [it if isinstance(it, BaseException) else it * 10 for it in items]
 
 
-def submit_all(b: Batcher, items, rows=1) -> tuple[dict, dict]:
+def submit_all(b: PassBatcher, items, rows=1) -> tuple[dict, dict]:
     results, errors = {}, {}
 
     def one(it):
@@ -44,20 +44,20 @@ def submit_all(b: Batcher, items, rows=1) -> tuple[dict, dict]:
 
 def test_a_lone_session_never_waits_for_the_window():
     run = Recorder()
-    b = Batcher(run, window_s=5.0, max_rows=64, expected=lambda: 1)
+    b = PassBatcher(run, window_s=5.0, max_rows=64, expected=lambda: 1)
     t0 = time.monotonic()
     assert b.submit(3, rows=5) == 30
     assert time.monotonic() - t0 < 1.0
-    assert run.batches == [[3]]
+    assert run.passes == [[3]]
 
 
 def test_the_rounds_of_every_attached_session_share_one_run():
     run = Recorder()
-    b = Batcher(run, window_s=5.0, max_rows=64, expected=lambda: 4)
+    b = PassBatcher(run, window_s=5.0, max_rows=64, expected=lambda: 4)
     t0 = time.monotonic()
     results, errors = submit_all(b, [1, 2, 3, 4], rows=5)
     assert results == {1: 10, 2: 20, 3: 30, 4: 40} and not errors
-    assert len(run.batches) == 1 and sorted(run.batches[0]) == [1, 2, 3, 4]
+    assert len(run.passes) == 1 and sorted(run.passes[0]) == [1, 2, 3, 4]
     assert time.monotonic() - t0 < 2.0  # the 4th arrival ended the wait, not the 5 s window
     s = b.stats()
     assert (s.passes, s.items, s.rows, s.max_items, s.by_items) == (1, 4, 20, 4, {4: 1})
@@ -65,26 +65,26 @@ def test_the_rounds_of_every_attached_session_share_one_run():
 
 def test_a_missing_session_holds_the_others_no_longer_than_the_window():
     run = Recorder()
-    b = Batcher(run, window_s=0.2, max_rows=64, expected=lambda: 3)  # the 3rd session never sends
+    b = PassBatcher(run, window_s=0.2, max_rows=64, expected=lambda: 3)  # the 3rd session never sends
     t0 = time.monotonic()
     results, _ = submit_all(b, [1, 2])
     waited = time.monotonic() - t0
     assert results == {1: 10, 2: 20}
     assert 0.15 <= waited < 1.5, waited
-    assert sorted(map(sorted, run.batches)) == [[1, 2]]
+    assert sorted(map(sorted, run.passes)) == [[1, 2]]
 
 
-def test_max_rows_splits_a_batch_in_arrival_order():
+def test_max_rows_splits_a_pass_in_arrival_order():
     run = Recorder()
-    b = Batcher(run, window_s=0.3, max_rows=10, expected=lambda: 3)
+    b = PassBatcher(run, window_s=0.3, max_rows=10, expected=lambda: 3)
     results, _ = submit_all(b, [1, 2, 3], rows=4)  # 12 rows > 10: two passes of 2 and 1
     assert results == {1: 10, 2: 20, 3: 30}
-    assert sorted(len(x) for x in run.batches) == [1, 2]
+    assert sorted(len(x) for x in run.passes) == [1, 2]
 
 
-def test_items_that_queue_during_a_running_batch_go_together_without_a_new_window():
+def test_items_that_queue_during_a_running_pass_go_together_without_a_new_window():
     run = Recorder(delay_s=0.3)
-    b = Batcher(run, window_s=5.0, max_rows=64, expected=lambda: 1)
+    b = PassBatcher(run, window_s=5.0, max_rows=64, expected=lambda: 1)
     first = threading.Thread(target=b.submit, args=(0, 1))
     first.start()
     time.sleep(0.1)  # the first pass is running
@@ -92,13 +92,13 @@ def test_items_that_queue_during_a_running_batch_go_together_without_a_new_windo
     results, _ = submit_all(b, [1, 2, 3])
     assert results == {1: 10, 2: 20, 3: 30}
     first.join()
-    assert run.batches[0] == [0] and sorted(run.batches[1]) == [1, 2, 3]
+    assert run.passes[0] == [0] and sorted(run.passes[1]) == [1, 2, 3]
     assert time.monotonic() - t0 < 2.0  # they waited for the running pass, not for a 5 s window
 
 
 def test_an_item_failure_stays_with_its_item_and_a_run_failure_reaches_every_item():
     run = Recorder()
-    b = Batcher(run, window_s=5.0, max_rows=64, expected=lambda: 3)
+    b = PassBatcher(run, window_s=5.0, max_rows=64, expected=lambda: 3)
     bad = ValueError("bad row")
     results, errors = submit_all(b, [1, bad, 3])
     assert results == {1: 10, 3: 30} and errors == {bad: bad}
@@ -106,16 +106,16 @@ def test_an_item_failure_stays_with_its_item_and_a_run_failure_reaches_every_ite
     def broken(items):
         raise RuntimeError("the pass failed")
 
-    b2 = Batcher(broken, window_s=5.0, max_rows=64, expected=lambda: 2)
+    b2 = PassBatcher(broken, window_s=5.0, max_rows=64, expected=lambda: 2)
     results, errors = submit_all(b2, [1, 2])
     assert not results and set(errors) == {1, 2} and all(isinstance(e, RuntimeError) for e in errors.values())
     # the batcher still serves after a failure
-    b3 = Batcher(run, window_s=0.0, max_rows=64)
+    b3 = PassBatcher(run, window_s=0.0, max_rows=64)
     assert b3.submit(7, 1) == 70
 
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
-        Batcher(Recorder(), window_s=-1, max_rows=4)
+        PassBatcher(Recorder(), window_s=-1, max_rows=4)
     with pytest.raises(ValueError):
-        Batcher(Recorder(), window_s=0.01, max_rows=0)
+        PassBatcher(Recorder(), window_s=0.01, max_rows=0)
