@@ -10,9 +10,9 @@ the plan's length, the token limit, an EOS draft, or (auto) when one more draft 
 expected tokens per second (common/stoprule.py). After the verdict, learn() rolls the conformal
 threshold back to the surviving positions and feeds the outcome to the acceptance model
 (common/acceptance.py) and the round's measured times and bytes to the cost model
-(common/costmodel.py), which the next plan reads. The KV cache is
-rolled back by the first lm.logits call in draft(): it crops the cache to the prefix it shares with
-the context the batch continues (sqs_models/cached_lm.py), so rejected drafts leave it there.
+(common/costmodel.py), which the next plan reads. The KV cache is rolled back by the first
+lm.logits call in draft(): it crops the cache to the prefix it shares with the context the batch
+continues (sqs_models/cached_lm.py), so rejected drafts leave it there.
 """
 
 from __future__ import annotations
