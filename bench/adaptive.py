@@ -87,13 +87,12 @@ def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[
     from tqdm import tqdm
 
     from bench.cloudproc import free_port, pin_edge, split_cpus, start_cloud, stop_process
-    from edge.client import ClientConfig, CloudClient
-    from edge.drafter import DraftConfig, Drafter
-    from edge.generate import LinkModel, generate
-    from sqs_models.cached_lm import CachedLM
-    from sqs_models.registry import load_model
+    from bench.link_model import LinkModel
+    from edge.client import ClientConfig
+    from edge.runtime import EdgeRuntime
+    from sqs_models.engines import load_engine
 
-    m = load_model(draft_model, role="draft")
+    draft = load_engine(draft_model, "draft", engine="torch")
     port = free_port()
     edge_cpus, cloud_cpus = split_cpus()
     cloud = start_cloud(target_model, port, cloud_cpus)
@@ -105,16 +104,17 @@ def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[
         sum(len(cells) if p.link_dependent else 1 for p in POLICIES))
     bar = tqdm(total=n_gen, disable=not progress, desc="sqs-bench adaptive", unit="gen")
 
+    runtime = EdgeRuntime(draft, ClientConfig(f"127.0.0.1:{port}"))
+
     def one(p: Policy, prompt: str, temperature: float, s: int, link):
-        cfg = DraftConfig.from_options(_options(p, temperature, s), m.vocab_size)
-        drafter = Drafter(CachedLM(m.model, m.vocab_size), cfg, m.eos_token_ids)
-        with CloudClient(ClientConfig(f"127.0.0.1:{port}")) as client:
-            g = generate(m.tokenizer.encode(prompt), drafter, client, max_new_tokens=max_new_tokens,
-                         vocab_fingerprint=m.fingerprint, link=link)
-        if drafter.costs.passes:
-            ratio[0] = drafter.costs.passes.predict(9) / max(drafter.costs.passes.predict(1), 1e-9)
+        rt = runtime.wrapped(link.around) if link is not None else runtime
+        g = rt.start(rt.encode(prompt), rt.draft_config(_options(p, temperature, s)), max_new_tokens=max_new_tokens)
+        for _ in g:
+            pass
+        if g.drafter.costs.passes:
+            ratio[0] = g.drafter.costs.passes.predict(9) / max(g.drafter.costs.passes.predict(1), 1e-9)
         bar.update()
-        return g
+        return link.priced(g.result) if link is not None else g.result
 
     totals: dict[tuple, Totals] = {}
 

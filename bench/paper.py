@@ -183,9 +183,9 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
     Returns all records of this context (old and new), in settings x prompts order."""
     from tqdm import tqdm
 
-    from edge.client import ClientConfig, CloudClient
-    from edge.drafter import DraftConfig, Drafter
-    from edge.generate import LinkModel, generate
+    from bench.link_model import LinkModel
+    from edge.client import ClientConfig
+    from edge.runtime import EdgeRuntime
     from sqs_models.engines import load_engine
 
     done = {r["key"]: r for r in load_records(records_path)}
@@ -205,17 +205,20 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
                    "vocab_size": draft.vocab_size}
         flags = cpu_flags()
         planned_link = LinkModel(ctx.link_rate_bps, ctx.link_rate_bps, ctx.link_rtt_ms)
+        measured = EdgeRuntime(draft, ClientConfig(f"127.0.0.1:{port}"))
+        modelled = measured.wrapped(planned_link.around)  # the planner plans for the analytic link
         bar = tqdm(total=len(todo), disable=not show_progress, desc="sqs-bench run", unit="gen")
         try:
             with open(records_path, "a") as out:
                 for st, p in todo:
                     seed = ctx.seed + p.index
-                    cfg = DraftConfig.from_options(_options(st, seed), draft.vocab_size)
-                    drafter = Drafter(draft.new_lm(), cfg, draft.eos_token_ids)
-                    with CloudClient(ClientConfig(f"127.0.0.1:{port}")) as client:
-                        g = generate(draft.tokenizer.encode(p.text), drafter, client,
-                                     max_new_tokens=ctx.max_new_tokens, vocab_fingerprint=draft.fingerprint,
-                                     link=planned_link if st.adaptive else None)
+                    runtime = modelled if st.adaptive else measured
+                    gen = runtime.start(runtime.encode(p.text), runtime.draft_config(_options(st, seed)),
+                                        max_new_tokens=ctx.max_new_tokens)
+                    for _ in gen:
+                        pass
+                    g = planned_link.priced(gen.result) if st.adaptive else gen.result
+                    drafter = gen.drafter
                     passes = drafter.costs.passes
                     ratio = passes.predict(9) / max(passes.predict(1), 1e-9) if passes else float("nan")
                     rec = make_record(ctx, st, p, g, engines, ratio, flags)

@@ -35,10 +35,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
 from common.metrics import Metrics
+from common.service import probe as cloud_probe
 from edge import options
-from edge.client import Cancelled, ClientConfig, CloudClient, CloudError
-from edge.drafter import DraftConfig, Drafter
-from edge.generate import GenerationResult, generate
+from edge.client import Cancelled, ClientConfig, CloudError
+from edge.generate import GenerationResult
+from edge.runtime import DraftSpec, EdgeGeneration, EdgeRuntime
 
 log = logging.getLogger("sqs.edge")
 
@@ -47,15 +48,26 @@ log = logging.getLogger("sqs.edge")
 class EdgeServerConfig:
     cloud: str = "127.0.0.1:50051"
     draft_model: str = "tiny"
+    engine: str = "auto"  # draft engine (common.lm.ENGINES), as sqs-edge generate's --engine
     dtype: str | None = None
     host: str = "0.0.0.0"
     port: int = 8080
-    max_concurrency: int = 4  # generations running at once (threads)
+    max_concurrency: int = 4  # rounds running at once (threads); generations interleave round by round
+    transport: str = ClientConfig.transport
     connect_timeout_s: float = ClientConfig.connect_timeout_s  # a cloud down at the start: 503 after this
+    connect_wait_s: float = ClientConfig.connect_wait_s
     outage_window_s: float = ClientConfig.outage_window_s  # a running generation rides out outages this long
     retries: int | None = None  # optional cap on the retries of one round (ClientConfig.retries)
     disconnect_poll_s: float = 0.25  # how often a running request checks that its HTTP client is still there
     draft_len: int | str = "auto"  # for requests that name none: "auto" (planned per round), N, or 0
+
+    def draft_spec(self) -> DraftSpec:
+        return DraftSpec(self.draft_model, engine=self.engine, dtype=self.dtype)
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(self.cloud, transport=self.transport, connect_timeout_s=self.connect_timeout_s,
+                            connect_wait_s=self.connect_wait_s, outage_window_s=self.outage_window_s,
+                            retries=self.retries)
 
 
 def _request_fields() -> dict:
@@ -81,67 +93,52 @@ class GenerateResponse(BaseModel):
 
 
 class EdgeService:
-    """What the routes delegate to: the draft model, the generation threads, the metrics, and one
-    generation run with its cancellation. Torch and network work runs on `executor`, never on the
-    event loop. `model` (a sqs_models LoadedModel) is loaded by `load()` when not given."""
+    """What the routes delegate to: the edge runtime (draft engine + cloud), the worker threads and
+    the metrics. Model and network work runs on `executor`, never on the event loop. `engine` (a
+    sqs_models Engine) is loaded by `load()` when not given."""
 
-    def __init__(self, config: EdgeServerConfig, model=None) -> None:
+    def __init__(self, config: EdgeServerConfig, engine=None) -> None:
         self.config = config
-        self.model = model
         self.metrics = Metrics()
+        self.runtime: EdgeRuntime | None = (
+            EdgeRuntime(engine, config.client_config(), metrics=self.metrics) if engine is not None else None)
         self.executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="generate")
-        self._active = 0  # generations running: the sessions gauge
-        self._active_lock = threading.Lock()
 
     async def load(self) -> None:
-        if self.model is None:
-            from sqs_models.registry import load_model
-
-            self.model = await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: load_model(self.config.draft_model, role="draft", dtype=self.config.dtype)
-            )
+        if self.runtime is None:
+            spec, client = self.config.draft_spec(), self.config.client_config()
+            self.runtime = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: EdgeRuntime.load(spec, client, metrics=self.metrics))
+            log.info("draft %s: %s", self.runtime.engine.name, self.runtime.engine.detail)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def _count_active(self, delta: int) -> None:
-        with self._active_lock:
-            self._active += delta
-            self.metrics.sessions.set(self._active)
-
-    def run(self, req: GenerateRequest, on_tokens=None, cancel: threading.Event | None = None) -> GenerationResult:
-        """One generation, in a worker thread; refusals are HTTPException, a set `cancel` is Cancelled."""
-        from sqs_models.cached_lm import CachedLM
-
-        config, m = self.config, self.model
+    def start(self, req: GenerateRequest, cancel: threading.Event) -> EdgeGeneration:
+        """A generation for a request (nothing runs yet); a bad request is an HTTPException 422."""
+        rt = self.runtime
         try:
-            if req.draft_len is None:
-                req = req.model_copy(update={"draft_len": config.draft_len})
-            dcfg = DraftConfig.from_options(req, m.vocab_size)
+            config = rt.draft_config(req, draft_len=self.config.draft_len if req.draft_len is None else req.draft_len)
+            prompt_ids = rt.encode(req.prompt)
         except ValueError as exc:
             raise HTTPException(422, detail=str(exc)) from None
-        prompt_ids = list(m.tokenizer.encode(req.prompt))
-        if not prompt_ids:
-            raise HTTPException(422, detail="the prompt encodes to no tokens")
-        drafter = Drafter(CachedLM(m.model, m.vocab_size), dcfg, m.eos_token_ids)
-        self._count_active(+1)
+        return rt.start(prompt_ids, config, max_new_tokens=req.max_new_tokens, cancel=cancel)
+
+    def run(self, generation: EdgeGeneration) -> GenerationResult:
+        """A whole generation, in a worker thread; refusals are HTTPException, a set cancel is Cancelled."""
         try:
-            cc = ClientConfig(config.cloud, connect_timeout_s=config.connect_timeout_s,
-                              outage_window_s=config.outage_window_s, retries=config.retries)
-            with CloudClient(cc, cancel=cancel) as client:  # closing it closes the cloud session
-                result = generate(prompt_ids, drafter, client, max_new_tokens=req.max_new_tokens,
-                                  vocab_fingerprint=m.fingerprint, on_tokens=on_tokens, metrics=self.metrics)
-            log.info("generation session=%s sparsifier=%s tokens=%d rounds=%d", result.session_id,
-                     dcfg.scheme.scheme.value, result.stats.generated, result.stats.rounds)
-            return result
+            for _ in generation:
+                pass
         except CloudError as exc:
             raise HTTPException(_http_status(exc), detail=str(exc)) from None
-        finally:
-            self._count_active(-1)
+        result = generation.result
+        log.info("generation session=%s sparsifier=%s tokens=%d rounds=%d", result.session_id,
+                 generation.config.scheme.scheme.value, result.stats.generated, result.stats.rounds)
+        return result
 
     def response_of(self, result: GenerationResult) -> dict:
         return GenerateResponse(
-            text=self.model.tokenizer.decode(result.token_ids), token_ids=result.token_ids,
+            text=self.runtime.decode(result.token_ids), token_ids=result.token_ids,
             stop_reason=result.stop_reason, stats=result.stats.summary(),
         ).model_dump()
 
@@ -149,7 +146,8 @@ class EdgeService:
         """The whole response body; Cancelled when the HTTP client went away (polled every
         disconnect_poll_s)."""
         cancel = threading.Event()
-        job = asyncio.get_running_loop().run_in_executor(self.executor, self.run, req, None, cancel)
+        generation = self.start(req, cancel)
+        job = asyncio.get_running_loop().run_in_executor(self.executor, self.run, generation)
         try:
             while not (await asyncio.wait({job}, timeout=self.config.disconnect_poll_s))[0]:
                 if await is_disconnected():
@@ -161,64 +159,75 @@ class EdgeService:
                 cancel.set()
         return self.response_of(await job)
 
-    def stream(self, req: GenerateRequest, is_disconnected) -> tuple[threading.Event, AsyncIterator[str]]:
-        """(cancel, server-sent events): one `tokens` event per round, then `done` (or `error`)."""
+    async def events(self, req: GenerateRequest, cancel: threading.Event, is_disconnected) -> AsyncIterator[str]:
+        """Server-sent events: one `tokens` event per round, then `done` (or `error`). Each round
+        runs on the executor (next() of the generation); a client that goes away sets `cancel`,
+        which ends the round in flight within a poll interval and closes the cloud session."""
         loop = asyncio.get_running_loop()
-        cancel = threading.Event()
-        queue: asyncio.Queue = asyncio.Queue()
-        tok = self.model.tokenizer
-        emitted: list[int] = []
-        printed = [""]
-
-        def on_tokens(new: list[int]) -> None:
-            emitted.extend(new)
-            text = tok.decode(emitted)
-            delta, printed[0] = text[len(printed[0]):], text
-            loop.call_soon_threadsafe(queue.put_nowait, ("tokens", {"token_ids": new, "text": delta}))
-
-        def work() -> None:
-            try:
-                result = self.run(req, on_tokens, cancel)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", self.response_of(result)))
-            except Cancelled:
-                log.info("HTTP client went away; streamed generation cancelled")
-            except HTTPException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", {"status": exc.status_code, "detail": exc.detail}))
-            except Exception as exc:  # the stream must end with an event, never hang
-                log.exception("stream generation failed")
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", {"status": 500, "detail": str(exc)}))
-
-        self.executor.submit(work)
-
-        async def events():
+        rounds = None
+        pending = None
+        try:
+            generation = self.start(req, cancel)
+            rounds = iter(generation)
+            text = self.runtime.text_stream()
             while True:
-                try:
-                    kind, data = await asyncio.wait_for(queue.get(), timeout=self.config.disconnect_poll_s)
-                except asyncio.TimeoutError:  # no round finished (a long round, an outage): still wanted?
-                    kind = None
+                pending = loop.run_in_executor(self.executor, next, rounds, None)
+                while not (await asyncio.wait({pending}, timeout=self.config.disconnect_poll_s))[0]:
+                    if await is_disconnected():  # no round finished yet (a long round, an outage)
+                        cancel.set()
+                        return
+                r = pending.result()
+                pending = None
                 if await is_disconnected():
                     cancel.set()
                     return
-                if kind is None:
-                    continue
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                if kind in ("done", "error"):
+                if r is None:
+                    yield _event("done", self.response_of(generation.result))
                     return
+                yield _event("tokens", {"token_ids": r.tokens, "text": text.push(r.tokens)})
+        except Cancelled:
+            log.info("HTTP client went away; streamed generation cancelled")
+        except CloudError as exc:
+            yield _event("error", {"status": _http_status(exc), "detail": str(exc)})
+        except HTTPException as exc:
+            yield _event("error", {"status": exc.status_code, "detail": exc.detail})
+        except Exception as exc:  # the stream must end with an event, never hang
+            log.exception("stream generation failed")
+            yield _event("error", {"status": 500, "detail": str(exc)})
+        finally:
+            cancel.set()
+            if rounds is not None:
+                # End the generation (which closes its cloud session) off the event loop, once no
+                # round runs: a round in flight ends on `cancel` within a poll interval.
+                close = lambda *_: self._submit(rounds.close)  # noqa: E731
+                if pending is None or pending.done():
+                    close()
+                else:
+                    pending.add_done_callback(close)
 
-        return cancel, events()
+    def _submit(self, fn) -> None:
+        try:
+            self.executor.submit(fn)
+        except RuntimeError:  # shutting down: the executor takes no more work
+            fn()
 
     async def health(self) -> tuple[dict, bool]:
         """(body, healthy): healthy when the cloud answers its health check and the model is loaded."""
         cloud = self.config.cloud
-        ok, detail = await asyncio.get_running_loop().run_in_executor(None, _cloud_health, cloud)
+        ok, detail = await asyncio.get_running_loop().run_in_executor(None, cloud_probe, cloud, 1.5)
         body = {"status": "ok" if ok else "unavailable", "cloud": cloud, "cloud_status": detail,
-                "draft_model": self.config.draft_model, "model_loaded": self.model is not None}
-        return body, ok and self.model is not None
+                "draft_model": self.config.draft_model, "model_loaded": self.runtime is not None}
+        return body, ok and self.runtime is not None
 
 
-def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
-    """The app: routes wired to an EdgeService; `model` is loaded at startup when not given."""
-    service = EdgeService(config, model)
+def _event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+def create_app(config: EdgeServerConfig, engine=None) -> FastAPI:
+    """The app: routes wired to an EdgeService; the draft `engine` (sqs_models Engine) is loaded at
+    startup when not given."""
+    service = EdgeService(config, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -238,7 +247,8 @@ def create_app(config: EdgeServerConfig, model=None) -> FastAPI:
 
     @app.post("/v1/generate/stream")
     async def generate_stream(req: GenerateRequest, request: Request):
-        cancel, events = service.stream(req, request.is_disconnected)
+        cancel = threading.Event()
+        events = service.events(req, cancel, request.is_disconnected)
         return _CancellingStream(cancel, events, media_type="text/event-stream")
 
     @app.get("/healthz")
@@ -290,19 +300,6 @@ def _http_status(exc: CloudError) -> int:
     if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return 429
     return 502  # the cloud refused the request (e.g. a tokenizer mismatch): a gateway problem
-
-
-def _cloud_health(target: str) -> tuple[bool, str]:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    channel = grpc.insecure_channel(target)
-    try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="sqs.v1.Verifier"), timeout=1.5)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.RpcError as exc:
-        return False, f"{exc.code().name}: {exc.details()}"
-    finally:
-        channel.close()
 
 
 def serve(config: EdgeServerConfig) -> None:

@@ -35,11 +35,11 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import codec
 from common.pb.v1 import sqs_pb2 as pb
 from common.pb.v1 import sqs_pb2_grpc
+from common.service import probe
 from edge.wire_meter import ByteCountingRelay
 
 log = logging.getLogger("sqs.edge")
@@ -187,7 +187,6 @@ class CloudClient:
             ],
         )
         self._stub = sqs_pb2_grpc.VerifierStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stream: _Stream | None = None
         self._cancel = cancel or threading.Event()
         self.session_id = ""
@@ -310,12 +309,9 @@ class CloudClient:
             left = until - time.monotonic()
             if left <= 0:
                 return False
-            try:
-                self._health.Check(health_pb2.HealthCheckRequest(), timeout=min(_POLL_S, left), wait_for_ready=True)
-                return True
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return True  # something answered: the connection is up; the open says the rest
+            _, status = probe(self._channel, min(_POLL_S, left), service="", wait_for_ready=True)
+            if not status.startswith(grpc.StatusCode.DEADLINE_EXCEEDED.name):
+                return True  # something answered: the connection is up; the open says the rest
 
     def _sleep(self, seconds: float) -> None:
         if self._cancel.wait(seconds):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field, make_dataclass
 from typing import Annotated, Any, Literal
 
+from common.lm import ENGINES
 from common.schemes import MAX_RANKED_SUPPORT, Scheme
 
 AUTO = "auto"
@@ -163,3 +165,46 @@ def request_fields() -> dict[str, tuple[Any, Any]]:
         number: Any = Annotated[o.kind, Field(**bounds)]
         out[o.name] = (number | Literal["auto"] if o.auto else number, Field(o.default, description=o.help))
     return out
+
+
+# --- the command-line options every program that runs generations shares ----------------------
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (NaN and infinities are refused with a one-line error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+int_or_auto = arg_type("draft_len")  # argparse type: an integer in range, or auto
+
+
+def add_runtime_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Where the cloud is and which draft engine runs (edge/runtime.py: DraftSpec, ClientConfig);
+    the same flags and environment variables in sqs-edge generate|serve, sqs-loadtest and sqs-bench."""
+    env = os.environ.get
+    ap.add_argument("--cloud", default=env("SQS_CLOUD", "127.0.0.1:50051"), help="HOST:PORT of sqs-cloud")
+    ap.add_argument("--draft-model", default=env("SQS_DRAFT_MODEL", "tiny"))
+    ap.add_argument("--dtype", default=env("SQS_DTYPE"), choices=[None, "float32", "bfloat16"],
+                    help="torch engine dtype (default: the cheaper one-token step of bf16 and fp32, measured at start)")
+    ap.add_argument("--engine", default=env("SQS_ENGINE", "auto"), choices=ENGINES,
+                    help="draft engine: auto (default) = llama.cpp where llama-cpp-python and the model's GGUF "
+                         "exist, else torch")
+    ap.add_argument("--wait-for-cloud", type=finite_float, default=0.0, metavar="S",
+                    help="at the start, keep waiting this many seconds for a cloud that does not answer yet "
+                         "(default 0: say at once that HOST:PORT does not answer)")
+    ap.add_argument("--outage-window", type=finite_float, default=180.0, metavar="S",
+                    help="a running generation rides out a cloud outage this long (restart, stall, lost verdicts)")
+    ap.add_argument("--transport", choices=["stream", "unary"], default="stream",
+                    help="one gRPC stream per session (default) or one unary call per round")
+
+
+def add_generation_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The runtime flags and one --flag per generation option."""
+    add_runtime_args(ap)
+    add_arguments(ap)

@@ -128,27 +128,32 @@ def full_recompute():
 
 
 @pytest.fixture(scope="session")
-def run_generation(draft_model):
-    """run_generation(address, prompt, *, scheme="topk", max_new_tokens=16, temperature=0.0, seed=0,
-    max_draft_len=4, **scheme_kw) -> GenerationResult: the edge library path with the tiny draft."""
-    from common.schemes import SchemeConfig
-    from edge.client import ClientConfig, CloudClient
-    from edge.drafter import DraftConfig, Drafter
-    from edge.generate import generate
-    from sqs_models.cached_lm import CachedLM
+def draft_engine():
+    """The tiny draft behind the torch engine (sqs_models Engine: what the edge runtime takes)."""
+    from sqs_models.engines import load_engine
 
-    m = draft_model
+    return load_engine("tiny", "draft", engine="torch")
+
+
+@pytest.fixture(scope="session")
+def run_generation(draft_engine):
+    """run_generation(address, prompt, *, scheme="topk", max_new_tokens=16, temperature=0.0, seed=0,
+    max_draft_len=4, **scheme_kw) -> GenerationResult: the edge runtime with the tiny draft."""
+    from common.schemes import SchemeConfig
+    from edge.client import ClientConfig
+    from edge.drafter import DraftConfig
+    from edge.runtime import EdgeRuntime
+
+    e = draft_engine
 
     def run(address: str, prompt: str, *, scheme: str = "topk", max_new_tokens: int = 16,
             temperature: float = 0.0, seed: int = 0, max_draft_len: int = 4, **scheme_kw):
         cfg = DraftConfig(
-            scheme=SchemeConfig(scheme, vocab_size=m.vocab_size, **scheme_kw), max_draft_len=max_draft_len,
+            scheme=SchemeConfig(scheme, vocab_size=e.vocab_size, **scheme_kw), max_draft_len=max_draft_len,
             temperature=temperature, seed=seed,
         )
-        drafter = Drafter(CachedLM(m.model, m.vocab_size), cfg, m.eos_token_ids)
-        with CloudClient(ClientConfig(address, retries=8, backoff_s=0.1)) as client:
-            return generate(m.tokenizer.encode(prompt), drafter, client, max_new_tokens=max_new_tokens,
-                            vocab_fingerprint=m.fingerprint)
+        runtime = EdgeRuntime(e, ClientConfig(address, retries=8, backoff_s=0.1))
+        return runtime.generate(runtime.encode(prompt), cfg, max_new_tokens=max_new_tokens)
 
     return run
 

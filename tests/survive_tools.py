@@ -21,14 +21,16 @@ from cloud.verifier import RoundResult, Session, Verifier, VerifierConfig
 from common import codec
 from common.schemes import SchemeConfig
 from edge.client import ClientConfig, CloudClient
-from edge.drafter import DraftConfig, Drafter
-from edge.generate import GenerationResult, generate
+from edge.drafter import DraftConfig
+from edge.generate import GenerationResult
+from edge.runtime import EdgeRuntime
 
 PROMPT = "The quick brown fox"
 FAST_RETRY = dict(backoff_s=0.05, backoff_max_s=0.5)  # the edge's backoff, shortened for tests
 
 _TARGET = None
 _DRAFT = None
+_DRAFT_ENGINE = None
 
 
 def target():
@@ -46,6 +48,16 @@ def draft_model():
 
         _DRAFT = load_model("tiny", role="draft")
     return _DRAFT
+
+
+def draft_engine():
+    """The tiny draft behind the torch engine (what the edge runtime and the HTTP API take)."""
+    global _DRAFT_ENGINE
+    if _DRAFT_ENGINE is None:
+        from sqs_models.engines import load_engine
+
+        _DRAFT_ENGINE = load_engine("tiny", "draft", engine="torch")
+    return _DRAFT_ENGINE
 
 
 class HookedVerifier(Verifier):
@@ -212,17 +224,13 @@ def open_request(context=None, seed: int = 0) -> codec.OpenRequest:
 
 def run_generation(address: str, seed: int, *, max_new_tokens: int = 40, on_tokens=None,
                    client: CloudClient | None = None, **client_config) -> GenerationResult:
-    """One fixed-plan generation at T = 1 (K = 4, ell = 100, 4 drafts) through the cloud at address."""
-    from sqs_models.cached_lm import CachedLM
-
-    m = draft_model()
-    drafter = Drafter(CachedLM(m.model, m.vocab_size), draft_config(seed), m.eos_token_ids)
-    own = client is None
-    if own:
-        client = CloudClient(ClientConfig(address, **{**FAST_RETRY, **client_config}))
-    try:
-        return generate(m.tokenizer.encode(PROMPT), drafter, client, max_new_tokens=max_new_tokens,
-                        vocab_fingerprint=m.fingerprint, on_tokens=on_tokens)
-    finally:
-        if own:
-            client.close()
+    """One fixed-plan generation at T = 1 (K = 4, ell = 100, 4 drafts) through the cloud at address
+    (or through `client`, which the caller made and closes); on_tokens(tokens) after each round."""
+    engine = draft_engine()
+    runtime = EdgeRuntime(engine, ClientConfig(address, **{**FAST_RETRY, **client_config}),
+                          connect=None if client is None else (lambda cancel: client))
+    generation = runtime.start(runtime.encode(PROMPT), draft_config(seed), max_new_tokens=max_new_tokens)
+    for r in generation:
+        if on_tokens is not None:
+            on_tokens(r.tokens)
+    return generation.result

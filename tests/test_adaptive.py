@@ -17,12 +17,13 @@ from scipy import stats
 
 from cloud.verifier import TargetInfo, Verifier, VerifierConfig
 from common import codec
-from common.planner import Costs
+from common.costmodel import Costs
 from common.rejection import target_probs
 from common.schemes import Scheme, SchemeConfig
 from edge.client import RoundReply
 from edge.drafter import DraftConfig, Drafter
-from edge.generate import LinkModel, generate
+from bench.link_model import LinkModel
+from edge.generate import generate
 
 V = 6
 _rng = np.random.default_rng(7)
@@ -230,7 +231,8 @@ def test_round_records_carry_the_plan_and_an_analytic_link():
     drafter = Drafter(TableLM(DRAFT), cfg)
     speculation_pays(drafter)
     link = LinkModel(uplink_bps=64_000, downlink_bps=1e6, rtt_ms=200.0)
-    res = generate([0], drafter, LoopbackClient(verifier()), max_new_tokens=12, vocab_fingerprint="fp", link=link)
+    res = link.priced(generate([0], drafter, link.around(LoopbackClient(verifier())), max_new_tokens=12,
+                               vocab_fingerprint="fp"))
     assert res.link.startswith("model:")
     for r in res.stats.records:
         assert r.uplink_ms >= 100.0 and r.downlink_ms >= 100.0  # half the RTT each, plus serialisation
@@ -249,7 +251,7 @@ def test_pipelined_drafting_is_lossless_and_adopts_ahead_batches():
     link = LinkModel(1e9, 1e9, 1.0)
     for seed in range(n_samples):
         drafter = Drafter(TableLM(DRAFT), draft_config("topk", seed=seed, draft_len=1, k=3, ell=20))
-        res = generate([0], drafter, LoopbackClient(verifier()), max_new_tokens=4, vocab_fingerprint="fp", link=link)
+        res = generate([0], drafter, link.around(LoopbackClient(verifier())), max_new_tokens=4, vocab_fingerprint="fp")
         counts[res.token_ids[1], res.token_ids[2]] += 1
         adopted += sum(r.ahead_adopted for r in res.stats.records)
     p = target_probs(TARGET, 1.0)  # [V, V]: row = previous token
@@ -264,8 +266,8 @@ def test_pipelined_drafting_is_lossless_and_adopts_ahead_batches():
 def test_pipelined_greedy_tokens_equal_plain_decoding():
     ref, _, _ = run(draft_config("none", temperature=0.0), n_out=24, pays=False)
     drafter = Drafter(TableLM(DRAFT), draft_config("topk", temperature=0.0, draft_len=2, k=3, ell=20))
-    res = generate([0], drafter, LoopbackClient(verifier()), max_new_tokens=24, vocab_fingerprint="fp",
-                   link=LinkModel(1e9, 1e9, 5.0))
+    res = generate([0], drafter, LinkModel(1e9, 1e9, 5.0).around(LoopbackClient(verifier())), max_new_tokens=24,
+                   vocab_fingerprint="fp")
     assert res.token_ids == ref.token_ids
     assert any(r.ahead_adopted for r in res.stats.records)
 
@@ -291,7 +293,7 @@ def test_a_round_repriced_on_its_own_link_keeps_its_recorded_time():
     """Repricing keeps what is not network (draft, cloud, drafting ahead past the verdict)."""
     link = LinkModel(64_000, 1e6, 200.0)
     drafter = Drafter(TableLM(DRAFT), draft_config("topk", seed=2, draft_len=2, k=3, ell=20))
-    res = generate([0], drafter, LoopbackClient(verifier()), max_new_tokens=16, vocab_fingerprint="fp", link=link)
+    res = generate([0], drafter, link.around(LoopbackClient(verifier())), max_new_tokens=16, vocab_fingerprint="fp")
     for r in res.stats.records:
         assert link.round_ms(r) == pytest.approx(r.total_ms)
         assert LinkModel(1e9, 1e9, 0.0).round_ms(r) < r.total_ms - 199.0

@@ -12,8 +12,8 @@ from edge.api import EdgeServerConfig, create_app
 
 
 @pytest.fixture(scope="module")
-def client(cloud, draft_model):
-    app = create_app(EdgeServerConfig(cloud=cloud.address), model=draft_model)
+def client(cloud, draft_engine):
+    app = create_app(EdgeServerConfig(cloud=cloud.address), engine=draft_engine)
     with TestClient(app) as c:
         yield c
 
@@ -92,9 +92,9 @@ def test_concurrent_requests_are_served(client):
     assert results == {s: 200 for s in range(4)}
 
 
-def test_cloud_down_is_503_not_a_hang(free_port, draft_model):
+def test_cloud_down_is_503_not_a_hang(free_port, draft_engine):
     dead = f"127.0.0.1:{free_port()}"
-    app = create_app(EdgeServerConfig(cloud=dead, connect_timeout_s=0.5, retries=0), model=draft_model)
+    app = create_app(EdgeServerConfig(cloud=dead, connect_timeout_s=0.5, retries=0), engine=draft_engine)
     with TestClient(app) as c:
         r = c.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 3})
         assert r.status_code == 503 and "detail" in r.json()

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from edge.api import EdgeServerConfig, create_app
-from tests.survive_tools import Cloud, draft_model, target, wait_until
+from tests.survive_tools import Cloud, draft_engine, target, wait_until
 
 BODY = {"prompt": "The quick brown fox", "max_new_tokens": 30, "temperature": 1.0, "seed": 5,
         "sparsifier": "topk", "k": 4, "ell": 100, "draft_len": 4, "no_pipeline": True}  # tokens depend on the seed only
@@ -21,7 +21,7 @@ BODY = {"prompt": "The quick brown fox", "max_new_tokens": 30, "temperature": 1.
 def test_a_generation_rides_out_a_cloud_restart():
     """Round 3 of the second generation: the cloud stops before its verdict leaves and a new one
     starts on the same port; the API re-opens and answers exactly the tokens of an undisturbed run."""
-    draft_model(), target()
+    draft_engine(), target()
     clouds: list[Cloud] = []
     stopped = threading.Event()
     seen: list[str] = []
@@ -40,7 +40,7 @@ def test_a_generation_rides_out_a_cloud_restart():
             stopped.wait(30)  # this verdict is lost with the cloud
 
     clouds.append(Cloud(after=restart))
-    app = create_app(EdgeServerConfig(cloud=clouds[0].address), model=draft_model())
+    app = create_app(EdgeServerConfig(cloud=clouds[0].address), engine=draft_engine())
     try:
         with TestClient(app) as c:
             reference = c.post("/v1/generate", json=BODY)
@@ -56,7 +56,7 @@ def test_a_generation_rides_out_a_cloud_restart():
 
 def test_limits_known_to_the_cloud_only_are_422():
     cloud = Cloud(max_context=24)
-    app = create_app(EdgeServerConfig(cloud=cloud.address), model=draft_model())
+    app = create_app(EdgeServerConfig(cloud=cloud.address), engine=draft_engine())
     try:
         with TestClient(app) as c:
             long_prompt = c.post("/v1/generate", json={**BODY, "prompt": "x" * 200})
@@ -98,7 +98,7 @@ def test_a_client_that_goes_away_stops_its_generation_and_session(path):
     """The cloud holds every session's second round until released; the HTTP client hangs up
     meanwhile: the edge must close the cloud session while the round is still held, and no round
     may follow the release."""
-    draft_model()
+    draft_engine()
     held, release = threading.Event(), threading.Event()
 
     def hold_second_round(session, msg):
@@ -107,7 +107,7 @@ def test_a_client_that_goes_away_stops_its_generation_and_session(path):
             release.wait(30)
 
     cloud = Cloud(before=hold_second_round)
-    app = create_app(EdgeServerConfig(cloud=cloud.address), model=draft_model())
+    app = create_app(EdgeServerConfig(cloud=cloud.address), engine=draft_engine())
     http = HttpServer(app)
     edge_sessions = lambda: app.state.metrics.registry.get_sample_value("sqs_active_sessions")  # noqa: E731
     try:

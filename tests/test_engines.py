@@ -140,7 +140,7 @@ def test_cloud_cli_engine_flag(monkeypatch):
 def test_edge_and_loadtest_parsers_take_the_engine_flag():
     import argparse
 
-    from edge.cli import add_generation_args
+    from edge.options import add_generation_args
     from loadtest.cli import build_parser, config_from_args
 
     ap = argparse.ArgumentParser()

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from edge import options
 from edge.api import EdgeServerConfig, GenerateRequest, create_app
-from edge.cli import add_generation_args
+from edge.options import add_generation_args
 from edge.drafter import DraftConfig
 from loadtest.runner import LoadTestConfig
 
@@ -55,7 +55,7 @@ def test_the_cli_and_the_http_api_refuse_the_same_values(name, bad):
 
 
 def test_http_nan_is_422_not_500():
-    app = create_app(EdgeServerConfig(cloud="127.0.0.1:1"), model=object())
+    app = create_app(EdgeServerConfig(cloud="127.0.0.1:1"), engine=object())
     with TestClient(app) as client:
         r = client.post("/v1/generate", content='{"prompt": "x", "temperature": NaN}',
                         headers={"content-type": "application/json"})

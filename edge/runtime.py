@@ -1,0 +1,205 @@
+"""The edge runtime: a loaded draft engine and a way to reach the cloud, running generations.
+
+    runtime = EdgeRuntime.load(DraftSpec("qwen2.5-coder-0.5b", engine="auto"), ClientConfig("cloud:50051"))
+    config = runtime.draft_config(options)               # generation options -> DraftConfig
+    for r in runtime.start(runtime.encode(prompt), config, max_new_tokens=64):
+        print(runtime.decode(r.tokens))                 # one round at a time
+    result = runtime.generate(prompt_ids, config, max_new_tokens=64)   # or all at once
+
+Everything that runs a generation (sqs-edge generate and serve, sqs-loadtest, the benchmarks, the
+tests) goes through this one object; none of them builds a Drafter or a CloudClient itself. Each
+generation gets its own draft KV cache (`engine.new_lm()`) and its own cloud session, closed when
+the generation ends however it ends (done, error, cancel, a consumer that stops reading).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from common.metrics import Metrics
+from edge.client import ClientConfig, CloudClient
+from edge.drafter import DraftConfig, Drafter
+from edge.generate import Cloud, Generation, GenerationResult, RoundOutput
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """Which draft model the edge loads, and how (sqs_models.engines.load_engine)."""
+
+    model: str = "tiny"  # a name of sqs_models.registry or a local model directory
+    engine: str = "auto"  # common.lm.ENGINES
+    dtype: str | None = None  # torch engine only; None = measured at load
+    threads: int = 0  # llama.cpp threads (0 = the CPUs this process may use)
+
+    @classmethod
+    def from_args(cls, a: Any, threads: int = 0) -> "DraftSpec":
+        """From the flags of edge/options.add_runtime_args."""
+        return cls(a.draft_model, engine=a.engine, dtype=a.dtype, threads=threads)
+
+
+def client_config_from_args(a: Any, **overrides: Any) -> ClientConfig:
+    """ClientConfig from the flags of edge/options.add_runtime_args; ValueError for a bad value."""
+    return ClientConfig(a.cloud, **{"transport": a.transport, "connect_wait_s": a.wait_for_cloud,
+                                    "outage_window_s": a.outage_window, **overrides})
+
+
+# How a generation reaches the cloud: a client for one session, given the generation's cancel
+# event. The default is a CloudClient on the runtime's ClientConfig; a benchmark wraps it (an
+# analytic link) and a unit test replaces it (an in-process verifier).
+Connect = Callable[[threading.Event | None], Cloud]
+
+
+class EdgeRuntime:
+    def __init__(self, engine: Any, client: ClientConfig, *, metrics: Metrics | None = None,
+                 connect: Connect | None = None) -> None:
+        """engine: a loaded sqs_models.engines.Engine (new_lm, tokenizer, vocab_size,
+        eos_token_ids, fingerprint); client: how to reach the cloud; metrics: observed per round."""
+        self.engine = engine
+        self.client_config = client
+        self.metrics = metrics
+        self._connect = connect or (lambda cancel: CloudClient(self.client_config, cancel=cancel))
+        self._active = 0  # generations running (the sessions gauge)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, spec: DraftSpec, client: ClientConfig, *, metrics: Metrics | None = None) -> "EdgeRuntime":
+        """Load the draft engine of `spec`. Raises ModelNotInstalled / EngineUnavailable / ValueError
+        (one line each) for a model or engine that cannot run here."""
+        from sqs_models.engines import load_engine
+
+        engine = load_engine(spec.model, "draft", engine=spec.engine, dtype=spec.dtype, threads=spec.threads)
+        return cls(engine, client, metrics=metrics)
+
+    def wrapped(self, around: Callable[[Cloud], Cloud]) -> "EdgeRuntime":
+        """The same engine and metrics, each session's client wrapped (bench/link_model.py)."""
+        inner = self._connect
+        return EdgeRuntime(self.engine, self.client_config, metrics=self.metrics,
+                           connect=lambda cancel: around(inner(cancel)))
+
+    # -- text and options ---------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt; ValueError when it encodes to none."""
+        ids = [int(t) for t in self.engine.tokenizer.encode(prompt)]
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.engine.tokenizer.decode(list(token_ids))
+
+    def text_stream(self) -> "TextStream":
+        return TextStream(self.engine.tokenizer)
+
+    def draft_config(self, source: Any, **overrides: Any) -> DraftConfig:
+        """DraftConfig from generation options (edge/options.py names) held by an argparse
+        namespace, an HTTP request, a mapping or a config object; ValueError with the reason."""
+        if overrides:
+            source = _Overlay(source, overrides)
+        return DraftConfig.from_options(source, self.engine.vocab_size)
+
+    # -- generations --------------------------------------------------------------------------
+    def start(self, prompt_ids: Sequence[int], config: DraftConfig, *, max_new_tokens: int,
+              cancel: threading.Event | None = None) -> "EdgeGeneration":
+        """A generation to iterate round by round (nothing runs before the first next())."""
+        return EdgeGeneration(self, list(prompt_ids), config, max_new_tokens, cancel)
+
+    def generate(self, prompt_ids: Sequence[int], config: DraftConfig, *, max_new_tokens: int,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        g = self.start(prompt_ids, config, max_new_tokens=max_new_tokens, cancel=cancel)
+        for _ in g:
+            pass
+        assert g.result is not None
+        return g.result
+
+    def _count_active(self, delta: int) -> None:
+        with self._lock:
+            self._active += delta
+            if self.metrics is not None:
+                self.metrics.sessions.set(self._active)
+
+
+class EdgeGeneration:
+    """One generation of a runtime: iterate for RoundOutput, then read `result` (and `drafter`).
+
+    The cloud session is opened at the first next() and closed when the iteration ends, raises,
+    or is closed (`close()`, or the iterator garbage-collected)."""
+
+    def __init__(self, runtime: EdgeRuntime, prompt_ids: list[int], config: DraftConfig, max_new_tokens: int,
+                 cancel: threading.Event | None) -> None:
+        self.runtime = runtime
+        self.prompt_ids = prompt_ids
+        self.config = config
+        self.max_new_tokens = max_new_tokens
+        self.cancel = cancel
+        e = runtime.engine
+        self.drafter = Drafter(e.new_lm(), config, e.eos_token_ids)
+        self.result: GenerationResult | None = None
+        self._rounds: Iterator[RoundOutput] | None = None
+
+    def __iter__(self) -> Iterator[RoundOutput]:
+        if self._rounds is None:
+            self._rounds = self._run()
+        return self._rounds
+
+    def close(self) -> None:
+        """End the generation between rounds (its cloud session is closed)."""
+        if self._rounds is not None:
+            self._rounds.close()  # type: ignore[attr-defined]
+
+    def _run(self) -> Iterator[RoundOutput]:
+        rt = self.runtime
+        sparsifier = self.config.scheme.scheme.value
+        rt._count_active(+1)
+        client = rt._connect(self.cancel)
+        try:
+            g = Generation(self.prompt_ids, self.drafter, client, max_new_tokens=self.max_new_tokens,
+                           vocab_fingerprint=rt.engine.fingerprint)
+            for r in g:
+                if rt.metrics is not None:
+                    rt.metrics.observe_record(sparsifier, r.record)
+                yield r
+            self.result = g.result
+        finally:
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()  # closes the cloud session
+            rt._count_active(-1)
+
+
+class TextStream:
+    """Incremental detokenization: the text a round adds, decoding the whole output each time (a
+    token can complete a multi-byte character that the previous ones left open)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._text = ""
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self._ids.extend(token_ids)
+        text = self._tokenizer.decode(self._ids)
+        delta, self._text = text[len(self._text):], text
+        return delta
+
+
+class _Overlay:
+    """Attribute view of `source` with some names replaced."""
+
+    def __init__(self, source: Any, overrides: dict[str, Any]) -> None:
+        self._source, self._overrides = source, overrides
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._overrides:
+            return self._overrides[name]
+        if isinstance(self._source, dict):
+            if name in self._source:
+                return self._source[name]
+            raise AttributeError(name)
+        return getattr(self._source, name)
