@@ -70,22 +70,14 @@ def sqs_cloud(model: str, engine: str, cpus: Sequence[int] | None, threads: int,
         stop_process(proc)
 
 
-def sqs_generate(address: str, engine, prompt: str, *, draft_len, max_new_tokens: int, temperature: float,
-                 seed: int):
-    """One generation through our edge library path: (wall ms, GenerationResult). draft_len 0 is
-    plain target decoding (cloud-only); "auto" plans each round (K-SQS)."""
-    from edge.client import ClientConfig, CloudClient
-    from edge.drafter import DraftConfig, Drafter
-    from edge.generate import generate
-    from edge.options import options_from
-
-    opts = options_from({"sparsifier": "topk", "draft_len": draft_len, "temperature": temperature, "seed": seed,
-                         "max_new_tokens": max_new_tokens})
-    drafter = Drafter(engine.new_lm(), DraftConfig.from_options(opts, engine.vocab_size), engine.eos_token_ids)
-    ids = list(engine.tokenizer.encode(prompt))
+def sqs_generate(runtime, prompt: str, *, draft_len, max_new_tokens: int, temperature: float, seed: int):
+    """One generation through our edge runtime: (wall ms, GenerationResult). draft_len 0 is plain
+    target decoding (cloud-only); "auto" plans each round (K-SQS)."""
+    config = runtime.draft_config({"sparsifier": "topk", "draft_len": draft_len, "temperature": temperature,
+                                   "seed": seed, "max_new_tokens": max_new_tokens})
+    ids = runtime.encode(prompt)
     t0 = time.perf_counter()
-    with CloudClient(ClientConfig(address)) as client:
-        g = generate(ids, drafter, client, max_new_tokens=max_new_tokens, vocab_fingerprint=engine.fingerprint)
+    g = runtime.generate(ids, config, max_new_tokens=max_new_tokens)
     return (time.perf_counter() - t0) * 1e3, g
 
 
@@ -170,19 +162,21 @@ def _llama_rows(cfg: BenchConfig, name: str, draft: str | None, progress) -> lis
 
 
 def _sqs_rows(cfg: BenchConfig, wanted: Sequence[str], progress) -> list[Row]:
-    from sqs_models.engines import load_engine
+    from edge.client import ClientConfig
+    from edge.runtime import DraftSpec, EdgeRuntime
 
-    engine = load_engine(cfg.draft, "draft", threads=len(cfg.edge_cpus))
+    draft = EdgeRuntime.load(DraftSpec(cfg.draft, threads=len(cfg.edge_cpus)))
     rows = []
     with sqs_cloud(cfg.target, cfg.engine, cfg.server_cpus, cfg.threads) as address:
+        runtime = draft.with_cloud(ClientConfig(address))
         for name in wanted:
             draft_len = 0 if name == "sqs-cloud" else cfg.draft_len
             for temperature in cfg.temperatures:
-                sqs_generate(address, engine, cfg.prompts[0], draft_len=draft_len, max_new_tokens=cfg.max_new_tokens,
+                sqs_generate(runtime, cfg.prompts[0], draft_len=draft_len, max_new_tokens=cfg.max_new_tokens,
                              temperature=temperature, seed=cfg.seed)  # warm-up
                 row = Row(name, temperature)
                 for i, prompt in enumerate(cfg.prompts):
-                    ms, g = sqs_generate(address, engine, prompt, draft_len=draft_len,
+                    ms, g = sqs_generate(runtime, prompt, draft_len=draft_len,
                                          max_new_tokens=cfg.max_new_tokens, temperature=temperature, seed=cfg.seed + i)
                     row.samples.append(Sample(ms, g.stats.generated, g.stats.drafted, g.stats.accepted))
                     progress()

@@ -53,25 +53,36 @@ Connect = Callable[[threading.Event | None], Cloud]
 
 
 class EdgeRuntime:
-    def __init__(self, engine: Any, client: ClientConfig, *, metrics: Metrics | None = None,
+    def __init__(self, engine: Any, client: ClientConfig | None, *, metrics: Metrics | None = None,
                  connect: Connect | None = None) -> None:
         """engine: a loaded sqs_models.engines.Engine (new_lm, tokenizer, vocab_size,
-        eos_token_ids, fingerprint); client: how to reach the cloud; metrics: observed per round."""
+        eos_token_ids, fingerprint); client: how to reach the cloud (None: not known yet, see
+        with_cloud; such a runtime encodes and configures but cannot run); metrics: observed per round."""
         self.engine = engine
         self.client_config = client
         self.metrics = metrics
-        self._connect = connect or (lambda cancel: CloudClient(self.client_config, cancel=cancel))
+        self._connect = connect or self._cloud_client
         self._active = 0  # generations running (the sessions gauge)
         self._lock = threading.Lock()
 
+    def _cloud_client(self, cancel: threading.Event | None) -> CloudClient:
+        if self.client_config is None:
+            raise RuntimeError("this edge runtime has no cloud yet (EdgeRuntime.with_cloud)")
+        return CloudClient(self.client_config, cancel=cancel)
+
     @classmethod
-    def load(cls, spec: DraftSpec, client: ClientConfig, *, metrics: Metrics | None = None) -> "EdgeRuntime":
+    def load(cls, spec: DraftSpec, client: ClientConfig | None = None, *,
+             metrics: Metrics | None = None) -> "EdgeRuntime":
         """Load the draft engine of `spec`. Raises ModelNotInstalled / EngineUnavailable / ValueError
         (one line each) for a model or engine that cannot run here."""
         from sqs_models.engines import load_engine
 
         engine = load_engine(spec.model, "draft", engine=spec.engine, dtype=spec.dtype, threads=spec.threads)
         return cls(engine, client, metrics=metrics)
+
+    def with_cloud(self, client: ClientConfig) -> "EdgeRuntime":
+        """The same engine and metrics, reaching the cloud through `client`."""
+        return EdgeRuntime(self.engine, client, metrics=self.metrics)
 
     def wrapped(self, around: Callable[[Cloud], Cloud]) -> "EdgeRuntime":
         """The same engine and metrics, each session's client wrapped (bench/link_model.py)."""
@@ -106,9 +117,12 @@ class EdgeRuntime:
 
     # -- generations --------------------------------------------------------------------------
     def start(self, prompt_ids: Sequence[int], config: DraftConfig, *, max_new_tokens: int,
-              cancel: threading.Event | None = None) -> "EdgeGeneration":
-        """A generation to iterate round by round (nothing runs before the first next())."""
-        return EdgeGeneration(self, list(prompt_ids), config, max_new_tokens, cancel)
+              cancel: threading.Event | None = None, lm: Any = None) -> "EdgeGeneration":
+        """A generation to iterate round by round (nothing runs before the first next()).
+
+        lm: a draft LM (engine.new_lm()) to reuse, e.g. one per load-test client: its KV cache
+        follows whatever context it is given; default a new one for this generation."""
+        return EdgeGeneration(self, list(prompt_ids), config, max_new_tokens, cancel, lm)
 
     def generate(self, prompt_ids: Sequence[int], config: DraftConfig, *, max_new_tokens: int,
                  cancel: threading.Event | None = None) -> GenerationResult:
@@ -132,14 +146,14 @@ class EdgeGeneration:
     or is closed (`close()`, or the iterator garbage-collected)."""
 
     def __init__(self, runtime: EdgeRuntime, prompt_ids: list[int], config: DraftConfig, max_new_tokens: int,
-                 cancel: threading.Event | None) -> None:
+                 cancel: threading.Event | None, lm: Any = None) -> None:
         self.runtime = runtime
         self.prompt_ids = prompt_ids
         self.config = config
         self.max_new_tokens = max_new_tokens
         self.cancel = cancel
         e = runtime.engine
-        self.drafter = Drafter(e.new_lm(), config, e.eos_token_ids)
+        self.drafter = Drafter(lm if lm is not None else e.new_lm(), config, e.eos_token_ids)
         self.result: GenerationResult | None = None
         self._rounds: Iterator[RoundOutput] | None = None
 

@@ -44,10 +44,6 @@ __all__ = ["DEFAULT_PROMPTS", "LoadTestConfig", "check_loopback", "CSV_FIELDS", 
 log = logging.getLogger("sqs.loadtest")
 
 
-class _Interrupted(Exception):
-    pass
-
-
 class _SeedSource:
     """Seeds seed, seed + 1, ... handed out once each across the whole run."""
 
@@ -64,12 +60,11 @@ class _SeedSource:
 
 @dataclass
 class _Shared:
-    """What every client of the run shares: the draft model, prompts, edge config, cloud address."""
+    """What every client of the run shares: the edge runtime (draft engine + cloud), prompts, config."""
 
-    model: object  # sqs_models LoadedModel
+    runtime: object  # edge.runtime.EdgeRuntime
     prompt_ids: list[list[int]]
     draft_config: object  # edge.drafter.DraftConfig
-    client_config: object  # edge.client.ClientConfig
     seeds: _SeedSource
     stop: threading.Event
 
@@ -78,31 +73,24 @@ def _one_request(sh: _Shared, lv: Level, lm, client: int, ticket: int, prompt_in
     """One generation; a record (failed ones included), or None when cancelled by an interrupt."""
     import grpc
 
-    from edge.client import CloudClient, CloudError
-    from edge.drafter import Drafter
-    from edge.generate import generate
+    from edge.client import CloudError
 
     seed = sh.seeds.take()
-    m = sh.model
-    drafter = Drafter(lm, dataclasses.replace(sh.draft_config, seed=seed), m.eos_token_ids)
     base = lv.t0 if lv.t0 is not None else time.perf_counter()
-    first: list[float] = []
-
-    def on_tokens(new: list[int]) -> None:
-        if new and not first:
-            first.append(time.perf_counter())
-        if sh.stop.is_set():
-            raise _Interrupted()
-
+    first: float | None = None
     t0 = time.perf_counter()
     status, error, result = "OK", "", None
+    generation = sh.runtime.start(sh.prompt_ids[prompt_index], dataclasses.replace(sh.draft_config, seed=seed),
+                                  max_new_tokens=lv.config.max_new_tokens, lm=lm)
     try:
-        with CloudClient(sh.client_config) as cc:
-            result = generate(sh.prompt_ids[prompt_index], drafter, cc, max_new_tokens=lv.config.max_new_tokens,
-                              vocab_fingerprint=m.fingerprint, on_tokens=on_tokens)
-            t1 = time.perf_counter()
-    except _Interrupted:
-        return None
+        for r in generation:
+            if r.tokens and first is None:
+                first = time.perf_counter()
+            if sh.stop.is_set():
+                generation.close()  # closes the cloud session
+                return None
+        result = generation.result
+        t1 = time.perf_counter()
     except CloudError as exc:
         status, error = (exc.code.name if exc.code is not None else "UNKNOWN"), str(exc)
     except grpc.RpcError as exc:  # not expected (the client wraps them), counted all the same
@@ -117,7 +105,7 @@ def _one_request(sh: _Shared, lv: Level, lm, client: int, ticket: int, prompt_in
     rec = RequestRecord(
         clients=lv.n, client=client, request=ticket, seed=seed, prompt_index=prompt_index, status=status,
         start_s=t0 - base, end_s=t1 - base, latency_ms=(t1 - t0) * 1e3,
-        ttft_ms=(first[0] - t0) * 1e3 if first else None, error=error.splitlines()[0] if error else "",
+        ttft_ms=(first - t0) * 1e3 if first is not None else None, error=error.splitlines()[0] if error else "",
     )
     if result is not None:
         s = result.stats
@@ -132,7 +120,7 @@ def _client_loop(sh: _Shared, lv: Level, client: int, barrier: threading.Barrier
     cfg = lv.config
     lm = None
     try:
-        lm = sh.model.new_lm()  # this client's own KV cache
+        lm = sh.runtime.engine.new_lm()  # this client's own KV cache
         for j in range(cfg.warmup):
             if sh.stop.is_set() or time.perf_counter() - level_t0 > cfg.duration_s:
                 break
@@ -179,18 +167,17 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
     handled the same way; the report then has interrupted=True and the levels run so far).
     """
     from edge.client import ClientConfig
-    from edge.drafter import DraftConfig
-    from sqs_models.engines import load_engine
+    from edge.runtime import DraftSpec, EdgeRuntime
 
     config.validate()
     stop = stop or threading.Event()
     started = time.time()
     # The draft behind --engine as sqs-edge loads it (llama.cpp where installed with a GGUF).
-    model = load_engine(config.draft_model, "draft", engine=config.engine, dtype=config.dtype)
-    prompt_ids = [list(model.tokenizer.encode(p)) for p in config.prompts]
-    if any(not ids for ids in prompt_ids):
-        raise ValueError("a prompt encodes to no tokens")
-    draft_config = DraftConfig.from_options(config, model.vocab_size)
+    # The cloud's address is known below (an in-process cloud starts after the draft loads): with_cloud.
+    runtime = EdgeRuntime.load(DraftSpec(config.draft_model, engine=config.engine, dtype=config.dtype))
+    model = runtime.engine
+    prompt_ids = [runtime.encode(p) for p in config.prompts]  # ValueError: a prompt encodes to no tokens
+    draft_config = runtime.draft_config(config)
     cloud = None
     if config.cloud is None:
         from cloud.inprocess import LocalCloud
@@ -208,7 +195,7 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
     client_config = ClientConfig(address, round_timeout_s=config.round_timeout_s,
                                  connect_timeout_s=config.connect_timeout_s, retries=config.retries,
                                  backoff_s=0.1, meter=config.meter)
-    sh = _Shared(model, prompt_ids, draft_config, client_config, _SeedSource(config.seed), stop)
+    sh = _Shared(runtime.with_cloud(client_config), prompt_ids, draft_config, _SeedSource(config.seed), stop)
     try:
         for n in config.clients:
             if stop.is_set():
