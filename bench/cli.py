@@ -17,7 +17,7 @@ import sys
 
 from bench.engines import ENGINE_SPECS
 from common.lm import ENGINES
-from edge.cli import int_or_auto
+from edge.options import int_or_auto
 
 
 def _parse_scheme(spec: str) -> dict:

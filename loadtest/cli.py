@@ -38,7 +38,7 @@ from loadtest.runner import DEFAULT_PROMPTS, LoadTestConfig, check_loopback
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge.cli import add_generation_args
+    from edge.options import add_generation_args
 
     ap = argparse.ArgumentParser(
         prog="sqs-loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
