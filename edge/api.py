@@ -216,7 +216,8 @@ class EdgeService:
         cloud = self.config.cloud
         ok, detail = await asyncio.get_running_loop().run_in_executor(None, cloud_probe, cloud, 1.5)
         body = {"status": "ok" if ok else "unavailable", "cloud": cloud, "cloud_status": detail,
-                "draft_model": self.config.draft_model, "model_loaded": self.runtime is not None}
+                "draft_model": self.config.draft_model, "model_loaded": self.runtime is not None,
+                "draft_engine": f"{self.runtime.engine.kind}: {self.runtime.engine.detail}" if self.runtime else None}
         return body, ok and self.runtime is not None
 
 
