@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # imported when serving only: `check` needs grpc alone
 
 def parse_args(argv: list[str] | None = None) -> CloudConfig:
     from cloud.server import CloudConfig
-    from cloud.verifier import VerifierConfig
+    from cloud.config import VerifierConfig
     from common.lm import ENGINES
     from common.logs import setup_logging
 

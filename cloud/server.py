@@ -12,14 +12,17 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from cloud.config import TargetInfo, VerifierConfig
 from cloud.servicer import VerifierServicer, add_to_server
-from cloud.verifier import TargetInfo, Verifier, VerifierConfig
+from cloud.verifier import Verifier
+from common.lm import LM
 from common.metrics import Metrics
 from common.service import SERVICE_NAME
 
@@ -53,6 +56,15 @@ def load_target(model: str, dtype: str | None = None, engine: str = "auto", thre
     log.info("target %s: %s", eng.name, eng.detail)
     info = TargetInfo(eng.name, eng.vocab_size, eng.fingerprint, tuple(eng.eos_token_ids))
     return info, eng.new_lm
+
+
+def time_target_passes(new_lm: Callable[[], LM], vocab_size: int, rows: Sequence[int]) -> dict[int, float]:
+    """Warm-cache forward time (ms, median) of a pass scoring r rows, for each r in `rows`, on a
+    scratch LM of the target: the table the edges plan with before any round has run (every
+    round refines it, cloud/verifier.py). Measured here, where the engine is loaded."""
+    from sqs_models.engines import time_passes
+
+    return time_passes(new_lm(), vocab_size, rows)
 
 
 @dataclass
@@ -135,7 +147,10 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     if config.calibrate:
-        table = await asyncio.get_running_loop().run_in_executor(executor, verifier.calibrate)
+        measured = await asyncio.get_running_loop().run_in_executor(
+            executor, time_target_passes, verifier.sessions.new_lm, verifier.target.vocab_size, vc.calibrate_rows)
+        verifier.record_passes(measured)
+        table = verifier.pass_table()
         log.info("forward pass ms by rows: %s", {r: round(ms, 1) for r, ms in table.items()})
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

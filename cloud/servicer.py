@@ -22,7 +22,8 @@ from typing import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from cloud.verifier import Refusal, RoundResult, SessionError, Verifier
+from cloud.sessions import Refusal, SessionError
+from cloud.verifier import RoundResult, Verifier
 from common import codec
 from common.metrics import Metrics
 from common.pb.v1 import sqs_pb2 as pb
