@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from cloud.sessions import Refusal, SessionError
 from cloud.verifier import RoundResult, Verifier
 from common import codec
-from common.metrics import Metrics
+from common.metrics import Metrics, RoundStats
 from common.pb.v1 import sqs_pb2 as pb
 from common.service import SERVICE, SERVICE_NAME
 
@@ -60,6 +60,13 @@ def _safe(message_type):
 
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _round_stats(result: RoundResult) -> RoundStats:
+    """What the cloud counts of a round it verified: the edge's drafts as received, its verify time."""
+    return RoundStats(drafted=result.drafted, accepted=result.accepted, payload_bytes=result.payload_bytes,
+                      formula_bits=result.formula_bits, latency_ms={"verify": result.verify_ms},
+                      plain=len(result.plain_tokens))
 
 
 class VerifierServicer:
@@ -121,11 +128,7 @@ class VerifierServicer:
             self.metrics.sessions.set(self.verifier.active_sessions)
             await self._abort(context, exc)
         if not result.replayed:  # a replayed verdict was counted when it was computed
-            self.metrics.observe_round(
-                result.scheme.value, drafted=result.drafted, accepted=result.accepted,
-                payload_bytes=result.payload_bytes, formula_bits=result.formula_bits,
-                latency_ms={"verify": result.verify_ms}, plain=len(result.plain_tokens),
-            )
+            self.metrics.observe(result.scheme.value, _round_stats(result))
         log.debug(
             "round session=%s drafted=%d accepted=%d verify_ms=%.1f replayed=%s",
             session_id, result.drafted, result.accepted, result.verify_ms, result.replayed,

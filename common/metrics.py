@@ -1,9 +1,16 @@
-"""Prometheus exporter for the plain statistics (common/stats.py, cloud RoundResult).
+"""Prometheus exporter: one round record in, every series out (as vLLM's spec-decode metrics).
 
-Series (label `sparsifier` only: never a session id or a prompt):
+Each side observes a round through one record and one call, `Metrics.observe(sparsifier,
+RoundStats)`: the cloud builds the record from its verdict (cloud/servicer.py), the edge from its
+RoundRecord (common/stats.py) through `observe_record`, which adds the edge's plan series.
+
+Series (label `sparsifier`, and `part` or `position` where named: never a session id or a prompt):
   sqs_batches_total, sqs_draft_tokens_total, sqs_accepted_tokens_total, sqs_resampled_tokens_total,
   sqs_bonus_tokens_total, sqs_generated_tokens_total, sqs_uplink_payload_bytes_total,
   sqs_uplink_wire_bytes_total, sqs_uplink_formula_bits_total   (counters)
+  sqs_drafted_by_position_total{position}, sqs_accepted_by_position_total{position}   (counters:
+      a round with L drafts of which T are accepted counts positions 1..L drafted, 1..T accepted;
+      positions past MAX_POSITION share the label "33+", so the label set stays bounded)
   sqs_batch_latency_seconds{part=draft|uplink|verify|downlink|total}   (histogram)
   sqs_conformal_threshold                                            (gauge)
   sqs_accepted_length (drafts accepted per round with drafts, as vLLM's)          (histogram)
@@ -13,6 +20,9 @@ Series (label `sparsifier` only: never a session id or a prompt):
 
 PromQL for a dashboard:
   acceptance:  sum(rate(sqs_accepted_tokens_total[1m])) / sum(rate(sqs_draft_tokens_total[1m]))
+  by position: sum by (position) (rate(sqs_accepted_by_position_total[5m]))
+               / sum by (position) (rate(sqs_drafted_by_position_total[5m]))
+               (the chance that draft j is accepted when it is sent: vLLM's per-position curve)
   resampling:  sum(rate(sqs_resampled_tokens_total[1m])) / sum(rate(sqs_batches_total[1m]))
   p95 by part: histogram_quantile(0.95, sum by (le, part) (rate(sqs_batch_latency_seconds_bucket[1m])))
   mean L:      sum(rate(sqs_plan_draft_len_sum[5m])) / sum(rate(sqs_plan_draft_len_count[5m]))
@@ -22,12 +32,43 @@ PromQL for a dashboard:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.stats import PARTS, RoundRecord, ends_in_resample
 
 # Milliseconds (loopback, tiny models) to seconds (1.5B target on 2 cores, narrow links).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MAX_POSITION = 32  # draft positions 1..32 are labelled one by one; later ones share one label
+_POSITIONS = tuple(str(j) for j in range(1, MAX_POSITION + 1))
+_LATER_POSITIONS = f"{MAX_POSITION + 1}+"
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One verified round as the exporter counts it, on either side (vLLM's SpecDecodingStats).
+
+    drafted: L, the drafts the batch carried; accepted: T <= L; plain: plain target steps after
+    the round's token; latency_ms: ms by part (common.stats.PARTS), only the parts this side
+    measured (the cloud: verify).
+    """
+
+    drafted: int
+    accepted: int
+    payload_bytes: int  # packed + raw bytes of the draft description
+    formula_bits: float
+    wire_bytes: int = 0  # uplink bytes on the connection (the edge measures them; 0 on the cloud)
+    latency_ms: Mapping[str, float] = field(default_factory=dict)
+    beta: float | None = None  # conformal threshold after the round (the edge's sparsifier state)
+    plain: int = 0
+
+    @classmethod
+    def of_record(cls, r: RoundRecord) -> RoundStats:
+        """The edge's full record of a round, as counted (every part of its latency)."""
+        return cls(r.drafted, r.accepted, r.payload_bytes, r.formula_bits, r.uplink_wire_bytes,
+                   {p: getattr(r, f"{p}_ms") for p in PARTS}, r.beta, r.plain)
 
 
 class Metrics:
@@ -46,6 +87,11 @@ class Metrics:
         self.latency = Histogram(
             "sqs_batch_latency_seconds", "Batch latency by part", lab + ["part"], buckets=LATENCY_BUCKETS_S, registry=r
         )
+        pos = lab + ["position"]
+        self.drafted_by_position = Counter("sqs_drafted_by_position", "Rounds that sent a draft at this position",
+                                           pos, registry=r)
+        self.accepted_by_position = Counter("sqs_accepted_by_position",
+                                            "Rounds whose draft at this position was accepted", pos, registry=r)
         self.threshold = Gauge("sqs_conformal_threshold", "Current C-SQS threshold beta", lab, registry=r)
         self.sessions = Gauge("sqs_active_sessions", "Open generation sessions", registry=r)
         self.accepted_length = Histogram("sqs_accepted_length", "Drafts accepted per round that carried drafts",
@@ -55,32 +101,43 @@ class Metrics:
         self.plan_error = Histogram("sqs_plan_time_error_ratio", "|measured - predicted| / measured round time",
                                     lab, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0), registry=r)
 
-    def observe_round(
-        self, sparsifier: str, *, drafted: int, accepted: int, payload_bytes: int, formula_bits: float,
-        wire_bytes: int = 0, latency_ms: dict[str, float] | None = None, beta: float | None = None,
-        plain: int = 0,
-    ) -> None:
+    def observe(self, sparsifier: str, s: RoundStats) -> None:
+        """Count one verified round (a replayed verdict is not a new round: do not observe it)."""
         self.batches.labels(sparsifier).inc()
-        self.drafted.labels(sparsifier).inc(drafted)
-        self.accepted.labels(sparsifier).inc(accepted)
-        (self.resampled if ends_in_resample(drafted, accepted) else self.bonus).labels(sparsifier).inc()
-        self.generated.labels(sparsifier).inc(accepted + 1 + plain)
-        if drafted:
-            self.accepted_length.labels(sparsifier).observe(accepted)
-        self.payload_bytes.labels(sparsifier).inc(payload_bytes)
-        self.wire_bytes.labels(sparsifier).inc(wire_bytes)
-        self.formula_bits.labels(sparsifier).inc(formula_bits)
-        for part, ms in (latency_ms or {}).items():
+        self.drafted.labels(sparsifier).inc(s.drafted)
+        self.accepted.labels(sparsifier).inc(s.accepted)
+        (self.resampled if ends_in_resample(s.drafted, s.accepted) else self.bonus).labels(sparsifier).inc()
+        self.generated.labels(sparsifier).inc(s.accepted + 1 + s.plain)
+        if s.drafted:
+            self.accepted_length.labels(sparsifier).observe(s.accepted)
+        self._count_positions(self.drafted_by_position, sparsifier, s.drafted)
+        self._count_positions(self.accepted_by_position, sparsifier, s.accepted)
+        self.payload_bytes.labels(sparsifier).inc(s.payload_bytes)
+        self.wire_bytes.labels(sparsifier).inc(s.wire_bytes)
+        self.formula_bits.labels(sparsifier).inc(s.formula_bits)
+        for part, ms in s.latency_ms.items():
             self.latency.labels(sparsifier, part).observe(ms / 1e3)
-        if beta is not None:
-            self.threshold.labels(sparsifier).set(beta)
+        if s.beta is not None:
+            self.threshold.labels(sparsifier).set(s.beta)
+
+    @staticmethod
+    def _count_positions(counter: Counter, sparsifier: str, n: int) -> None:
+        """Positions 1..n, one count each; those past MAX_POSITION on the shared label."""
+        for label in _POSITIONS[:n]:
+            counter.labels(sparsifier, label).inc()
+        if n > MAX_POSITION:
+            counter.labels(sparsifier, _LATER_POSITIONS).inc(n - MAX_POSITION)
+
+    def observe_round(self, sparsifier: str, **fields) -> None:
+        """observe() with RoundStats' fields as keywords (the form older callers use; latency_ms=None
+        as no parts)."""
+        if fields.get("latency_ms") is None:
+            fields.pop("latency_ms", None)
+        self.observe(sparsifier, RoundStats(**fields))
 
     def observe_record(self, sparsifier: str, r: RoundRecord) -> None:
-        self.observe_round(
-            sparsifier, drafted=r.drafted, accepted=r.accepted, payload_bytes=r.payload_bytes,
-            formula_bits=r.formula_bits, wire_bytes=r.uplink_wire_bytes,
-            latency_ms={p: getattr(r, f"{p}_ms") for p in PARTS}, beta=r.beta, plain=r.plain,
-        )
+        """The edge's round: observe() its counts, then the edge's plan series."""
+        self.observe(sparsifier, RoundStats.of_record(r))
         self.plan_len.labels(sparsifier).observe(r.drafted)
         if r.predicted_ms > 0 and r.total_ms > 0:
             self.plan_error.labels(sparsifier).observe(abs(r.total_ms - r.predicted_ms) / r.total_ms)

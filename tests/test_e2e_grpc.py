@@ -242,6 +242,9 @@ def test_cloud_metrics_match_the_edge_stats(cloud, run_generation):
     before = {n: g(n, lab) or 0.0 for n in ("sqs_batches_total", "sqs_draft_tokens_total", "sqs_accepted_tokens_total",
                                            "sqs_resampled_tokens_total", "sqs_uplink_payload_bytes_total",
                                            "sqs_uplink_formula_bits_total")}
+    by_position = lambda: {(n, j): g(f"sqs_{n}_by_position_total", {**lab, "position": str(j)}) or 0.0  # noqa: E731
+                           for n in ("drafted", "accepted") for j in range(1, 33)}
+    before_positions = by_position()
     res = run_generation(cloud.address, PROMPT, scheme="conformal", max_new_tokens=20, temperature=1.0, seed=5)
     s = res.stats
     assert g("sqs_batches_total", lab) - before["sqs_batches_total"] == s.rounds
@@ -252,6 +255,12 @@ def test_cloud_metrics_match_the_edge_stats(cloud, run_generation):
     # Both sides price a batch with common.batch_format.batch_bits: the cloud's count is the edge's.
     cloud_bits = g("sqs_uplink_formula_bits_total", lab) - before["sqs_uplink_formula_bits_total"]
     assert cloud_bits == pytest.approx(s.formula_bits, rel=1e-9)
+    # Acceptance by draft position: the cloud counts what the edge's records say, position by position.
+    after = by_position()
+    for j in range(1, 33):
+        assert after["drafted", j] - before_positions["drafted", j] == sum(r.drafted >= j for r in s.records), j
+        assert after["accepted", j] - before_positions["accepted", j] == sum(r.accepted >= j for r in s.records), j
+    assert sum(after["accepted", j] - before_positions["accepted", j] for j in range(1, 33)) == s.accepted > 0
 
 
 def test_sqs_cloud_process_serves_and_exports_metrics(free_port, run_generation):

@@ -15,9 +15,10 @@ from scipy import stats
 from cloud.verifier import SessionError, TargetInfo, Verifier, VerifierConfig
 from common import codec
 from common.logs import JsonFormatter
-from common.metrics import Metrics
+from common.metrics import MAX_POSITION, Metrics, RoundStats
 from common.rejection import target_probs
 from common.schemes import SchemeConfig, describe, draw
+from common.stats import PARTS, RoundRecord
 
 V = 6
 _rng = np.random.default_rng(42)
@@ -156,9 +157,9 @@ def test_bad_batch_closes_only_that_session():
 
 def test_metrics_exporter_counts_rounds():
     m = Metrics()
-    m.observe_round("topk", drafted=4, accepted=2, payload_bytes=30, formula_bits=200.0, wire_bytes=70,
-                    latency_ms={"verify": 12.0, "total": 40.0}, beta=0.02)
-    m.observe_round("topk", drafted=3, accepted=3, payload_bytes=20, formula_bits=150.0)
+    m.observe("topk", RoundStats(drafted=4, accepted=2, payload_bytes=30, formula_bits=200.0, wire_bytes=70,
+                                 latency_ms={"verify": 12.0, "total": 40.0}, beta=0.02))
+    m.observe("topk", RoundStats(drafted=3, accepted=3, payload_bytes=20, formula_bits=150.0))
     g = m.registry.get_sample_value
     assert g("sqs_batches_total", {"sparsifier": "topk"}) == 2
     assert g("sqs_draft_tokens_total", {"sparsifier": "topk"}) == 7
@@ -168,6 +169,46 @@ def test_metrics_exporter_counts_rounds():
     assert g("sqs_uplink_formula_bits_total", {"sparsifier": "topk"}) == 350.0
     assert g("sqs_batch_latency_seconds_count", {"sparsifier": "topk", "part": "verify"}) == 1
     assert g("sqs_conformal_threshold", {"sparsifier": "topk"}) == 0.02
+    drafted = {j: g("sqs_drafted_by_position_total", {"sparsifier": "topk", "position": str(j)}) for j in (1, 2, 3, 4)}
+    accepted = {j: g("sqs_accepted_by_position_total", {"sparsifier": "topk", "position": str(j)}) for j in (1, 2, 3)}
+    assert drafted == {1: 2, 2: 2, 3: 2, 4: 1} and accepted == {1: 2, 2: 2, 3: 1}
+    assert g("sqs_accepted_by_position_total", {"sparsifier": "topk", "position": "4"}) is None
+
+
+def test_metrics_positions_past_the_cap_share_one_label():
+    m = Metrics()
+    m.observe("topk", RoundStats(drafted=MAX_POSITION + 5, accepted=MAX_POSITION + 2, payload_bytes=1, formula_bits=1.0))
+    m.observe("topk", RoundStats(drafted=0, accepted=0, payload_bytes=0, formula_bits=0.0, plain=3))  # no positions
+    g = m.registry.get_sample_value
+    later = {"sparsifier": "topk", "position": f"{MAX_POSITION + 1}+"}
+    assert g("sqs_drafted_by_position_total", later) == 5 and g("sqs_accepted_by_position_total", later) == 2
+    assert g("sqs_drafted_by_position_total", {"sparsifier": "topk", "position": str(MAX_POSITION)}) == 1
+    positions = {s.labels["position"] for f in m.registry.collect() if f.name == "sqs_drafted_by_position"
+                 for s in f.samples if s.name.endswith("_total")}
+    assert len(positions) == MAX_POSITION + 1
+
+
+def samples(m: Metrics) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in m.registry.collect() for s in f.samples
+            if not s.name.endswith("_created")}
+
+
+def test_the_keyword_form_and_the_edge_record_count_as_the_record_does():
+    kw = dict(drafted=5, accepted=1, payload_bytes=33, formula_bits=210.0, wire_bytes=80,
+              latency_ms={p: 3.0 for p in PARTS}, beta=0.01, plain=0)
+    a, b = Metrics(), Metrics()
+    a.observe("conformal", RoundStats(**kw))
+    b.observe_round("conformal", **kw)
+    assert samples(a) == samples(b)
+    rec = RoundRecord(drafted=5, accepted=1, formula_bits=210.0, honest_bits=220.0, payload_bytes=33,
+                      message_bytes=40, uplink_wire_bytes=80, downlink_wire_bytes=20, draft_ms=3.0, uplink_ms=3.0,
+                      verify_ms=3.0, downlink_ms=3.0, total_ms=3.0, beta=0.01, predicted_ms=2.0)
+    c = Metrics()
+    c.observe_record("conformal", rec)
+    plan = {k: v for k, v in samples(c).items() if k[0].startswith("sqs_plan_")}
+    assert {k: v for k, v in samples(c).items() if k not in plan} == samples(a)
+    assert plan[("sqs_plan_draft_len_sum", (("sparsifier", "conformal"),))] == 5
+    assert plan[("sqs_plan_time_error_ratio_count", (("sparsifier", "conformal"),))] == 1
 
 
 def test_session_logs_are_json_with_session_id_and_no_prompt(caplog):
