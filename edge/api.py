@@ -19,26 +19,26 @@ closed. A request the cloud refuses at session open (its limits: prompt length, 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import grpc
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
 from common.metrics import Metrics
 from common.service import probe as cloud_probe
-from edge import options
+from edge import options, sse
 from edge.client import Cancelled, ClientConfig, CloudError
-from edge.generate import GenerationResult
+from edge.generate import GenerationResult, RoundOutput
 from edge.runtime import DraftSpec, EdgeGeneration, EdgeRuntime
 
 log = logging.getLogger("sqs.edge")
@@ -159,51 +159,66 @@ class EdgeService:
                 cancel.set()
         return self.response_of(await job)
 
-    async def events(self, req: GenerateRequest, cancel: threading.Event, is_disconnected) -> AsyncIterator[str]:
-        """Server-sent events: one `tokens` event per round, then `done` (or `error`). Each round
-        runs on the executor (next() of the generation); a client that goes away sets `cancel`,
-        which ends the round in flight within a poll interval and closes the cloud session."""
+    async def each_round(self, generation: EdgeGeneration, is_disconnected,
+                         step: Callable[[RoundOutput], Any] | None = None) -> AsyncIterator[Any]:
+        """step(r) for each round r of `generation` (default r itself), one round at a time: next()
+        and `step` run on the executor, never on the event loop. Raises Cancelled as soon as the HTTP
+        client is gone (polled every disconnect_poll_s, within a long round or an outage too), and
+        CloudError as the rounds raise it. However the iteration ends (done, error, client gone, a
+        consumer that stops reading: iterate under contextlib.aclosing), the generation's cancel is
+        set, which ends a round in flight, and the generation is closed off the event loop once no
+        round runs, which closes its cloud session."""
         loop = asyncio.get_running_loop()
-        rounds = None
+        rounds = iter(generation)
+        end = object()
+
+        def work():
+            r = next(rounds, end)
+            return r if r is end or step is None else step(r)
+
         pending = None
         try:
-            generation = self.start(req, cancel)
-            rounds = iter(generation)
-            text = self.runtime.text_stream()
             while True:
-                pending = loop.run_in_executor(self.executor, next, rounds, None)
+                pending = loop.run_in_executor(self.executor, work)
                 while not (await asyncio.wait({pending}, timeout=self.config.disconnect_poll_s))[0]:
                     if await is_disconnected():  # no round finished yet (a long round, an outage)
-                        cancel.set()
-                        return
-                r = pending.result()
+                        raise Cancelled("the HTTP client went away")
+                out = pending.result()
                 pending = None
                 if await is_disconnected():
-                    cancel.set()
+                    raise Cancelled("the HTTP client went away")
+                if out is end:
                     return
-                if r is None:
-                    yield _event("done", self.response_of(generation.result))
-                    return
-                yield _event("tokens", {"token_ids": r.tokens, "text": text.push(r.tokens)})
+                yield out
+        finally:
+            if generation.cancel is not None:
+                generation.cancel.set()
+            if pending is None:
+                self._submit(generation.close)
+            else:  # once the round in flight ends (its outcome, Cancelled most likely, is nobody's now)
+                pending.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._submit(generation.close)))
+
+    async def events(self, req: GenerateRequest, cancel: threading.Event, is_disconnected) -> AsyncIterator[str]:
+        """Server-sent events: one `tokens` event per round, then `done` (or `error`); the rounds run
+        as each_round runs them (a client that goes away ends the generation and its cloud session)."""
+        try:
+            generation = self.start(req, cancel)
+            text = self.runtime.text_stream()
+            async with aclosing(self.each_round(generation, is_disconnected)) as rounds:
+                async for r in rounds:
+                    yield sse.event({"token_ids": r.tokens, "text": text.push(r.tokens)}, "tokens")
+            yield sse.event(self.response_of(generation.result), "done")
         except Cancelled:
             log.info("HTTP client went away; streamed generation cancelled")
         except CloudError as exc:
-            yield _event("error", {"status": _http_status(exc), "detail": str(exc)})
+            yield sse.event({"status": _http_status(exc), "detail": str(exc)}, "error")
         except HTTPException as exc:
-            yield _event("error", {"status": exc.status_code, "detail": exc.detail})
+            yield sse.event({"status": exc.status_code, "detail": exc.detail}, "error")
         except Exception as exc:  # the stream must end with an event, never hang
             log.exception("stream generation failed")
-            yield _event("error", {"status": 500, "detail": str(exc)})
+            yield sse.event({"status": 500, "detail": str(exc)}, "error")
         finally:
             cancel.set()
-            if rounds is not None:
-                # End the generation (which closes its cloud session) off the event loop, once no
-                # round runs: a round in flight ends on `cancel` within a poll interval.
-                close = lambda *_: self._submit(rounds.close)  # noqa: E731
-                if pending is None or pending.done():
-                    close()
-                else:
-                    pending.add_done_callback(close)
 
     def _submit(self, fn) -> None:
         try:
@@ -219,10 +234,6 @@ class EdgeService:
                 "draft_model": self.config.draft_model, "model_loaded": self.runtime is not None,
                 "draft_engine": f"{self.runtime.engine.kind}: {self.runtime.engine.detail}" if self.runtime else None}
         return body, ok and self.runtime is not None
-
-
-def _event(kind: str, data: dict) -> str:
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
 def create_app(config: EdgeServerConfig, engine=None) -> FastAPI:
@@ -249,8 +260,7 @@ def create_app(config: EdgeServerConfig, engine=None) -> FastAPI:
     @app.post("/v1/generate/stream")
     async def generate_stream(req: GenerateRequest, request: Request):
         cancel = threading.Event()
-        events = service.events(req, cancel, request.is_disconnected)
-        return _CancellingStream(cancel, events, media_type="text/event-stream")
+        return sse.EndingStream(cancel.set, service.events(req, cancel, request.is_disconnected))
 
     @app.get("/healthz")
     async def healthz():
@@ -276,21 +286,6 @@ def create_app(config: EdgeServerConfig, engine=None) -> FastAPI:
     app.state.metrics = service.metrics
     app.state.service = service
     return app
-
-
-class _CancellingStream(StreamingResponse):
-    """A streaming response that cancels its generation however the response ends (a failed send
-    to a client that went away included)."""
-
-    def __init__(self, cancel: threading.Event, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._cancel = cancel
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._cancel.set()
 
 
 def _http_status(exc: CloudError) -> int:
