@@ -2,6 +2,8 @@
 
   POST /v1/generate          JSON in, JSON out: text, token_ids and the stats of `sqs-edge generate --json`
   POST /v1/generate/stream   the same, as server-sent events: one `tokens` event per round, then `done`
+  GET  /v1/models, POST /v1/completions, POST /v1/chat/completions
+                             OpenAI-compatible (edge/openai_api.py), stream or not
   GET  /healthz              200 when the cloud answers its health check, 503 otherwise
   GET  /metrics              Prometheus (common/metrics.py)
   GET  /docs, /openapi.json  OpenAPI
@@ -24,7 +26,7 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import grpc
@@ -36,7 +38,7 @@ from pydantic import BaseModel, Field, create_model
 
 from common.metrics import Metrics
 from common.service import probe as cloud_probe
-from edge import options, sse
+from edge import openai_api, options, sse
 from edge.client import Cancelled, ClientConfig, CloudError
 from edge.generate import GenerationResult, RoundOutput
 from edge.runtime import DraftSpec, EdgeGeneration, EdgeRuntime
@@ -60,6 +62,9 @@ class EdgeServerConfig:
     retries: int | None = None  # optional cap on the retries of one round (ClientConfig.retries)
     disconnect_poll_s: float = 0.25  # how often a running request checks that its HTTP client is still there
     draft_len: int | str = "auto"  # for requests that name none: "auto" (planned per round), N, or 0
+    api_key: str | None = field(default=None, repr=False)  # set: every /v1/* route needs Authorization: Bearer <key>
+    served_model_name: str | None = None  # the model id of the OpenAI routes; default the draft model's name
+    max_generations: int = 32  # OpenAI requests generating at once; beyond it 503 with Retry-After
 
     def draft_spec(self) -> DraftSpec:
         return DraftSpec(self.draft_model, engine=self.engine, dtype=self.dtype)
@@ -283,6 +288,7 @@ def create_app(config: EdgeServerConfig, engine=None) -> FastAPI:
                    "input": repr(e.get("input"))} for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
 
+    openai_api.register(app, service, _http_status)
     app.state.metrics = service.metrics
     app.state.service = service
     return app
