@@ -85,6 +85,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             cloud=a.cloud, draft_model=a.draft_model, engine=a.engine, dtype=a.dtype, host=a.host, port=a.port,
             max_concurrency=a.max_concurrency, draft_len=a.draft_len, transport=a.transport,
             connect_wait_s=a.wait_for_cloud, outage_window_s=a.outage_window,
+            api_key=a.api_key or None, served_model_name=a.served_model_name, max_generations=a.max_generations,
         )
     except ValueError as exc:
         return _fail(str(exc))
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--prompt", required=True)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     options.add_generation_args(g)
-    sv = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, /healthz, /metrics, /docs)")
+    sv = sub.add_parser("serve", help="serve the HTTP API (POST /v1/generate, the OpenAI-compatible "
+                        "/v1/models, /v1/completions, /v1/chat/completions, /healthz, /metrics, /docs)")
     env = os.environ.get
     options.add_runtime_args(sv)
     sv.add_argument("--host", default=env("SQS_EDGE_HOST", "0.0.0.0"))
@@ -114,6 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     sv.add_argument("--max-concurrency", type=int, default=int(env("SQS_EDGE_CONCURRENCY", "4")))
     sv.add_argument("--draft-len", type=options.int_or_auto, default=env("SQS_DRAFT_LEN", "auto"),
                     help="draft length for requests that name none: auto (planned per round), N, or 0")
+    sv.add_argument("--api-key", default=env("SQS_API_KEY"),
+                    help="every /v1/* route then needs 'Authorization: Bearer KEY' (prefer the SQS_API_KEY variable: "
+                         "arguments show in ps)")
+    sv.add_argument("--served-model-name", default=env("SQS_SERVED_MODEL_NAME"),
+                    help="model id of the OpenAI routes (default: the draft model's name)")
+    sv.add_argument("--max-generations", type=int, default=int(env("SQS_EDGE_MAX_GENERATIONS", "32")),
+                    help="OpenAI requests generating at once; more get 503 with Retry-After")
     a = ap.parse_args(argv)
     setup_logging(a.log_level, a.log_format)
     sys.exit(cmd_serve(a) if a.cmd == "serve" else cmd_generate(a))

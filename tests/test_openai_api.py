@@ -291,6 +291,21 @@ def test_an_api_key_guards_every_v1_route(cloud, draft_engine):
         http.stop()
 
 
+def test_serve_takes_the_key_the_model_name_and_the_limit(monkeypatch):
+    import edge.api
+    from edge import cli
+
+    seen = {}
+    monkeypatch.setattr(edge.api, "serve", lambda config: seen.setdefault("config", config))
+    monkeypatch.setenv("SQS_API_KEY", "from-env")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--served-model-name", "pair", "--max-generations", "3"])
+    assert e.value.code == 0
+    c = seen["config"]
+    assert (c.api_key, c.served_model_name, c.max_generations) == ("from-env", "pair", 3)
+    assert "from-env" not in repr(c)  # the key stays out of logs
+
+
 def test_top_p_through_the_http_route_keeps_the_target_distribution(client, draft_model):
     """The first token of completions at T = 1, top_p = 0.6 (drafts speculated and verified) is
     distributed as the target's top-p distribution: chi-square p > 1e-3 over 240 seeds."""
@@ -328,10 +343,11 @@ def test_chat_with_the_qwen_pair_uses_its_template_and_ends_the_turn():
     from cloud.inprocess import LocalCloud
     from sqs_models.engines import load_engine
 
-    engine = load_engine(draft, "draft", engine="torch")
+    # torch on both sides (llama.cpp is another test's subject), bf16: no dtype probe at load
+    engine = load_engine(draft, "draft", engine="torch", dtype="bfloat16")
     messages = [{"role": "system", "content": "You answer with one word."},
                 {"role": "user", "content": "Is water wet? Answer yes or no."}]
-    with LocalCloud(target) as cloud:
+    with LocalCloud(target, engine="torch", dtype="bfloat16") as cloud:
         http = HttpServer(create_app(EdgeServerConfig(cloud=cloud.address), engine=engine))
         try:
             c = openai.OpenAI(base_url=f"http://127.0.0.1:{http.port}/v1", api_key="x", max_retries=0)
