@@ -190,6 +190,7 @@ class CloudClient:
         self._stream: _Stream | None = None
         self._cancel = cancel or threading.Event()
         self.session_id = ""
+        self._closed = False
         self.reopens = 0
         self.resends = 0  # batches sent again after a lost verdict or a broken stream
 
@@ -340,6 +341,10 @@ class CloudClient:
             self._stream = None
 
     def close(self) -> None:
+        """Close the cloud session and the channel; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self.session_id:
             try:
                 self._stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=2)
