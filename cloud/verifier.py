@@ -276,7 +276,6 @@ class Verifier:
         """Counters of the shared passes (None with cross-session batching off)."""
         return None if self._batcher is None else self._batcher.stats()
 
-    batch_stats = pass_stats  # the former name; loadtest/runner.py and tests/test_batching_e2e.py still call it
 
 
 @dataclass(frozen=True)

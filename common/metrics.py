@@ -128,13 +128,6 @@ class Metrics:
         if n > MAX_POSITION:
             counter.labels(sparsifier, _LATER_POSITIONS).inc(n - MAX_POSITION)
 
-    def observe_round(self, sparsifier: str, **fields) -> None:
-        """observe() with RoundStats' fields as keywords (the form older callers use; latency_ms=None
-        as no parts)."""
-        if fields.get("latency_ms") is None:
-            fields.pop("latency_ms", None)
-        self.observe(sparsifier, RoundStats(**fields))
-
     def observe_record(self, sparsifier: str, r: RoundRecord) -> None:
         """The edge's round: observe() its counts, then the edge's plan series."""
         self.observe(sparsifier, RoundStats.of_record(r))

@@ -150,7 +150,7 @@ def _client_loop(sh: _Shared, lv: Level, client: int, barrier: threading.Barrier
 
 
 def _batching_delta(before, after) -> dict:
-    """The in-process cloud's batched passes between two BatchStats snapshots."""
+    """The in-process cloud's batched passes between two PassStats snapshots."""
     passes, items = after.passes - before.passes, after.items - before.items
     sizes = {k: v - before.by_items.get(k, 0) for k, v in after.by_items.items() if v > before.by_items.get(k, 0)}
     return {"passes": passes, "rounds": items, "rows": after.rows - before.rows,
@@ -200,11 +200,11 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
         for n in config.clients:
             if stop.is_set():
                 break
-            before = cloud.running.verifier.batch_stats() if cloud is not None else None
+            before = cloud.running.verifier.pass_stats() if cloud is not None else None
             lv = run_level(sh, config, n, progress_file, _client_loop)
             if lv.target_model and not report.target_model:
                 report.target_model = lv.target_model
-            batching = _batching_delta(before, cloud.running.verifier.batch_stats()) if before is not None else None
+            batching = _batching_delta(before, cloud.running.verifier.pass_stats()) if before is not None else None
             report.levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by,
                                              batching))
         if config.llama_server and not stop.is_set():

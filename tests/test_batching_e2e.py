@@ -27,9 +27,9 @@ def generate_all(cloud: LocalCloud, run_generation, temperature: float = 0.0) ->
 def test_batched_cloud_gives_every_edge_the_unbatched_tokens(run_generation):
     with LocalCloud("tiny", batch_window_ms=50, calibrate=False) as on:
         batched = generate_all(on, run_generation)
-        stats = on.running.verifier.batch_stats()
+        stats = on.running.verifier.pass_stats()
     with LocalCloud("tiny", batch_window_ms=0, calibrate=False) as off:
-        assert off.running.verifier.batch_stats() is None
+        assert off.running.verifier.pass_stats() is None
         assert off.running.round_executor is None
         plain = generate_all(off, run_generation)
     assert batched == plain

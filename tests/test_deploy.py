@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.metrics import Metrics
+from common.metrics import Metrics, RoundStats
 from common.stats import PARTS
 from tests.conftest import require_tool
 
@@ -64,8 +64,8 @@ def exported_metric_names() -> tuple[set[str], set[str]]:
     # A labelled series exists once its child is created: one round ending in a resample and one
     # fully accepted round (bonus token) create them all.
     for accepted in (2, 4):
-        m.observe_round("conformal", drafted=4, accepted=accepted, payload_bytes=40, formula_bits=300.0,
-                        wire_bytes=90, latency_ms={p: 1.0 for p in PARTS}, beta=0.01)
+        m.observe("conformal", RoundStats(drafted=4, accepted=accepted, payload_bytes=40, formula_bits=300.0,
+                                          wire_bytes=90, latency_ms={p: 1.0 for p in PARTS}, beta=0.01))
     samples, histograms = set(), set()
     for family in m.registry.collect():
         if family.type == "histogram":
