@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from edge.api import EdgeServerConfig, create_app
-from edge.openai_api import StopText
+from edge.stop_text import StopText
 from tests.survive_tools import wait_until
 from tests.test_api_survive import HttpServer
 
