@@ -40,6 +40,7 @@ from common import codec
 from common.pb.v1 import sqs_pb2 as pb
 from common.pb.v1 import sqs_pb2_grpc
 from common.service import probe
+from edge.routing import RouteKeyInterceptor, new_route_key
 from edge.wire_meter import ByteCountingRelay
 
 log = logging.getLogger("sqs.edge")
@@ -186,6 +187,10 @@ class CloudClient:
                 ("grpc.http2.bdp_probe", 0),
             ],
         )
+        # Every RPC of this generation carries its routing key (edge/routing.py): a proxy in front of
+        # several clouds keeps them on one replica.
+        self.route_key = new_route_key()
+        self._channel = grpc.intercept_channel(self._channel, RouteKeyInterceptor(self.route_key))
         self._stub = sqs_pb2_grpc.VerifierStub(self._channel)
         self._stream: _Stream | None = None
         self._cancel = cancel or threading.Event()
