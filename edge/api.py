@@ -212,6 +212,8 @@ class EdgeService:
             async with aclosing(self.each_round(generation, is_disconnected)) as rounds:
                 async for r in rounds:
                     yield sse.event({"token_ids": r.tokens, "text": text.push(r.tokens)}, "tokens")
+            if rest := text.flush():  # a character the last tokens left open
+                yield sse.event({"token_ids": [], "text": rest}, "tokens")
             yield sse.event(self.response_of(generation.result), "done")
         except Cancelled:
             log.info("HTTP client went away; streamed generation cancelled")

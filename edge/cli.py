@@ -41,6 +41,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             if not a.json:
                 sys.stdout.write(text.push(r.tokens))
                 sys.stdout.flush()
+        if not a.json:
+            sys.stdout.write(text.flush())
     except CloudError as exc:
         return _fail(str(exc))
     result = generation.result

@@ -386,7 +386,7 @@ class OpenAIRoutes:
         if len(stop) > 16:
             raise OpenAIError(400, f"stop: at most 16 stop strings, got {len(stop)}", param="stop", code="invalid_value")
         ids = set(rt.engine.eos_token_ids) | stop_ids | set(req.stop_token_ids or ())
-        return _Job(self.service, prompt_ids, config, max_tokens, StopText(rt.decode, stop, sorted(ids)))
+        return _Job(self.service, prompt_ids, config, max_tokens, rt.text_stream(stop, sorted(ids)))
 
     def completion_prompt(self, prompt: Any) -> list[int]:
         rt = self.service.runtime

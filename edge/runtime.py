@@ -23,6 +23,7 @@ from common.metrics import Metrics
 from edge.client import ClientConfig, CloudClient
 from edge.drafter import DraftConfig, Drafter
 from edge.generate import Cloud, Generation, GenerationResult, RoundOutput
+from edge.stop_text import StopText
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,10 @@ class EdgeRuntime:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.engine.tokenizer.decode(list(token_ids))
 
-    def text_stream(self) -> "TextStream":
-        return TextStream(self.engine.tokenizer)
+    def text_stream(self, stop: Sequence[str] = (), stop_ids: Sequence[int] = ()) -> StopText:
+        """Incremental detokenization of a generation's tokens (push per round, flush at the end),
+        optionally cut at stop strings / stop tokens (edge/stop_text.py)."""
+        return StopText(self.decode, stop, stop_ids)
 
     def draft_config(self, source: Any, **overrides: Any) -> DraftConfig:
         """DraftConfig from generation options (edge/options.py names) held by an argparse
@@ -185,22 +188,6 @@ class EdgeGeneration:
             if close is not None:
                 close()  # closes the cloud session
             rt._count_active(-1)
-
-
-class TextStream:
-    """Incremental detokenization: the text a round adds, decoding the whole output each time (a
-    token can complete a multi-byte character that the previous ones left open)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._text = ""
-
-    def push(self, token_ids: Sequence[int]) -> str:
-        self._ids.extend(token_ids)
-        text = self._tokenizer.decode(self._ids)
-        delta, self._text = text[len(self._text):], text
-        return delta
 
 
 class _Overlay:
