@@ -45,17 +45,18 @@ class CloudConfig:
     verifier: VerifierConfig = VerifierConfig()
 
 
-def load_target(model: str, dtype: str | None = None, engine: str = "auto", threads: int = 0):
+def load_target(model: str, dtype: str | None = None, engine: str = "auto", threads: int = 0, batch_seqs: int = 0):
     """(TargetInfo, factory of per-session LMs) for a registered model name or directory.
 
-    The engine (torch or llama.cpp, see sqs_models.engines) only decides how p is computed.
+    The engine (torch or llama.cpp, see sqs_models.engines) only decides how p is computed;
+    batch_seqs > 0 (cross-session batching on): llama.cpp's LMs share contexts of that many sequences.
     """
     from sqs_models.engines import load_engine
 
     eng = load_engine(model, "target", engine=engine, dtype=dtype, threads=threads)
     log.info("target %s: %s", eng.name, eng.detail)
     info = TargetInfo(eng.name, eng.vocab_size, eng.fingerprint, tuple(eng.eos_token_ids))
-    return info, eng.new_lm
+    return info, eng.lm_factory(batch_seqs)
 
 
 def time_target_passes(new_lm: Callable[[], LM], vocab_size: int, rows: Sequence[int]) -> dict[int, float]:
@@ -129,9 +130,12 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
     server = grpc.aio.server(options=options)
     port = bind(server, config.host, config.port)  # before the model: a taken port fails in a second
     if verifier is None:
-        info, new_lm = load_target(config.model, config.dtype, config.engine, config.threads)
-        verifier = Verifier(info, new_lm, config.verifier)
+        vc = config.verifier
+        info, new_lm = load_target(config.model, config.dtype, config.engine, config.threads,
+                                   vc.max_sessions if vc.batch_window_ms > 0 else 0)
+        verifier = Verifier(info, new_lm, vc)
     metrics = metrics or Metrics()
+    verifier.on_pass = metrics.observe_pass
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
     round_executor = None
     vc = verifier.config

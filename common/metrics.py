@@ -17,6 +17,8 @@ Series (label `sparsifier`, and `part` or `position` where named: never a sessio
   sqs_plan_draft_len (drafts the plan sent per round; 0 = plain target steps)   (histogram, edge)
   sqs_plan_time_error_ratio (|measured - predicted| / measured round time)       (histogram, edge)
   sqs_active_sessions                                                (gauge)
+  sqs_pass_rows, sqs_pass_sessions (rows scored by one target verification pass, and the sessions
+      whose rounds shared it: 1 with cross-session batching off)      (histograms, cloud, no labels)
 
 PromQL for a dashboard:
   acceptance:  sum(rate(sqs_accepted_tokens_total[1m])) / sum(rate(sqs_draft_tokens_total[1m]))
@@ -26,6 +28,8 @@ PromQL for a dashboard:
   resampling:  sum(rate(sqs_resampled_tokens_total[1m])) / sum(rate(sqs_batches_total[1m]))
   p95 by part: histogram_quantile(0.95, sum by (le, part) (rate(sqs_batch_latency_seconds_bucket[1m])))
   mean L:      sum(rate(sqs_plan_draft_len_sum[5m])) / sum(rate(sqs_plan_draft_len_count[5m]))
+  sessions per pass: sum(rate(sqs_pass_sessions_sum[5m])) / sum(rate(sqs_pass_sessions_count[5m]))
+  rows per pass:     sum(rate(sqs_pass_rows_sum[5m])) / sum(rate(sqs_pass_rows_count[5m]))
   bits/token:  sum(rate(sqs_uplink_formula_bits_total[1m]))
                / (sum(rate(sqs_accepted_tokens_total[1m])) + sum(rate(sqs_batches_total[1m])))
 """
@@ -100,6 +104,10 @@ class Metrics:
                                   lab, buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.plan_error = Histogram("sqs_plan_time_error_ratio", "|measured - predicted| / measured round time",
                                     lab, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0), registry=r)
+        self.pass_rows = Histogram("sqs_pass_rows", "Rows scored by one target verification pass (all sessions)",
+                                   buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256), registry=r)
+        self.pass_sessions = Histogram("sqs_pass_sessions", "Sessions whose rounds shared one target verification pass",
+                                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
 
     def observe(self, sparsifier: str, s: RoundStats) -> None:
         """Count one verified round (a replayed verdict is not a new round: do not observe it)."""
@@ -119,6 +127,11 @@ class Metrics:
             self.latency.labels(sparsifier, part).observe(ms / 1e3)
         if s.beta is not None:
             self.threshold.labels(sparsifier).set(s.beta)
+
+    def observe_pass(self, sessions: int, rows: int) -> None:
+        """One target verification pass on the cloud: the sessions it served and the rows it scored."""
+        self.pass_sessions.observe(sessions)
+        self.pass_rows.observe(rows)
 
     @staticmethod
     def _count_positions(counter: Counter, sparsifier: str, n: int) -> None:

@@ -91,6 +91,16 @@ class Engine:
     model: Any = None
     load_s: float = 0.0
 
+    def lm_factory(self, batch_seqs: int = 0) -> Callable[[], LM]:
+        """Per-session LMs; with ``batch_seqs`` > 0 on llama.cpp, LMs that are sequences of shared
+        llama_contexts (``batch_seqs`` each, sqs_models.llama_batched), so that one llama_decode
+        serves the rounds of several sessions (the cloud's cross-session batching)."""
+        if self.kind != "llama" or batch_seqs <= 0:
+            return self.new_lm
+        from .llama_batched import MAX_SEQS, BatchedLlama
+
+        return BatchedLlama(self.model, max_seqs=min(batch_seqs, MAX_SEQS)).new_lm
+
 
 def llama_available() -> bool:
     """True when llama-cpp-python is installed (found without importing it)."""
