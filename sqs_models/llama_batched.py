@@ -137,21 +137,19 @@ class _SharedContext:
         self.free()
         lc = self.lc
         params = lc.llama_context_default_params()
-        params.n_ctx = size
-        params.n_batch = min(N_BATCH, size)
-        params.n_ubatch = min(N_UBATCH, size)
-        params.n_seq_max = self.max_seqs
-        params.kv_unified = True  # one buffer for all sequences: any session may use any share of it
-        params.n_threads = params.n_threads_batch = self.owner.threads
-        params.no_perf = True
+        threads = self.owner.threads
+        # As LlamaLM's own context, but max_seqs sequences in one unified KV buffer (any session
+        # may use any share of it).
+        for name, value in dict(n_ctx=size, n_batch=min(N_BATCH, size), n_ubatch=min(N_UBATCH, size),
+                                n_seq_max=self.max_seqs, kv_unified=True, n_threads=threads,
+                                n_threads_batch=threads, no_perf=True).items():
+            setattr(params, name, value)
         ctx = lc.llama_init_from_model(self.owner._model, params)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {size} tokens for {self.max_seqs} sequences")
-        self.ctx = ctx
-        self.mem = lc.llama_get_memory(ctx)
-        self.n_ctx = size
-        self.n_batch = int(lc.llama_n_batch(ctx))
-        self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        n_batch = int(lc.llama_n_batch(ctx))
+        self.ctx, self.mem, self.n_ctx, self.n_batch = ctx, lc.llama_get_memory(ctx), size, n_batch
+        self.batch = lc.llama_batch_init(n_batch, 0, 1)
 
     def free(self) -> None:
         """Free the context; every LM on it starts again from an empty cache."""
@@ -159,11 +157,9 @@ class _SharedContext:
             lm._tokens = []
         if self.batch is not None:
             self.lc.llama_batch_free(self.batch)
-            self.batch = None
         if self.ctx is not None:
             self.lc.llama_free(self.ctx)
-            self.ctx = None
-            self.mem = None
+        self.ctx = self.mem = self.batch = None
         self.n_ctx = 0
 
     def drop(self, lms: Sequence[BatchedLlamaLM]) -> None:
