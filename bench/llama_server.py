@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from sqs_models.llama_probe import extra_bufts_ok
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
 
@@ -112,6 +114,9 @@ class ServerConfig:
     port: int = 0  # 0: a free port
     start_timeout_s: float = 300.0
     extra_args: tuple[str, ...] = ()
+    # --no-repack (no weight repacking / AMX buffer types): None = where sqs_models.llama_probe
+    # found that loading a GGUF with them crashes on this CPU (llama-server's defaults die there too)
+    no_repack: bool | None = None
 
     def command(self, port: int) -> list[str]:
         cmd = [self.binary, "--model", self.model, "--host", "127.0.0.1", "--port", str(port),
@@ -123,6 +128,22 @@ class ServerConfig:
                     "--spec-draft-n-max", str(self.draft_n_max), "--spec-draft-n-min", str(self.draft_n_min),
                     "--spec-draft-threads", str(self.threads), "--spec-draft-threads-batch", str(self.threads)]
         return cmd + list(self.extra_args)
+
+
+def repack_args(config: ServerConfig) -> tuple[tuple[str, ...], str]:
+    """(extra llama-server arguments, a note for the benchmark's output) for weight repacking: where
+    the probe (sqs_models.llama_probe, a child that loads the GGUF with llama.cpp's extra buffer
+    types, cached per file and CPU) saw it crash, llama-server gets ``--no-repack``, which is what
+    makes it run there at all; the note says so."""
+    if config.no_repack is not None:
+        return (("--no-repack",), "--no-repack (asked)") if config.no_repack else ((), "")
+    for path in (config.model, config.draft_model):
+        if path:
+            ok, why = extra_bufts_ok(path)
+            if not ok:
+                return ("--no-repack",), (f"--no-repack: llama-server with its defaults crashes here "
+                                          f"({Path(path).name}: {why})")
+    return (), ""
 
 
 class LlamaServer:
@@ -138,6 +159,7 @@ class LlamaServer:
         self.proc: subprocess.Popen | None = None
         self.port = config.port
         self._log: IO[bytes] | None = None
+        self.note = ""  # what was changed from llama-server's defaults and why (repack_args)
 
     @property
     def address(self) -> str:
@@ -152,10 +174,11 @@ class LlamaServer:
         from bench.cloudproc import child_preexec, free_port
 
         self.port = c.port or free_port()
+        extra, self.note = repack_args(c)
         self._log = tempfile.TemporaryFile(prefix="llama-server-")
         cpus = set(c.cpus) if c.cpus else None
         self.proc = subprocess.Popen(
-            [binary, *c.command(self.port)[1:]], stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            [binary, *c.command(self.port)[1:], *extra], stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             preexec_fn=child_preexec(cpus),
         )
         try:

@@ -71,16 +71,26 @@ class LlamaModel:
     threads: llama.cpp threads for every decode (0 = the CPUs this process may run on).
     vocab_size: logits width to return; rows wider than llama.cpp's vocabulary are padded with
         -inf (never happens for the Qwen pair: both say 151,936).
+    extra_bufts: llama.cpp's extra weight buffer types (runtime repack, AMX): None = as a child
+        process found for this file on this CPU (sqs_models.llama_probe: they crash some AMX
+        CPUs), True/False = as told. ``self.extra_bufts`` says what was used.
     """
 
-    def __init__(self, path: str | Path, *, threads: int = 0, vocab_size: int | None = None) -> None:
-        lc = _lib()
+    def __init__(self, path: str | Path, *, threads: int = 0, vocab_size: int | None = None,
+                 extra_bufts: bool | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        if extra_bufts is None:
+            from .llama_probe import extra_bufts_ok
+
+            extra_bufts, _ = extra_bufts_ok(self.path)
+        self.extra_bufts = bool(extra_bufts)
+        lc = _lib()
         self.threads = threads if threads > 0 else len(os.sched_getaffinity(0))
         params = lc.llama_model_default_params()
         params.n_gpu_layers = 0
+        params.use_extra_bufts = self.extra_bufts
         model = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not model:
             raise RuntimeError(f"llama.cpp could not load {self.path}")

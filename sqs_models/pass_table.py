@@ -1,0 +1,171 @@
+"""Pass tables: what a forward pass scoring r new rows costs on one engine, measured once per machine,
+and the committed tokens per second each table predicts.
+
+    table = cached_table(key, rows, measure, cache)   # {rows: ms}; measured only for rows not cached
+    best, preds = choose({"torch bfloat16": t1, "llama Q4_K_M": t2}, acceptance=0.7)
+
+A table is keyed by everything that changes it: model (and its file), engine, weight type,
+threads, a hash of the CPU flags and the library versions (:func:`machine_key`), so a restart on
+the same machine reads it instead of measuring again, and any change measures anew. The cache is
+one JSON file, ``pass-tables.json`` in :func:`state_dir`.
+
+Prediction (:func:`predict`), per engine, from its table alone (ms by rows, interpolated as
+:class:`common.costmodel.PassTimes` does) and an acceptance prior ``a`` per drafted position:
+
+* plain decoding: 1000 / t(1) tokens per second;
+* speculation with L drafts: E[tokens | L] = 1 + a + ... + a^L committed per pass of L + 1 rows,
+  so 1000 * E / t(L + 1); the best L in 1..max_drafts is kept.
+
+The engine with the higher of its two figures wins (:func:`choose`). Drafting and the network are
+left out: they are the same for every target engine, and they only make speculation dearer, so
+an engine that wins on speculation by a hair might lose with them (the figures are printed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+from common.costmodel import PassTimes
+
+__all__ = ["GRID", "ACCEPTANCE_PRIOR", "state_dir", "cpu_fingerprint", "machine_key", "pass_grid", "cached_table",
+           "Prediction", "expected_tokens", "predict", "choose", "describe_choice"]
+
+GRID = (1, 2, 3, 5, 9, 17, 33, 64)  # rows of the measured passes (L + 1 for L = 0, 1, 2, 4, 8, 16, 32)
+ACCEPTANCE_PRIOR = 0.7  # per drafted position; docs/DESIGN.md section 9 measured 1.94 of 4 greedy (code+prose)
+MAX_DRAFTS = 16
+_lock = threading.Lock()
+
+
+def state_dir() -> Path:
+    """Where measurements that outlive a process are kept: ``$SQS_STATE_DIR``, else ``~/.cache/sqs-sd``."""
+    return Path(os.environ.get("SQS_STATE_DIR") or "~/.cache/sqs-sd").expanduser()
+
+
+def cpu_fingerprint() -> str:
+    """A short hash of the CPU model and all its flags (/proc/cpuinfo): what kernels a library may pick."""
+    try:
+        text = open("/proc/cpuinfo").read()
+        model = text.split("model name", 1)[1].split("\n", 1)[0] if "model name" in text else ""
+        flags = text.split("\nflags", 1)[1].split("\n", 1)[0] if "\nflags" in text else ""
+    except (OSError, IndexError):
+        model, flags = platform.processor(), ""
+    return hashlib.sha256(f"{platform.machine()}|{model}|{flags}".encode()).hexdigest()[:12]
+
+
+def _version(package: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return "-"
+
+
+def machine_key() -> str:
+    """CPU fingerprint and the versions of the libraries that compute a pass."""
+    libs = ",".join(f"{p}={_version(p)}" for p in ("torch", "transformers", "llama-cpp-python"))
+    return f"cpu:{cpu_fingerprint()}|{libs}"
+
+
+def pass_grid(max_rows: int, grid: Iterable[int] = GRID) -> tuple[int, ...]:
+    """The grid's row counts up to ``max_rows``, with ``max_rows`` itself when the grid passes it."""
+    rows = [r for r in grid if r <= max_rows]
+    if max_rows >= 1 and max_rows not in rows and any(r > max_rows for r in grid):
+        rows.append(max_rows)
+    return tuple(sorted(set(rows)))
+
+
+def _read(cache: Path) -> dict:
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_table(key: str, rows: Sequence[int], measure: Callable[[Sequence[int]], Mapping[int, float]],
+                 cache: Path | None = None) -> tuple[dict[int, float], bool]:
+    """({rows: ms} for ``rows``, True when nothing had to be measured). Rows missing from the cache
+    under ``key`` are measured with ``measure(missing)`` and stored; ``cache=None`` uses
+    ``state_dir()/pass-tables.json``."""
+    cache = cache or state_dir() / "pass-tables.json"
+    with _lock:
+        known = {int(r): float(ms) for r, ms in _read(cache).get(key, {}).items()}
+    missing = [r for r in rows if r not in known]
+    if missing:
+        known.update({int(r): float(ms) for r, ms in measure(missing).items()})
+        with _lock:  # re-read: another engine of this process may have written meanwhile
+            table = _read(cache)
+            table[key] = {str(r): ms for r, ms in sorted(known.items())}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1))
+            tmp.replace(cache)
+    return {r: known[r] for r in rows}, not missing
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted committed tokens per second of one engine (see the module doc)."""
+
+    name: str
+    plain_tok_s: float
+    spec_tok_s: float
+    drafts: int  # the L of spec_tok_s
+
+    @property
+    def best_tok_s(self) -> float:
+        return max(self.plain_tok_s, self.spec_tok_s)
+
+    @property
+    def mode(self) -> str:
+        return f"speculative L={self.drafts}" if self.spec_tok_s > self.plain_tok_s else "plain"
+
+    def __str__(self) -> str:
+        return (f"{self.name}: {self.best_tok_s:.1f} tok/s ({self.mode}; plain {self.plain_tok_s:.1f}, "
+                f"speculative {self.spec_tok_s:.1f} at L={self.drafts})")
+
+
+def expected_tokens(drafts: int, acceptance: float) -> float:
+    """E[committed tokens] of a round of ``drafts`` drafts, each accepted with ``acceptance`` given
+    the previous ones: 1 + a + a^2 + ... + a^L (the resampled or bonus token included)."""
+    return sum(acceptance ** i for i in range(drafts + 1))
+
+
+def predict(name: str, table: Mapping[int, float], acceptance: float = ACCEPTANCE_PRIOR,
+            max_drafts: int = MAX_DRAFTS) -> Prediction:
+    if not table:
+        raise ValueError(f"{name}: empty pass table")
+    if not 0.0 <= acceptance < 1.0:
+        raise ValueError(f"acceptance must lie in [0, 1), got {acceptance}")
+    pt = PassTimes()
+    pt.seed(list(table), list(table.values()))
+    plain = 1e3 / pt.predict(1)
+    best_l, best = 0, 0.0
+    for n in range(1, max_drafts + 1):
+        rate = 1e3 * expected_tokens(n, acceptance) / pt.predict(n + 1)
+        if rate > best:
+            best_l, best = n, rate
+    return Prediction(name, plain, best, best_l)
+
+
+def choose(tables: Mapping[str, Mapping[int, float]], acceptance: float = ACCEPTANCE_PRIOR,
+           max_drafts: int = MAX_DRAFTS) -> tuple[str, list[Prediction]]:
+    """(the name whose table predicts the most committed tokens per second, every prediction, best first)."""
+    preds = sorted((predict(n, t, acceptance, max_drafts) for n, t in tables.items()),
+                   key=lambda p: -p.best_tok_s)
+    if not preds:
+        raise ValueError("no candidate engine")
+    return preds[0].name, preds
+
+
+def describe_choice(preds: Sequence[Prediction], acceptance: float) -> str:
+    """One line: "auto (acceptance 0.7/position): kept A: 8.6 tok/s (...); B: ..."."""
+    return (f"auto by predicted tok/s at acceptance {acceptance:g} per position: kept {preds[0]}"
+            + "".join(f"; {p}" for p in preds[1:]))
