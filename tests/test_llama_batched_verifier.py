@@ -1,0 +1,166 @@
+"""The verifier and the gRPC cloud on llama.cpp batched across sessions (BatchedLlamaLM), tiny GGUF.
+
+Same guarantees as the torch batcher (tests/test_batching_verifier.py, whose helpers drive the
+sessions here): T = 0 tokens equal to an unbatched verifier on per-session LlamaLMs and to plain
+greedy decoding; each session's T = 1 random stream unchanged; the first output token at T = 1
+distributed as the target's p (chi-square); a failing item fails only its own session. Through gRPC,
+whole generations at T = 0 are the same with batching on and off, and the cloud exports rows and
+sessions per pass (sqs_pass_rows, sqs_pass_sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
+
+from bench.tiny_gguf import write_tiny_gguf  # noqa: E402
+from cloud.server import CloudConfig, create_server  # noqa: E402
+from cloud.verifier import TargetInfo, Verifier, VerifierConfig  # noqa: E402
+from common import codec  # noqa: E402
+from common.rejection import target_probs  # noqa: E402
+from sqs_models.engines import Engine  # noqa: E402
+from sqs_models.llama_batched import BatchedLlama, BatchedLlamaLM  # noqa: E402
+from sqs_models.llama_lm import LlamaLM, LlamaModel  # noqa: E402
+from sqs_models.registry import load_model  # noqa: E402
+from tests.test_batching_verifier import PROMPTS, drafts_for, generate, open_session, run_concurrently  # noqa: E402
+from tests.test_rejection_stats import pooled_chisquare_pvalue  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def meta():
+    """The tiny target as the protocol sees it (name, vocab, tokenizer fingerprint): the GGUF's source."""
+    return load_model("tiny", role="target")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-target.gguf", "target")
+    m = LlamaModel(path, threads=1)
+    yield m
+    m.close()
+
+
+def make_verifier(meta, model, window_ms: float, **cfg) -> Verifier:
+    """window_ms > 0: batched LMs (sequences of shared contexts); 0: a LlamaLM per session."""
+    info = TargetInfo(meta.name, meta.vocab_size, meta.fingerprint, ())
+    vc = VerifierConfig(batch_window_ms=window_ms, calibrate_rows=(1,), **cfg)
+    new_lm = BatchedLlama(model, max_seqs=vc.max_sessions).new_lm if window_ms else model.new_lm
+    return Verifier(info, new_lm, vc)
+
+
+def greedy(model, prompt, n: int) -> list[int]:
+    lm, ctx = model.new_lm(), list(prompt)
+    for _ in range(n):
+        ctx.append(int(np.argmax(lm.logits(ctx, 1)[0])))
+    return ctx[len(prompt):]
+
+
+def test_t0_tokens_equal_unbatched_and_plain_greedy(meta, model):
+    batched = make_verifier(meta, model, window_ms=500)
+    got = run_concurrently(batched, meta, [0, 1, 2, 3], 0.0, 24)
+    s = batched.pass_stats()
+    assert s.passes > 0 and s.max_items >= 2, s  # the passes really were shared
+    assert isinstance(batched.sessions.new_lm(), BatchedLlamaLM)
+    plain = make_verifier(meta, model, window_ms=0)
+    for prompt, seed, out in zip(PROMPTS, [0, 1, 2, 3], got):
+        assert out == generate(plain, meta, prompt, seed, 0.0, 24)
+        assert out == greedy(model, prompt, 24)
+
+
+def test_t1_each_session_keeps_its_unbatched_random_stream(meta, model):
+    seeds = [11, 12, 13, 14]
+    got = run_concurrently(make_verifier(meta, model, window_ms=500), meta, seeds, 1.0, 20)
+    plain = make_verifier(meta, model, window_ms=0)
+    for prompt, seed, out in zip(PROMPTS, seeds, got):
+        assert out == generate(plain, meta, prompt, seed, 1.0, 20)
+
+
+@pytest.mark.slow
+def test_t1_first_token_through_batched_llama_is_distributed_as_the_target(meta, model):
+    """Chi-square (pooled bins, p > 1e-3) of the first output token of 2,400 sessions, 8 at a time,
+    against p(. | context) from a per-session LlamaLM. max_sessions 16: evicted sessions' sequence
+    ids are recycled all along."""
+    context = [3, 1, 4, 1, 5, 9, 2, 6]
+    p = target_probs(model.new_lm().logits(context, 1).astype(np.float64), 1.0)[0]
+    v = make_verifier(meta, model, window_ms=500, max_sessions=16)
+    n, width = 2400, 8
+    counts = np.zeros(meta.vocab_size)
+    with ThreadPoolExecutor(width) as pool:
+        for start in range(0, n, width):
+            barrier = threading.Barrier(width)
+            futs = [pool.submit(generate, v, meta, context, seed, 1.0, 1, barrier) for seed in range(start, start + width)]
+            for f in futs:
+                counts[f.result(60)[0]] += 1
+    assert v.pass_stats().mean_items() > 4
+    assert pooled_chisquare_pvalue(counts, p) > 1e-3
+
+
+def test_a_failing_item_fails_only_its_own_session(meta, model):
+    """Session 1's LM is closed under it: the shared pass refuses that item, the verifier runs the
+    items one by one, session 1's round fails and the others get the greedy tokens."""
+    v = make_verifier(meta, model, window_ms=500)
+    sessions = [open_session(v, meta, p, i, 0.0) for i, p in enumerate(PROMPTS[:3])]
+    sessions[1][0].lm.close()
+    barrier = threading.Barrier(3)
+
+    def round_of(i):
+        s, cfg = sessions[i]
+        msg = codec.pack_batch(len(s.context), drafts_for(meta, s.context, cfg, i, 3, 0.0), cfg)
+        barrier.wait()
+        return v.verify(s, msg)
+
+    with ThreadPoolExecutor(3) as pool:
+        futs = [pool.submit(round_of, i) for i in range(3)]
+        with pytest.raises(ValueError, match="closed"):
+            futs[1].result(60)
+        good = [futs[0].result(60), futs[2].result(60)]
+    assert all(r.accepted >= 0 for r in good)
+    for (s, _), prompt in zip([sessions[0], sessions[2]], [PROMPTS[0], PROMPTS[2]]):
+        assert s.context[len(prompt):] == greedy(model, prompt, len(s.context) - len(prompt))
+
+
+def test_the_llama_engine_gives_batched_lms_when_batching_is_on(model):
+    eng = Engine("llama", "tiny-gguf", None, model.vocab_size, (), "fp", model.new_lm, "", model=model)
+    assert isinstance(eng.lm_factory(8)(), BatchedLlamaLM)
+    assert isinstance(eng.lm_factory(0)(), LlamaLM)
+
+
+@contextmanager
+def serving(verifier: Verifier):
+    """cloud.server.create_server around `verifier` on its own event-loop thread, port 0."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    config = CloudConfig(host="127.0.0.1", port=0, metrics_port=0, calibrate=False)
+    running = asyncio.run_coroutine_threadsafe(create_server(config, verifier), loop).result(60)
+    try:
+        yield running
+    finally:
+        asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_grpc_generations_at_t0_are_the_same_with_batching_on_and_off(meta, model, run_generation):
+    prompts = ["def f(x):", "Hello, world", "import numpy as np\nimport torch", "a"]
+    outputs, sessions_per_pass = [], []
+    for window_ms in (50, 0):
+        with serving(make_verifier(meta, model, window_ms)) as running:
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                futs = [pool.submit(run_generation, f"127.0.0.1:{running.port}", p, max_new_tokens=24, seed=i)
+                        for i, p in enumerate(prompts)]
+                outputs.append([list(f.result(120).token_ids) for f in futs])
+            sample = running.metrics.registry.get_sample_value
+            assert sample("sqs_pass_rows_count") == sample("sqs_pass_sessions_count") > 0
+            sessions_per_pass.append(sample("sqs_pass_sessions_sum") / sample("sqs_pass_sessions_count"))
+    assert outputs[0] == outputs[1]
+    assert all(len(t) == 24 for t in outputs[0])
+    assert sessions_per_pass[0] > 1.0 and sessions_per_pass[1] == 1.0  # shared passes only with batching on
