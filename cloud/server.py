@@ -12,6 +12,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
@@ -42,6 +43,7 @@ class CloudConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     grace_s: float = 5.0
     calibrate: bool = True  # time forward passes by rows before serving (edges plan rounds with them)
+    pass_table_cache: Path | None = None  # pass tables by engine and machine (None: ~/.cache/sqs-sd/pass-tables.json)
     verifier: VerifierConfig = VerifierConfig()
 
 
@@ -51,12 +53,36 @@ def load_target(model: str, dtype: str | None = None, engine: str = "auto", thre
     The engine (torch or llama.cpp, see sqs_models.engines) only decides how p is computed;
     batch_seqs > 0 (cross-session batching on): llama.cpp's LMs share contexts of that many sequences.
     """
+    info, eng = load_target_engine(model, dtype, engine, threads)
+    return info, eng.lm_factory(batch_seqs)
+
+
+def load_target_engine(model: str, dtype: str | None = None, engine: str = "auto", threads: int = 0,
+                       pass_rows: Sequence[int] | None = None, table_cache: Path | None = None):
+    """(TargetInfo, sqs_models.engines.Engine): ``engine="auto"`` keeps the engine and weight type whose
+    pass table (rows ``pass_rows``) predicts the most committed tokens per second."""
     from sqs_models.engines import load_engine
 
-    eng = load_engine(model, "target", engine=engine, dtype=dtype, threads=threads)
+    eng = load_engine(model, "target", engine=engine, dtype=dtype, threads=threads, pass_rows=pass_rows,
+                      table_cache=table_cache)
     log.info("target %s: %s", eng.name, eng.detail)
     info = TargetInfo(eng.name, eng.vocab_size, eng.fingerprint, tuple(eng.eos_token_ids))
-    return info, eng.lm_factory(batch_seqs)
+    return info, eng
+
+
+def calibration_rows(config: VerifierConfig) -> tuple[int, ...]:
+    """The rows of the start-up pass table: calibrate_rows up to batch_max_rows (and that row count)."""
+    rows = [r for r in config.calibrate_rows if r <= config.batch_max_rows]
+    if any(r > config.batch_max_rows for r in config.calibrate_rows):
+        rows.append(config.batch_max_rows)
+    return tuple(sorted(set(rows)))
+
+
+def target_pass_table(engine, rows: Sequence[int], cache: Path | None) -> tuple[dict[int, float], bool]:
+    """(ms by rows, read from the cache?) of the loaded target engine (sqs_models.engines.engine_pass_table)."""
+    from sqs_models.engines import engine_pass_table
+
+    return engine_pass_table(engine, rows, cache)
 
 
 def time_target_passes(new_lm: Callable[[], LM], vocab_size: int, rows: Sequence[int]) -> dict[int, float]:
@@ -129,11 +155,12 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
     ]
     server = grpc.aio.server(options=options)
     port = bind(server, config.host, config.port)  # before the model: a taken port fails in a second
+    engine = None
     if verifier is None:
         vc = config.verifier
-        info, new_lm = load_target(config.model, config.dtype, config.engine, config.threads,
-                                   vc.max_sessions if vc.batch_window_ms > 0 else 0)
-        verifier = Verifier(info, new_lm, vc)
+        info, engine = load_target_engine(config.model, config.dtype, config.engine, config.threads,
+                                          calibration_rows(vc), config.pass_table_cache)
+        verifier = Verifier(info, engine.lm_factory(vc.max_sessions if vc.batch_window_ms > 0 else 0), vc)
     metrics = metrics or Metrics()
     verifier.on_pass = metrics.observe_pass
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
@@ -151,11 +178,18 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     if config.calibrate:
-        measured = await asyncio.get_running_loop().run_in_executor(
-            executor, time_target_passes, verifier.sessions.new_lm, verifier.target.vocab_size, vc.calibrate_rows)
+        loop, how = asyncio.get_running_loop(), "measured"
+        if engine is not None:  # cached per engine and machine: a restart does not measure again
+            measured, cached = await loop.run_in_executor(executor, target_pass_table, engine, calibration_rows(vc),
+                                                          config.pass_table_cache)
+            how = "cached" if cached else how
+        else:
+            measured = await loop.run_in_executor(
+                executor, time_target_passes, verifier.sessions.new_lm, verifier.target.vocab_size, vc.calibrate_rows)
         verifier.record_passes(measured)
         table = verifier.pass_table()
-        log.info("forward pass ms by rows: %s", {r: round(ms, 1) for r, ms in table.items()})
+        log.info("forward pass ms by rows (%s; every pass refines it): %s", how,
+                 {r: round(ms, 1) for r, ms in table.items()})
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)

