@@ -40,13 +40,13 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.llama_server import (LlamaServer, LlamaServerError, ServerConfig, complete, default_cpus, parse_cpus,
-                                resolve_binary, server_version)
+                                repack_args, resolve_binary, server_version)
 
 ROWS = ("llama-ar", "llama-sd", "sqs-cloud", "sqs-sd")
 CSV_COLUMNS = [
     "row", "system", "mode", "temperature", "requests", "generated", "tokens_per_s", "latency_p50_ms",
     "latency_p95_ms", "server_tokens_per_s", "drafted", "accepted", "acceptance", "target", "draft",
-    "max_new_tokens", "server_cpus", "edge_cpus", "threads", "engine", "llama_server_version", "cpu_flags",
+    "max_new_tokens", "server_cpus", "edge_cpus", "threads", "engine", "llama_server_version", "llama_server_note", "cpu_flags",
 ]
 
 
@@ -223,6 +223,7 @@ def run(cfg: BenchConfig, *, pin_edge: bool = True, progress: bool = True) -> li
     finally:
         bar.close()
     version, flags = server_version(cfg.binary), cpu_flags()
+    note = repack_args(ServerConfig(cfg.binary, cfg.target_gguf, draft_model=cfg.draft_gguf))[1]  # probed once
     out = []
     for r in rows:
         s = r.summary()
@@ -234,7 +235,8 @@ def run(cfg: BenchConfig, *, pin_edge: bool = True, progress: bool = True) -> li
             "draft": (cfg.draft if r.row == "sqs-sd" else Path(cfg.draft_gguf).name if r.row == "llama-sd" else ""),
             "max_new_tokens": cfg.max_new_tokens, "server_cpus": cpus_text(cfg.server_cpus),
             "edge_cpus": cpus_text(cfg.edge_cpus) if ours else "", "threads": cfg.threads,
-            "engine": cfg.engine if ours else "llama-server", "llama_server_version": version, "cpu_flags": flags,
+            "engine": cfg.engine if ours else "llama-server", "llama_server_version": version, "llama_server_note": note,
+            "cpu_flags": flags,
         })
         out.append(s)
     return out
@@ -355,7 +357,8 @@ def main(args) -> int:
             return _fail(str(exc))
     print(f"target {target}, draft {draft}; {n} prompt(s) x {max_new} new tokens; cloud side on CPU(s) "
           f"{cpus_text(server_cpus)} with {threads} thread(s), our edge on {cpus_text(edge_cpus)}; our cloud engine {engine}; "
-          f"llama-server {server_version(binary) or '?'}; CPU flags [{cpu_flags()}]")
+          f"llama-server {server_version(binary) or '?'}; CPU flags [{cpu_flags()}]"
+          + "".join(f"; {note}" for note in {r["llama_server_note"] for r in rows} if note))
     print(table(rows))
     for line in ratios(rows):
         print(line)
