@@ -148,3 +148,12 @@ class QuantLoss:
         if not self._tops:
             return 0.0
         return float(np.mean([tv_loss(t, max(1, int((t >= beta).sum())), ell) for t in self._tops]))
+
+
+class NoQuantLoss(QuantLoss):
+    """The loss of a scheme that sends no distribution (invariant: the token alone, verified by
+    agreement of Gumbel-max draws): nothing is quantized, so nothing is lost; what agreement costs
+    against 1 - TV the acceptance model learns from the outcomes."""
+
+    def mean(self, k: int, ell: int, lattice: bool = True) -> float:
+        return 0.0

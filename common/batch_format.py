@@ -16,6 +16,8 @@ Per draft, in this order (radices in brackets; a field with radix 1 costs nothin
                                             sizes, sum_j C(V,j) C(ell-1,j-1), is never above plain
                                             top-K but spends 798 bits on that top-64: it prices every
                                             size as if zeros were rare, so it was dropped.)
+  invariant (token only):
+    the token id           [V]              (a 1-subset's rank is the token id)
   float baselines (fp16-topk, fp32):
     support subset rank    [C(V, K)]        values little-endian in `raw`
   every scheme:
@@ -119,7 +121,7 @@ def _check_draft(d: Draft, config: SchemeConfig) -> int:
     sup, k, v = d.support, int(d.support.size), config.vocab_size
     if k < 1 or sup[0] < 0 or sup[-1] >= v or np.any(np.diff(sup) <= 0):
         raise ValueError("support must be non-empty, strictly increasing and inside the vocabulary")
-    if config.scheme in (Scheme.TOPK, Scheme.TOKEN, Scheme.DENSE, Scheme.FP16_TOPK, Scheme.FP32) \
+    if config.scheme in (Scheme.TOPK, Scheme.TOKEN, Scheme.INVARIANT, Scheme.DENSE, Scheme.FP16_TOPK, Scheme.FP32) \
             and not config.drop_zeros and k != config.max_support:
         raise ValueError(f"scheme {config.scheme.value} sends {config.max_support} support entries, draft has {k}")
     if config.drop_zeros and k > config.max_support:
@@ -132,7 +134,7 @@ def _check_draft(d: Draft, config: SchemeConfig) -> int:
         if c is None or c.size != k or int(c.sum()) != config.ell or np.any(c < (1 if config.drop_zeros else 0)):
             raise ValueError(f"counts must be {k} {'positive' if config.drop_zeros else 'non-negative'} "
                              f"integers summing to ell={config.ell}")
-    elif d.values is None or d.values.size != k:
+    elif config.scheme != Scheme.INVARIANT and (d.values is None or d.values.size != k):
         raise ValueError("float schemes need one value per support entry")
     return index
 
@@ -190,6 +192,8 @@ def unpack(num_drafts: int, payload: bytes, raw: bytes, config: SchemeConfig) ->
             support = np.asarray(ranking.unrank_subset(subset, k, v), dtype=np.int64)
             if counts is not None:
                 probs = dequantize(counts, ell)
+            elif config.scheme == Scheme.INVARIANT:
+                probs = np.ones(1)  # the token alone: verified by agreement, not against q
             else:
                 width = 2 if config.scheme == Scheme.FP16_TOPK else 4
                 chunk = raw[raw_pos : raw_pos + width * k]

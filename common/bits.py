@@ -25,6 +25,8 @@ def formula_bits(config: SchemeConfig, k: int) -> float:
     v, ell, s = config.vocab_size, config.ell, config.scheme
     if s in (Scheme.TOPK, Scheme.TOKEN):
         return log2_comb(v, k) + values_bits(ell, k)
+    if s == Scheme.INVARIANT:
+        return log2_comb(v, 1)  # the token id
     if s == Scheme.CONFORMAL:
         return 2 * math.ceil(math.log2(v)) + values_bits(ell, k)
     if s == Scheme.DENSE:

@@ -5,6 +5,8 @@ Schemes (docs/DESIGN.md section 4):
   conformal  C-SQS: threshold support (beta from the conformal controller), lattice counts
   dense      dense QS: K = V, lattice counts (the quantize-and-sample paper)
   token      K = 1: one-hot draft at the argmax
+  invariant  drafter-invariant (common/gumbel.py): the token only, the Gumbel-max draw of q on the
+             noise both sides derive from (seed, position); verified by agreement with p's draw
   fp16-topk  baseline: top-K support, fp16 values
   fp32       baseline: the dense full-precision q (what plain SD would send)
   none       no drafts: plain target decoding through the same service (the reference)
@@ -22,6 +24,7 @@ from enum import Enum
 import numpy as np
 
 from common import lattice, sparsify
+from common.gumbel import gumbel_token
 from common.rejection import sample
 
 
@@ -37,6 +40,7 @@ class Scheme(str, Enum):
     TOKEN = "token"
     FP16_TOPK = "fp16-topk"
     FP32 = "fp32"
+    INVARIANT = "invariant"
     NONE = "none"
 
     @property
@@ -76,7 +80,7 @@ class SchemeConfig:
         """Largest support a draft of this scheme can have."""
         if self.scheme in (Scheme.TOPK, Scheme.FP16_TOPK):
             k = self.k
-        elif self.scheme == Scheme.TOKEN:
+        elif self.scheme in (Scheme.TOKEN, Scheme.INVARIANT):
             k = 1
         else:
             k = self.vocab_size
@@ -115,6 +119,8 @@ def describe(q: np.ndarray, config: SchemeConfig, beta: float | None = None, max
             sup = sparsify.top_k(q, max(1, max_support))
     elif s in (Scheme.DENSE, Scheme.FP32):
         sup = sparsify.dense(q)
+    elif s == Scheme.INVARIANT:
+        raise ValueError("the invariant scheme's draft is drawn, not described: draw_invariant")
     else:
         raise ValueError(f"scheme {s.value} sends no drafts")
     tokens = sup.tokens
@@ -152,3 +158,11 @@ def draw(draft: Draft, ell: int, rng: np.random.Generator) -> Draft:
     return Draft(
         int(draft.support[index]), draft.support, draft.probs, draft.counts, draft.values, draft.dropped_mass
     )
+
+
+def draw_invariant(q: np.ndarray, seed: int, position: int) -> Draft:
+    """The invariant scheme's draft at an absolute position: the Gumbel-max token of q (float [V])
+    on the noise keyed by (seed, position), sent as its id alone (q_hat: one-hot, for the format)."""
+    token = gumbel_token(q, seed, position)
+    return Draft(token, np.array([token], dtype=np.int64), np.ones(1),
+                 dropped_mass=1.0 - float(np.asarray(q, dtype=np.float64)[token]))

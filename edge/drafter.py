@@ -23,14 +23,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from common.acceptance import AcceptanceModel, QuantLoss, confidence, tv_distance
+from common.acceptance import AcceptanceModel, NoQuantLoss, QuantLoss, confidence, tv_distance
 from common.batch_format import BatchBits, batch_bits, draft_bits
 from common.conformal import ConformalController
 from common.costmodel import CostModel, Costs
 from common.lm import LM
 from common.planner import ELL_MENU, K_MENU, Description, Planner, PlannerConfig, RoundPlan
 from common.rejection import target_probs
-from common.schemes import Draft, Scheme, SchemeConfig, describe, draw
+from common.schemes import Draft, Scheme, SchemeConfig, describe, draw, draw_invariant
 from common.stats import RoundRecord
 from common.stoprule import StopRule
 from edge.options import AUTO, options_from
@@ -115,7 +115,7 @@ class Drafter:
         )
         self.costs = CostModel()
         self.acceptance = AcceptanceModel()
-        self.loss = QuantLoss()
+        self.loss = NoQuantLoss() if s.scheme == Scheme.INVARIANT else QuantLoss()
         self.planner = Planner(
             PlannerConfig(
                 max_draft_len=config.auto_max_draft_len,
@@ -192,12 +192,16 @@ class Drafter:
             q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # [V]
             feature_q = q if cfg.temperature > 0 else target_probs(logits, 1.0, cfg.top_k, cfg.top_p)
             c = confidence(feature_q)
-            d, honest, formula, capped = self._describe(q, scheme, cfg.budget_bits - spent)
+            if scheme.scheme == Scheme.INVARIANT:  # the token alone, drawn on the shared noise
+                d, capped = draw_invariant(q, cfg.seed, len(ctx)), False
+                honest, formula = draft_bits(scheme, 1)
+            else:
+                d, honest, formula, capped = self._describe(q, scheme, cfg.budget_bits - spent)
             cost = self._cost(honest, formula)
             if d is None or spent + cost > cfg.budget_bits:  # stop before the draft that would exceed B
                 break
             kept = q[d.support]
-            tv = tv_distance(kept, d.probs)
+            tv = 0.0 if scheme.scheme == Scheme.INVARIANT else tv_distance(kept, d.probs)  # no q_hat to lose
             a = max(0.0, self.acceptance.predict(c) - tv)
             self.loss.seen(q)
             self.acceptance.seen(c)
@@ -206,7 +210,8 @@ class Drafter:
                 self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
                 break
             spent += cost
-            d = draw(d, scheme.ell, rng)
+            if scheme.scheme != Scheme.INVARIANT:
+                d = draw(d, scheme.ell, rng)
             if self.controller:
                 self.controller.observe(d.dropped_mass, float(kept.min()) if capped else None)
             batch.drafts.append(d)

@@ -27,7 +27,7 @@ from common import bits, codec, ranking
 from common.batch_format import PayloadError, draft_bits, draft_radices, pack, unpack
 from common.packing import MixedRadixWriter, log2_int
 from common.pb.v1 import sqs_pb2 as pb
-from common.schemes import MAX_RANKED_SUPPORT, Draft, Scheme, SchemeConfig, describe, draw
+from common.schemes import MAX_RANKED_SUPPORT, Draft, Scheme, SchemeConfig, describe, draw, draw_invariant
 
 QWEN_V = 151_936
 FIXED = settings(derandomize=True, deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
@@ -57,6 +57,8 @@ def random_q(rng: np.random.Generator, v: int) -> np.ndarray:
 
 
 def make_drafts(config: SchemeConfig, rng, n: int, beta: float | None = 0.02) -> list[Draft]:
+    if config.scheme == Scheme.INVARIANT:  # the token alone, drawn on the shared noise
+        return [draw_invariant(random_q(rng, config.vocab_size), 7, i) for i in range(n)]
     return [draw(describe(random_q(rng, config.vocab_size), config, beta=beta), config.ell, rng) for _ in range(n)]
 
 
