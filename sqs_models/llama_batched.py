@@ -67,12 +67,12 @@ class BatchedLlama:
     def new_lm(self) -> BatchedLlamaLM:
         with self._lock:
             for shared in self._contexts:
-                seq = shared.take_seq()
-                if seq is not None:
-                    return BatchedLlamaLM(shared, seq)
+                lm = shared.new_lm()
+                if lm is not None:
+                    return lm
             shared = _SharedContext(self.model, self.max_seqs, self.initial_ctx)
             self._contexts.append(shared)
-            return BatchedLlamaLM(shared, shared.take_seq())
+            return shared.new_lm()
 
     @property
     def contexts(self) -> int:
@@ -82,7 +82,8 @@ class BatchedLlama:
     def close(self) -> None:
         with self._lock:
             for shared in self._contexts:
-                shared.free()
+                with shared.lock:
+                    shared.free()
             self._contexts = []
 
 
@@ -102,12 +103,23 @@ class _SharedContext:
         self.n_batch = 0
         self._free = list(range(max_seqs - 1, -1, -1))  # ids ready to hand out (pop from the end: 0 first)
         self._released: deque[int] = deque()  # ids of closed LMs, still to clear (under the lock)
-        self.lms: weakref.WeakValueDictionary[int, BatchedLlamaLM] = weakref.WeakValueDictionary()
+        # The LM of each id handed out, until its release is reaped; changed and read under the lock
+        # only (a WeakValueDictionary would change under a reader when the GC runs in another thread).
+        self._lms: dict[int, weakref.ref[BatchedLlamaLM]] = {}
 
-    def take_seq(self) -> int | None:
+    def new_lm(self) -> BatchedLlamaLM | None:
+        """An LM on a free sequence id, or None when all max_seqs are taken."""
         with self.lock:
             self.reap()
-            return self._free.pop() if self._free else None
+            if not self._free:
+                return None
+            lm = BatchedLlamaLM(self, self._free.pop())
+            self._lms[lm.seq] = weakref.ref(lm)
+            return lm
+
+    def live(self) -> list[BatchedLlamaLM]:
+        """The LMs holding a sequence id (lock held)."""
+        return [lm for lm in (r() for r in self._lms.values()) if lm is not None]
 
     def release(self, seq: int) -> None:
         """A closed LM's id: cleared now if nobody is decoding, else by the next call (never
@@ -123,6 +135,7 @@ class _SharedContext:
         """Clear the released sequences and make their ids free again (lock held)."""
         while self._released:
             seq = self._released.popleft()
+            self._lms.pop(seq, None)
             if self.mem is not None:
                 self.lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
             self._free.append(seq)
@@ -153,7 +166,7 @@ class _SharedContext:
 
     def free(self) -> None:
         """Free the context; every LM on it starts again from an empty cache."""
-        for lm in list(self.lms.values()):
+        for lm in self.live():
             lm._tokens = []
         if self.batch is not None:
             self.lc.llama_batch_free(self.batch)
@@ -175,7 +188,7 @@ class _SharedContext:
         with self.lock:
             self.reap()
             mine = {id(lm) for lm in lms}
-            others = sum(len(lm._tokens) for lm in list(self.lms.values()) if id(lm) not in mine)
+            others = sum(len(lm._tokens) for lm in self.live() if id(lm) not in mine)
             self.reserve(others + sum(len(ctx) for ctx in contexts))  # the cells in use after this decode
             keeps = [lm._common_prefix(ctx, want) for lm, ctx, want in zip(lms, contexts, wants)]
             lc = self.lc
@@ -232,7 +245,6 @@ class BatchedLlamaLM:
         self.seq = seq
         self._tokens: list[int] = []  # tokens of this sequence in the KV cache, in order
         self._closed = False
-        shared.lms[seq] = self
 
     def _common_prefix(self, context: Sequence[int], want: int) -> int:
         keep = 0
@@ -297,7 +309,6 @@ class BatchedLlamaLM:
         if not self._closed:
             self._closed = True
             self._tokens = []
-            self._shared.lms.pop(self.seq, None)
             self._shared.release(self.seq)
 
     def __del__(self) -> None:
