@@ -9,15 +9,23 @@ One Verify stream serves one session: its first batch names it, a later batch na
 INVALID_ARGUMENT. When a stream ends (half-close, cancel, reset, keepalive timeout: grpc.aio does
 not tell them apart reliably) the session is released (Verifier.release): with no stream left it
 is an orphan, kept orphan_ttl_s for the edge to resume, then reaped. CloseSession ends it at once.
+
+A batch that asks for a streamed round (DraftBatch.stream, on Verify) gets a partial Verdict per
+token as the Verifier samples it (`emit` from the executor thread, sent from the event loop), then
+the final one; when the stream ends first, the Verifier's steps stop (`stop`) and the session keeps
+what it owes for a resend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
 from concurrent.futures import Executor
-from typing import AsyncIterator
+from dataclasses import replace
+from typing import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -118,22 +126,55 @@ class VerifierServicer:
         return codec.opened_to_pb(codec.Opened(session.id, t.name, t.vocab_size, tuple(t.eos_token_ids),
                                                tuple(passes), tuple(passes.values())))
 
-    async def _round(self, session_id: str, request, context) -> pb.Verdict:
+    async def _verified(self, session_id: str, request, context, emit: Callable[[RoundResult], None] | None = None,
+                        stop: Callable[[], bool] | None = None) -> tuple[RoundResult, int]:
+        """The Verifier's round on `request`, counted; with the wall clock (us) when it came in."""
         received = _now_us()
         try:
             session = self.verifier.get(session_id)
-            result: RoundResult = await self._run(self.verifier.verify, session, codec.batch_from_pb(request),
-                                                  executor=self.round_executor)
+            streamed = {} if emit is None else {"emit": emit, "stop": stop}
+            result: RoundResult = await self._run(
+                functools.partial(self.verifier.verify, session, codec.batch_from_pb(request), **streamed),
+                executor=self.round_executor)
         except SessionError as exc:
             self.metrics.sessions.set(self.verifier.active_sessions)
             await self._abort(context, exc)
         if not result.replayed:  # a replayed verdict was counted when it was computed
             self.metrics.observe(result.scheme.value, _round_stats(result))
         log.debug(
-            "round session=%s drafted=%d accepted=%d verify_ms=%.1f replayed=%s",
-            session_id, result.drafted, result.accepted, result.verify_ms, result.replayed,
+            "round session=%s drafted=%d accepted=%d plain=%d verify_ms=%.1f replayed=%s",
+            session_id, result.drafted, result.accepted, len(result.plain_tokens), result.verify_ms, result.replayed,
         )
+        return result, received
+
+    async def _round(self, session_id: str, request, context) -> pb.Verdict:
+        result, received = await self._verified(session_id, request, context)
         return codec.verdict_to_pb(result.verdict(received, _now_us()))
+
+    async def _streamed(self, session_id: str, request, context) -> AsyncIterator[pb.Verdict]:
+        """A streamed round: a partial Verdict as each token is sampled, then the final one (the
+        tokens not sent yet, the clocks). Leaving early (the stream ended) stops the Verifier's steps."""
+        loop = asyncio.get_running_loop()
+        parts: asyncio.Queue[RoundResult] = asyncio.Queue()
+        stopped = threading.Event()
+        task = asyncio.ensure_future(self._verified(
+            session_id, request, context, lambda r: loop.call_soon_threadsafe(parts.put_nowait, r), stopped.is_set))
+        sent: RoundResult | None = None  # what the messages so far carried
+        try:
+            while True:
+                get = asyncio.ensure_future(parts.get())
+                done, _ = await asyncio.wait({task, get}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    break
+                part = get.result()
+                if sent is None or len(part.plain_tokens) > len(sent.plain_tokens):
+                    yield codec.verdict_to_pb(_since(sent, part.verdict(0, 0), more=True))
+                    sent = part
+            result, received = await task
+            yield codec.verdict_to_pb(_since(sent, result.verdict(received, _now_us()), more=False))
+        finally:
+            stopped.set()  # the stream ended first: the round keeps what it owes for a resend
 
     async def Verify(self, request_iterator: AsyncIterator, context) -> AsyncIterator[pb.Verdict]:
         session_id = ""
@@ -154,7 +195,11 @@ class VerifierServicer:
                         context, Refusal.MALFORMED,
                         f"this stream serves session {session_id}; one stream, one session (open a new stream)",
                     )
-                yield await self._round(session_id, request, context)
+                if request.stream:
+                    async for verdict in self._streamed(session_id, request, context):
+                        yield verdict
+                else:
+                    yield await self._round(session_id, request, context)
         finally:
             if session_id:
                 self.verifier.release(session_id)
@@ -172,6 +217,16 @@ class VerifierServicer:
         if not closed:
             await self._refuse(context, Refusal.UNKNOWN_SESSION, f"unknown or expired session {request.session_id[:64]!r}")
         return pb.CloseSessionResponse()
+
+
+def _since(sent: RoundResult | None, v: codec.Verdict, more: bool) -> codec.Verdict:
+    """The message of a streamed round after the ones that carried `sent`: the plain tokens since,
+    accepted and token only in the first (codec.Verdict.then puts them together again)."""
+    if more:
+        v = replace(v, forward_us=0)  # the clocks and the forward time of the whole round go in the last
+    if sent is None:
+        return replace(v, more=more)
+    return replace(v, accepted=0, token=0, plain_tokens=v.plain_tokens[len(sent.plain_tokens):], more=more)
 
 
 _HANDLERS = {

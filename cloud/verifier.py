@@ -10,6 +10,12 @@ Rounds are idempotent. The session keeps its last verdict and the digest of the 
 it; the same batch sent again (its verdict was lost) gets that verdict again without a second
 forward pass; a different batch for an already verified position is refused.
 
+Streamed plain steps (Batch.stream): the round hands each token to `emit` as soon as it is sampled
+(the servicer sends it at once) and steps on without waiting for the edge, until its plain steps
+are done, an EOS, the context limit, or `stop()` (the stream ended). A round stopped that way keeps
+the steps it still owes; the same batch sent again replays what was sampled and goes on, so the
+token stream after a resend is the one the first attempt would have given.
+
 Cross-session batching (`batch_window_ms` > 0, and a target LM with `logits_batch`: torch's CachedLM,
 or llama.cpp's BatchedLlamaLM, whose sessions are sequences of one llama_context): a round is
 prepared (decoded, validated) alone, its forward pass goes through cloud/pass_batcher.py, which runs
@@ -78,6 +84,7 @@ class LastRound:
     position: int  # accepted context length the batch continued
     digest: bytes  # Batch.digest() of that batch
     result: RoundResult
+    owed: int = 0  # plain steps not run yet: a streamed round whose stream ended first
 
 
 class Verifier:
@@ -138,24 +145,29 @@ class Verifier:
             return self._pass_times.table()
 
     # -- one round --------------------------------------------------------------------------
-    def verify(self, session: Session, batch: codec.Batch) -> RoundResult:
+    def verify(self, session: Session, batch: codec.Batch, emit: Callable[[RoundResult], None] | None = None,
+               stop: Callable[[], bool] | None = None) -> RoundResult:
         """Verify one batch; a malformed batch closes the session (SessionError INVALID_ARGUMENT).
 
         The batch that was verified last may come again (its verdict was lost on the way): it gets
-        the same verdict, marked replayed, with no model work. A different batch for that position
-        is refused: the edge must resend exactly what it sent.
+        the same verdict, marked replayed, with no model work; a streamed round that was stopped
+        early goes on from where it stopped. A different batch for that position is refused: the
+        edge must resend exactly what it sent.
 
         prepare (decode, validate; errors are this session's alone) -> forward (ONE pass over
         [pending token] + drafts, batched with other sessions' rounds when batching is on) ->
-        finish (target p, rejection sampling with the (seed, position) generator, append, record).
+        finish (target p, rejection sampling with the (seed, position) generator, append) -> plain
+        steps, if asked (each handed to `emit` as it is sampled; `stop()` ends them early) -> record.
         """
         with session.lock:
             t0 = time.perf_counter()
             prep = self._prepare(session, batch)
             if isinstance(prep, RoundResult):
+                if session.last.owed:  # a streamed round stopped early: replay and go on
+                    return self._plain_steps(session, session.last, emit, stop, t0)
                 return prep
             logits, forward_ms = self._forward(session, prep.context, prep.want)  # [L+1, V]
-            return self._finish(session, prep, logits, forward_ms, t0)
+            return self._finish(session, prep, logits, forward_ms, t0, emit, stop)
 
     def _prepare(self, session: Session, batch: codec.Batch) -> _Prepared | RoundResult:
         """Decode and validate `batch` against the session (its lock held); a replayed verdict as is."""
@@ -187,36 +199,26 @@ class Verifier:
         tokens = [d.token for d in drafts]
         return _Prepared(batch, digest, drafts, tokens, session.context + tokens, len(tokens) + 1)
 
-    def _finish(self, session: Session, prep: _Prepared, logits: np.ndarray, forward_ms: float,
-                t0: float) -> RoundResult:
+    def _finish(self, session: Session, prep: _Prepared, logits: np.ndarray, forward_ms: float, t0: float,
+                emit: Callable[[RoundResult], None] | None, stop: Callable[[], bool] | None) -> RoundResult:
         """Sample the verdict from the target rows, extend the context, run the plain steps, record."""
         req, batch, drafts, tokens = session.request, prep.batch, prep.drafts, prep.tokens
         start = len(session.context)
         s = req.sampling
-        steps = min(int(batch.plain_steps), self.config.max_plain_steps)
+        # A streamed round is bounded by the context limit only: the edge ends it when it wants.
+        steps = int(batch.plain_steps) if batch.stream else min(int(batch.plain_steps), self.config.max_plain_steps)
         p = target_probs(logits.astype(np.float64), s.temperature, s.top_k, s.top_p)  # [L+1, V]
         rng = np.random.default_rng([s.seed, len(session.context)])
         rows = [SparseRow(d.support, d.probs) for d in drafts]
         accepted, token = verify_sparse(tokens, rows, p, rng)
         session.context.extend(tokens[:accepted])
         session.context.append(token)
-        round_token = token
-        plain: list[int] = []
-        eos = set(self.target.eos_token_ids)
-        # Cloud-only steps: each is exactly a zero-draft round at its position (same draw).
-        while len(plain) < steps and token not in eos and len(session.context) + 1 < self.config.max_context:
-            row, step_ms = self._forward(session, session.context, 1)  # [1, V]
-            forward_ms += step_ms
-            p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
-            _, token = verify_sparse([], [], p1, np.random.default_rng([s.seed, len(session.context)]))
-            session.context.append(token)
-            plain.append(token)
         session.rounds += 1
         # The cloud's own bits of the batch, for its metrics (the edge's records carry the edge's).
         bits = batch_bits(codec.batch_scheme(batch, req.scheme), (d.support.size for d in drafts))
         result = RoundResult(
             accepted=accepted,
-            token=round_token,
+            token=token,
             position=len(session.context),
             drafted=len(drafts),
             scheme=req.scheme.scheme,
@@ -224,9 +226,39 @@ class Verifier:
             formula_bits=bits.formula,
             verify_ms=(time.perf_counter() - t0) * 1e3,
             forward_ms=forward_ms,
-            plain_tokens=tuple(plain),
         )
-        session.last = LastRound(start, prep.digest, result)
+        return self._plain_steps(session, LastRound(start, prep.digest, result, steps), emit, stop, t0)
+
+    def _plain_steps(self, session: Session, last: LastRound, emit: Callable[[RoundResult], None] | None,
+                     stop: Callable[[], bool] | None, t0: float) -> RoundResult:
+        """The cloud-only steps a round owes (last.owed) after its token and plain tokens so far, each
+        exactly a zero-draft round at its position (same draw); every token goes to `emit` as it is
+        sampled (a resumed round first hands over all it has). Records the round as session.last."""
+        s = session.request.sampling
+        result, owed = last.result, last.owed
+        resumed = session.last is last  # the batch came again
+        plain = list(result.plain_tokens)
+        token = plain[-1] if plain else result.token
+        eos = set(self.target.eos_token_ids)
+        if emit is not None:
+            emit(result)
+        while owed and token not in eos and len(session.context) + 1 < self.config.max_context:
+            if stop is not None and stop():
+                break
+            row, step_ms = self._forward(session, session.context, 1)  # [1, V]
+            p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
+            _, token = verify_sparse([], [], p1, np.random.default_rng([s.seed, len(session.context)]))
+            session.context.append(token)
+            plain.append(token)
+            owed -= 1
+            result = replace(result, position=len(session.context), plain_tokens=tuple(plain),
+                             forward_ms=result.forward_ms + step_ms)
+            if emit is not None:
+                emit(result)
+        if token in eos or len(session.context) + 1 >= self.config.max_context:
+            owed = 0  # what stopped the steps stops them on a resend too
+        result = replace(result, verify_ms=(time.perf_counter() - t0) * 1e3, replayed=resumed)
+        session.last = LastRound(last.position, last.digest, replace(result, replayed=False), owed)
         return result
 
     # -- forward passes ---------------------------------------------------------------------

@@ -159,6 +159,7 @@ class Batch:
     k: int = 0  # this batch's description; 0 = the session's
     ell: int = 0
     plain_steps: int = 0  # plain target steps after the round's token (cloud-only rounds)
+    stream: bool = False  # the cloud streams the round's tokens as it samples them (Verify only)
 
     @property
     def payload_bytes(self) -> int:
@@ -166,27 +167,29 @@ class Batch:
 
     def digest(self) -> bytes:
         """sha256 of every field: equal digests, equal batches (the cloud's idempotent rounds)."""
-        head = struct.pack("<6Q", self.position, self.num_drafts, self.k, self.ell, self.plain_steps, len(self.packed))
+        head = struct.pack("<7Q", self.position, self.num_drafts, self.k, self.ell, self.plain_steps, self.stream,
+                           len(self.packed))
         return hashlib.sha256(head + self.packed + self.raw).digest()
 
 
-def pack_batch(position: int, drafts: Sequence[Draft], config: SchemeConfig, plain_steps: int = 0) -> Batch:
+def pack_batch(position: int, drafts: Sequence[Draft], config: SchemeConfig, plain_steps: int = 0,
+               stream: bool = False) -> Batch:
     """`config` is this batch's description (its k and ell travel with the batch)."""
     packed = pack(drafts, config)
-    return Batch(position, len(drafts), packed.payload, packed.raw, config.k, config.ell, plain_steps)
+    return Batch(position, len(drafts), packed.payload, packed.raw, config.k, config.ell, plain_steps, stream)
 
 
 def batch_to_pb(batch: Batch, session_id: str = "") -> pb.DraftBatch:
     return pb.DraftBatch(
         session_id=session_id, position=batch.position, num_drafts=batch.num_drafts, packed=batch.packed,
-        raw=batch.raw, k=batch.k, ell=batch.ell, plain_steps=batch.plain_steps,
+        raw=batch.raw, k=batch.k, ell=batch.ell, plain_steps=batch.plain_steps, stream=batch.stream,
     )
 
 
 def batch_from_pb(msg: pb.DraftBatch) -> Batch:
     """The batch of a message (its session_id is the servicer's business); unpack_batch validates it."""
     return Batch(int(msg.position), int(msg.num_drafts), bytes(msg.packed), bytes(msg.raw), int(msg.k),
-                 int(msg.ell), int(msg.plain_steps))
+                 int(msg.ell), int(msg.plain_steps), bool(msg.stream))
 
 
 def encode_batch(
@@ -243,15 +246,22 @@ class Verdict:
     received_unix_us: int = 0  # cloud wall clock when the batch was read ...
     sent_unix_us: int = 0  # ... and when the verdict was written
     forward_us: int = 0  # the target forward passes alone
+    more: bool = False  # a streamed round's verdict so far: more of its tokens follow
+
+    def then(self, part: "Verdict") -> "Verdict":
+        """This verdict so far followed by the next message `part` of the same streamed round (see
+        Verdict.more in the proto): its plain tokens appended, its position, clocks and flag taken."""
+        return replace(part, accepted=self.accepted, token=self.token,
+                       plain_tokens=self.plain_tokens + part.plain_tokens)
 
 
 def verdict_to_pb(v: Verdict) -> pb.Verdict:
     return pb.Verdict(
         accepted=v.accepted, token=v.token, position=v.position, received_unix_us=v.received_unix_us,
-        sent_unix_us=v.sent_unix_us, forward_us=v.forward_us, plain_tokens=list(v.plain_tokens),
+        sent_unix_us=v.sent_unix_us, forward_us=v.forward_us, plain_tokens=list(v.plain_tokens), more=v.more,
     )
 
 
 def verdict_from_pb(msg: pb.Verdict) -> Verdict:
     return Verdict(int(msg.accepted), int(msg.token), int(msg.position), tuple(msg.plain_tokens),
-                   int(msg.received_unix_us), int(msg.sent_unix_us), int(msg.forward_us))
+                   int(msg.received_unix_us), int(msg.sent_unix_us), int(msg.forward_us), bool(msg.more))

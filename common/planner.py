@@ -13,6 +13,10 @@ and takes, with the measured costs of `Costs`,
 alternative is plain target decoding through the same session: a round of M cloud steps commits M
 tokens in fixed_ms + M * pass_ms(1). A plan maximises expected committed tokens per ms.
 
+When plain rounds are streamed (each token reaches the edge as the cloud samples it), a long M costs
+the user no latency, so M runs to the next probe (or to the end when drafting is not an option),
+and the probes back off (their interval doubles) while plain decoding keeps winning.
+
 What the plan chooses, per round: speculate or not (L = 0 with M plain steps), the support size K
 (K-SQS) and the lattice resolution ell from a menu, and an upper bound on L (the bit budget B and
 the draft limit); during drafting, common/stoprule.py decides per position against this plan
@@ -103,6 +107,8 @@ class Planner:
         self.config = config
         self.bits_of = bits_of
         self.tokens_since_draft = 0
+        self.streaming = False  # plain rounds come streamed (edge/generate.py says so at open)
+        self.probe_every = config.probe_tokens  # streaming: doubles with each probe while plain wins
 
     def plan(self, costs: Costs, acc: AcceptanceModel, loss: QuantLoss, budget_bits: float,
              remaining_tokens: int, beta: float | None = None) -> RoundPlan:
@@ -127,24 +133,35 @@ class Planner:
                 best = RoundPlan(True, desc, cap, 0, e, t, a)
         if best is not None and best.expected_tokens / best.predicted_ms > plain.expected_tokens / plain.predicted_ms:
             self.tokens_since_draft = 0
+            self.probe_every = cfg.probe_tokens
             return best
-        if self.tokens_since_draft >= cfg.probe_tokens:
+        if self.tokens_since_draft >= self.probe_every:
             desc = best.description if best else min(self._descriptions(loss, beta), key=lambda d: d.bits)
             if desc.bits <= budget_bits:
                 self.tokens_since_draft = 0
+                if self.streaming:
+                    self.probe_every *= 2
                 a = max(0.0, a_q - desc.loss)
                 t = costs.fixed_ms + costs.draft_ms + costs.pass_ms(2)
                 return RoundPlan(True, desc, 1, 0, 1.0 + a, t, a, probe=True)
+        if self.streaming:  # a streamed round runs to the next probe
+            plain = self.plain(costs, remaining_tokens, horizon=self.probe_every - self.tokens_since_draft)
+            m = plain.plain_steps + 1
         self.tokens_since_draft += m
         return plain
 
-    def plain(self, costs: Costs, remaining_tokens: int) -> RoundPlan:
+    def plain(self, costs: Costs, remaining_tokens: int, horizon: int | None = None) -> RoundPlan:
         """Plain target decoding: M steps in one round, M large enough that the round's fixed cost
-        is a small part of it (and no larger than the tokens still wanted)."""
+        is a small part of it (and no larger than the tokens still wanted). Streamed, M is every
+        token still wanted, or up to `horizon` (the next probe) if that is longer than the above."""
         cfg = self.config
         step = costs.pass_ms(1)
         m = max(1, math.ceil(costs.fixed_ms / max(cfg.plain_overhead * step, 1e-9)))
-        m = max(1, min(m, cfg.max_plain_steps, remaining_tokens))
+        if self.streaming:
+            m = max(m, horizon if horizon is not None else remaining_tokens)
+        else:
+            m = min(m, cfg.max_plain_steps)
+        m = max(1, min(m, remaining_tokens))
         return RoundPlan(False, None, 0, m - 1, float(m), costs.fixed_ms + m * step, 0.0)
 
     def _descriptions(self, loss: QuantLoss, beta: float | None) -> list[Description]:

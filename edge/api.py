@@ -119,7 +119,7 @@ class EdgeService:
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def start(self, req: GenerateRequest, cancel: threading.Event) -> EdgeGeneration:
+    def start(self, req: GenerateRequest, cancel: threading.Event, previews: bool = False) -> EdgeGeneration:
         """A generation for a request (nothing runs yet); a bad request is an HTTPException 422."""
         rt = self.runtime
         try:
@@ -127,7 +127,7 @@ class EdgeService:
             prompt_ids = rt.encode(req.prompt)
         except ValueError as exc:
             raise HTTPException(422, detail=str(exc)) from None
-        return rt.start(prompt_ids, config, max_new_tokens=req.max_new_tokens, cancel=cancel)
+        return rt.start(prompt_ids, config, max_new_tokens=req.max_new_tokens, cancel=cancel, previews=previews)
 
     def run(self, generation: EdgeGeneration) -> GenerationResult:
         """A whole generation, in a worker thread; refusals are HTTPException, a set cancel is Cancelled."""
@@ -207,7 +207,7 @@ class EdgeService:
         """Server-sent events: one `tokens` event per round, then `done` (or `error`); the rounds run
         as each_round runs them (a client that goes away ends the generation and its cloud session)."""
         try:
-            generation = self.start(req, cancel)
+            generation = self.start(req, cancel, previews=True)  # a streamed plain round's tokens as they come
             text = self.runtime.text_stream()
             async with aclosing(self.each_round(generation, is_disconnected)) as rounds:
                 async for r in rounds:

@@ -32,7 +32,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         config = runtime.draft_config(a)
     except ValueError as exc:
         return _fail(str(exc))
-    generation = runtime.start(prompt_ids, config, max_new_tokens=a.max_new_tokens)
+    generation = runtime.start(prompt_ids, config, max_new_tokens=a.max_new_tokens, previews=True)
     text = runtime.text_stream()
     try:
         if not a.json:

@@ -21,6 +21,11 @@ whose cloud is really gone still ends with an error a person will wait for.
 
 A `cancel` event (set by the HTTP API when its client goes away) stops the generation between two
 waits: every wait polls it, and round()/open() raise Cancelled.
+
+A streamed round (Batch.stream, plain target steps on the stream transport) answers with a Verdict
+message per token; stream_round() yields the verdict so far as each arrives. A resend (after a lost
+message or a cloud restart) starts the round's messages again from its first: the caller skips the
+tokens it has (the cloud replays the same ones). Each message must come within round_timeout_s.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import grpc
 
@@ -118,45 +123,48 @@ class _Backoff:
 
 
 class _Stream:
-    """A Verify stream fed from a queue; next() with a timeout runs in a helper thread."""
+    """A Verify stream fed from a queue; its verdicts are read by a helper thread into another
+    queue, so that a wait for the next one can time out and look at the cancel event."""
 
     _END = object()
 
     def __init__(self, stub: sqs_pb2_grpc.VerifierStub) -> None:
         self._requests: queue.Queue = queue.Queue()
         self._call = stub.Verify(iter(self._requests.get, self._END))
+        self._verdicts: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
         self.fresh = True
 
-    def round(self, msg: pb.DraftBatch, timeout_s: float, cancel: threading.Event) -> pb.Verdict:
+    def send(self, msg: pb.DraftBatch) -> None:
         self._requests.put(msg)
         self.fresh = False
-        box: list = []
-        done = threading.Event()
 
-        def receive() -> None:
-            box.append(self._next())
-            done.set()
-
-        threading.Thread(target=receive, daemon=True).start()
+    def receive(self, timeout_s: float, cancel: threading.Event) -> pb.Verdict:
+        """The next verdict message, within timeout_s."""
         deadline = time.monotonic() + timeout_s
-        while not done.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
-            if cancel.is_set():
+        while True:
+            if cancel.is_set():  # also between the messages of a streamed round
                 self._call.cancel()
                 raise Cancelled("generation cancelled")
-            if time.monotonic() >= deadline:
-                self._call.cancel()
-                raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no verdict within {timeout_s:g} s")
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
+            try:
+                got = self._verdicts.get(timeout=min(_POLL_S, max(0.0, deadline - time.monotonic())))
+                break
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    self._call.cancel()
+                    raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no verdict within {timeout_s:g} s") from None
+        if isinstance(got, BaseException):
+            self._verdicts.put(got)  # the stream is over: every later wait sees it too
+            raise got
+        return got
 
-    def _next(self):
+    def _read(self) -> None:
         try:
-            return next(self._call)
-        except StopIteration:
-            return CloudError(grpc.StatusCode.UNAVAILABLE, "the cloud closed the stream")
-        except BaseException as exc:  # delivered to the caller's thread
-            return exc
+            for verdict in self._call:
+                self._verdicts.put(verdict)
+            self._verdicts.put(CloudError(grpc.StatusCode.UNAVAILABLE, "the cloud closed the stream"))
+        except BaseException as exc:  # delivered to the waiting caller's thread
+            self._verdicts.put(exc)
 
     def close(self) -> None:
         """Cancel, then end the request iterator (its feeding thread must not wait forever).
@@ -202,6 +210,11 @@ class CloudClient:
     def wire_counts(self) -> tuple[int, int]:
         return self.relay.counts() if self.relay else (0, 0)
 
+    @property
+    def streams_plain(self) -> bool:
+        """Whether a round's plain steps can come streamed (the stream transport; not VerifyBatch)."""
+        return self.config.transport == "stream"
+
     # -- session ----------------------------------------------------------------------------
     def open(self, request: codec.OpenRequest) -> codec.Opened:
         """First connect: fail within connect_timeout_s (+ connect_wait_s) if the cloud does not answer."""
@@ -239,7 +252,18 @@ class CloudClient:
     # -- one round --------------------------------------------------------------------------
     def round(self, batch: codec.Batch, reopen: Callable[[], codec.OpenRequest]) -> RoundReply:
         """Send one batch and wait for its verdict, riding out outages; reopen() gives the accepted
-        context for resync()."""
+        context for resync(). A streamed round's messages come back as one verdict."""
+        reply = None
+        for reply in self.stream_round(batch, reopen):
+            pass
+        assert reply is not None  # stream_round yields at least the final verdict
+        return reply
+
+    def stream_round(self, batch: codec.Batch, reopen: Callable[[], codec.OpenRequest]) -> Iterator[RoundReply]:
+        """Send one batch and yield its verdict as it comes: for a streamed round (batch.stream) the
+        verdict so far after each message (verdict.more while more follow), else the one verdict.
+        After a resend it starts again from the round's first message. Closing the iterator early
+        drops the stream, which stops the cloud's steps."""
         msg = codec.batch_to_pb(batch)
         c = self.config
         backoff = _Backoff(c.backoff_s, c.backoff_max_s)
@@ -248,7 +272,8 @@ class CloudClient:
         while True:
             self._check_cancel()
             try:
-                return self._send(msg)
+                yield from self._send(msg)
+                return
             except (grpc.RpcError, CloudError) as exc:
                 code = exc.code() if isinstance(exc, grpc.RpcError) else exc.code
                 reason = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
@@ -272,26 +297,38 @@ class CloudClient:
                     continue
                 raise self._error(code, reason) from None
 
-    def _send(self, batch: pb.DraftBatch) -> RoundReply:
+    def _send(self, batch: pb.DraftBatch) -> Iterator[RoundReply]:
+        """One attempt: the verdict so far after each message of it (one message unless streamed)."""
         message_bytes = batch.ByteSize()
         msg = pb.DraftBatch()
         msg.CopyFrom(batch)
+        up0, down0 = self.wire_counts()
+        sent = time.time_ns() // 1000
         if self.config.transport == "unary":
             msg.session_id = self.session_id
-            call = lambda: self._unary(msg)  # noqa: E731
+            receive = lambda: self._unary(msg)  # noqa: E731
         else:
             if self._stream is None:
                 self._stream = _Stream(self._stub)
             msg.session_id = self.session_id if self._stream.fresh else ""
             stream = self._stream
-            call = lambda: stream.round(msg, self.config.round_timeout_s, self._cancel)  # noqa: E731
-        up0, down0 = self.wire_counts()
-        sent = time.time_ns() // 1000
-        verdict = call()
-        received = time.time_ns() // 1000
-        up1, down1 = self.wire_counts()
-        return RoundReply(codec.verdict_from_pb(verdict), sent, received, up1 - up0, down1 - down0, message_bytes,
-                          verdict.ByteSize())
+            stream.send(msg)
+            receive = lambda: stream.receive(self.config.round_timeout_s, self._cancel)  # noqa: E731
+        verdict: codec.Verdict | None = None
+        verdict_bytes = 0
+        try:
+            while verdict is None or verdict.more:
+                part = receive()
+                received = time.time_ns() // 1000
+                verdict_bytes += part.ByteSize()
+                v = codec.verdict_from_pb(part)
+                verdict = v if verdict is None else verdict.then(v)
+                up1, down1 = self.wire_counts()
+                yield RoundReply(verdict, sent, received, up1 - up0, down1 - down0, message_bytes, verdict_bytes)
+        except GeneratorExit:  # the caller stopped reading a streamed round: stop the cloud's steps
+            if verdict is not None and verdict.more:
+                self._drop_stream()
+            raise
 
     def _unary(self, msg: pb.DraftBatch) -> pb.Verdict:
         future = self._stub.VerifyBatch.future(msg, timeout=self.config.round_timeout_s)

@@ -5,7 +5,9 @@
 
 `Generation` is an iterator of rounds (as nanochat's engine is a generator of tokens): the CLI,
 the HTTP API and the benchmarks consume it one round at a time, or through `generate()` for the
-whole result. The edge runtime (edge/runtime.py) is what wires a draft engine and a cloud client
+whole result. A round of plain target steps is streamed when the client can (the cloud sends each
+token as it samples it: one round trip for many tokens, so the plan asks for many); with
+`previews` the generation yields those tokens as they arrive, before the round's record. The edge runtime (edge/runtime.py) is what wires a draft engine and a cloud client
 into one; this module knows neither models nor addresses.
 """
 
@@ -39,6 +41,12 @@ class Cloud(Protocol):
     def wire_counts(self) -> tuple[int, int]: ...
 
 
+def streams_plain(client: Cloud) -> bool:
+    """Whether the client streams plain rounds: its own class has stream_round (a wrapper that
+    only rewrites round(), as bench/link_model.py, gets whole verdicts) and says it can now."""
+    return callable(getattr(type(client), "stream_round", None)) and bool(getattr(client, "streams_plain", False))
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int]  # generated tokens (prompt excluded)
@@ -57,10 +65,16 @@ class GenerationResult:
 @dataclass(frozen=True)
 class RoundOutput:
     """What one round adds to the output: `tokens` (cut at max_new_tokens and at an EOS) and the
-    round's record (sizes, bits, per-part latency)."""
+    round's record (sizes, bits, per-part latency). A preview (record None; only with
+    Generation(previews=True)) carries tokens of a streamed round as they arrive; the round's
+    RoundOutput with its record then carries the rest of its tokens."""
 
     tokens: list[int]
-    record: RoundRecord
+    record: RoundRecord | None
+
+    @property
+    def preview(self) -> bool:
+        return self.record is None
 
 
 @dataclass
@@ -77,16 +91,21 @@ class _Ahead:
 class Generation:
     """One generation as an iterator of RoundOutput; `result` is set once the iteration ends.
 
-    Closing the iterator early (a consumer that stops reading) ends the generation between rounds;
-    the caller owns the client and closes the cloud session.
+    Closing the iterator early (a consumer that stops reading) ends the generation between rounds,
+    or within a streamed round (its stream is dropped, which stops the cloud's steps); the caller
+    owns the client and closes the cloud session.
+
+    previews: yield the tokens of a streamed round as they arrive (RoundOutput.preview), not only
+    with the round's record at its end.
     """
 
     def __init__(self, prompt_ids: Sequence[int], drafter: Drafter, client: Cloud, *, max_new_tokens: int,
-                 vocab_fingerprint: str) -> None:
+                 vocab_fingerprint: str, previews: bool = False) -> None:
         self.drafter = drafter
         self.client = client
         self.max_new_tokens = max_new_tokens
         self.vocab_fingerprint = vocab_fingerprint
+        self.previews = previews
         self.context = list(prompt_ids)
         self.result: GenerationResult | None = None
 
@@ -105,6 +124,8 @@ class Generation:
         opened = client.open(self._open_request())
         eos = set(opened.eos_token_ids) | drafter.eos
         drafter.calibrate(context, opened.pass_rows, opened.pass_ms)
+        streaming = streams_plain(client)
+        drafter.planner.streaming = streaming  # a streamed plain round may be long: its tokens show as they come
         stop_reason = "length"
         ahead: _Ahead | None = None
         pool = ThreadPoolExecutor(1, thread_name_prefix="round") if drafter.config.pipeline else None
@@ -117,11 +138,23 @@ class Generation:
                     batch.draft_ms = ahead.overrun_ms  # only what outlasted the flight costs time
                 else:
                     batch = drafter.draft(context, max_drafts=remaining - 1)
-                wire = codec.pack_batch(len(context), batch.drafts, batch.scheme, batch.plain_steps)
+                wire = codec.pack_batch(len(context), batch.drafts, batch.scheme, batch.plain_steps,
+                                        stream=streaming and batch.plain_steps > 0)
                 # send
                 n = len(batch.drafts)
                 ahead = None
-                if pool is not None and n and remaining - n - 1 >= 2 and batch.drafts[-1].token not in eos:
+                shown: list[int] = []  # tokens of this round already yielded as previews
+                if wire.stream:
+                    reply = None
+                    for reply in client.stream_round(wire, reopen=self._open_request):  # type: ignore[attr-defined]
+                        if reply.verdict.more and self.previews:
+                            keep = _shown(shown, _cut(_committed(batch, reply.verdict, len(context)), remaining, eos)[0])
+                            if len(keep) > len(shown):
+                                yield RoundOutput(keep[len(shown):], None)
+                                shown = keep
+                    if reply is None or reply.verdict.more:
+                        raise RuntimeError("a streamed round ended without its final verdict")
+                elif pool is not None and n and remaining - n - 1 >= 2 and batch.drafts[-1].token not in eos:
                     reply, ahead = self._round_drafting_ahead(pool, wire, batch, remaining - n - 2)
                 else:
                     reply = client.round(wire, reopen=self._open_request)
@@ -137,18 +170,17 @@ class Generation:
                 rec.beta = drafter.beta
                 # record
                 context.extend(new)
-                keep = new[:remaining]
-                for i, t in enumerate(keep):
-                    if t in eos:
-                        keep, stop_reason = keep[: i + 1], "eos"
-                        break
+                keep, at_eos = _cut(new, remaining, eos)
+                keep = _shown(shown, keep)
+                if at_eos:
+                    stop_reason = "eos"
                 out.extend(keep)
                 stats.add(rec)
                 if drafter.beta is not None:
                     betas.append(drafter.beta)
                 log.debug("round drafted=%d accepted=%d token=%d total_ms=%.1f", n, rec.accepted,
                           reply.verdict.token, rec.total_ms)
-                yield RoundOutput(keep, rec)
+                yield RoundOutput(keep[len(shown):], rec)
                 if stop_reason == "eos":
                     break
         finally:
@@ -196,14 +228,35 @@ class Generation:
 
 
 def generate(prompt_ids: Sequence[int], drafter: Drafter, client: Cloud, *, max_new_tokens: int,
-             vocab_fingerprint: str, on_round: Callable[[RoundOutput], None] | None = None) -> GenerationResult:
+             vocab_fingerprint: str, on_round: Callable[[RoundOutput], None] | None = None,
+             previews: bool = False) -> GenerationResult:
     """A whole generation: every round of a Generation, then its result."""
-    g = Generation(prompt_ids, drafter, client, max_new_tokens=max_new_tokens, vocab_fingerprint=vocab_fingerprint)
+    g = Generation(prompt_ids, drafter, client, max_new_tokens=max_new_tokens, vocab_fingerprint=vocab_fingerprint,
+                   previews=previews)
     for r in g:
         if on_round is not None:
             on_round(r)
     assert g.result is not None
     return g.result
+
+
+def _cut(tokens: list[int], remaining: int, eos: set[int]) -> tuple[list[int], bool]:
+    """The tokens that go to the output: at most `remaining`, up to and including an EOS; and
+    whether one was reached."""
+    keep = tokens[:remaining]
+    for i, t in enumerate(keep):
+        if t in eos:
+            return keep[: i + 1], True
+    return keep, False
+
+
+def _shown(shown: list[int], keep: list[int]) -> list[int]:
+    """`keep` (a round's output so far), checked against what was already yielded of it: after a
+    resend the cloud replays the round from its start, and must give the same tokens."""
+    n = min(len(shown), len(keep))
+    if shown[:n] != keep[:n]:
+        raise RuntimeError(f"a resent streamed round gave other tokens than it had shown: {keep[:n]} != {shown[:n]}")
+    return keep if len(keep) >= len(shown) else shown
 
 
 def _committed(batch: DraftedBatch, v: codec.Verdict, context_len: int) -> list[int]:

@@ -120,12 +120,14 @@ class EdgeRuntime:
 
     # -- generations --------------------------------------------------------------------------
     def start(self, prompt_ids: Sequence[int], config: DraftConfig, *, max_new_tokens: int,
-              cancel: threading.Event | None = None, lm: Any = None) -> "EdgeGeneration":
+              cancel: threading.Event | None = None, lm: Any = None, previews: bool = False) -> "EdgeGeneration":
         """A generation to iterate round by round (nothing runs before the first next()).
 
         lm: a draft LM (engine.new_lm()) to reuse, e.g. one per load-test client: its KV cache
-        follows whatever context it is given; default a new one for this generation."""
-        return EdgeGeneration(self, list(prompt_ids), config, max_new_tokens, cancel, lm)
+        follows whatever context it is given; default a new one for this generation.
+        previews: also yield the tokens of a streamed plain round as they arrive (RoundOutput with
+        record None, edge/generate.py), for a consumer that shows tokens as they come."""
+        return EdgeGeneration(self, list(prompt_ids), config, max_new_tokens, cancel, lm, previews)
 
     def generate(self, prompt_ids: Sequence[int], config: DraftConfig, *, max_new_tokens: int,
                  cancel: threading.Event | None = None) -> GenerationResult:
@@ -149,12 +151,13 @@ class EdgeGeneration:
     or is closed (`close()`, or the iterator garbage-collected)."""
 
     def __init__(self, runtime: EdgeRuntime, prompt_ids: list[int], config: DraftConfig, max_new_tokens: int,
-                 cancel: threading.Event | None, lm: Any = None) -> None:
+                 cancel: threading.Event | None, lm: Any = None, previews: bool = False) -> None:
         self.runtime = runtime
         self.prompt_ids = prompt_ids
         self.config = config
         self.max_new_tokens = max_new_tokens
         self.cancel = cancel
+        self.previews = previews
         e = runtime.engine
         self.drafter = Drafter(lm if lm is not None else e.new_lm(), config, e.eos_token_ids)
         self.result: GenerationResult | None = None
@@ -177,9 +180,9 @@ class EdgeGeneration:
         client = rt._connect(self.cancel)
         try:
             g = Generation(self.prompt_ids, self.drafter, client, max_new_tokens=self.max_new_tokens,
-                           vocab_fingerprint=rt.engine.fingerprint)
+                           vocab_fingerprint=rt.engine.fingerprint, previews=self.previews)
             for r in g:
-                if rt.metrics is not None:
+                if rt.metrics is not None and r.record is not None:
                     rt.metrics.observe_record(sparsifier, r.record)
                 yield r
             self.result = g.result

@@ -74,10 +74,10 @@ class HookedVerifier(Verifier):
         self.computed = 0
         self.replays = 0
 
-    def verify(self, session: Session, msg) -> RoundResult:
+    def verify(self, session: Session, msg, **streamed) -> RoundResult:
         if self.before:
             self.before(session, msg)
-        result = super().verify(session, msg)
+        result = super().verify(session, msg, **streamed)
         if result.replayed:
             self.replays += 1
             if self.on_replay:

@@ -85,7 +85,7 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pass_rows: _Optional[_Iterable[int]] = ..., pass_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
-    __slots__ = ("session_id", "position", "num_drafts", "packed", "raw", "k", "ell", "plain_steps")
+    __slots__ = ("session_id", "position", "num_drafts", "packed", "raw", "k", "ell", "plain_steps", "stream")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class DraftBatch(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     ELL_FIELD_NUMBER: _ClassVar[int]
     PLAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     num_drafts: int
@@ -102,10 +103,11 @@ class DraftBatch(_message.Message):
     k: int
     ell: int
     plain_steps: int
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_drafts: _Optional[int] = ..., packed: _Optional[bytes] = ..., raw: _Optional[bytes] = ..., k: _Optional[int] = ..., ell: _Optional[int] = ..., plain_steps: _Optional[int] = ...) -> None: ...
+    stream: bool
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_drafts: _Optional[int] = ..., packed: _Optional[bytes] = ..., raw: _Optional[bytes] = ..., k: _Optional[int] = ..., ell: _Optional[int] = ..., plain_steps: _Optional[int] = ..., stream: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us", "forward_us", "plain_tokens")
+    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us", "forward_us", "plain_tokens", "more")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +115,7 @@ class Verdict(_message.Message):
     SENT_UNIX_US_FIELD_NUMBER: _ClassVar[int]
     FORWARD_US_FIELD_NUMBER: _ClassVar[int]
     PLAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     token: int
     position: int
@@ -120,7 +123,8 @@ class Verdict(_message.Message):
     sent_unix_us: int
     forward_us: int
     plain_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., plain_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    more: bool
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., plain_tokens: _Optional[_Iterable[int]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
