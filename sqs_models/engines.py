@@ -68,6 +68,8 @@ __all__ = [
     "engine_pass_table",
     "Candidate",
     "pick_by_tables",
+    "local_gguf",
+    "weight_types",
 ]
 
 log = logging.getLogger("sqs.models")
@@ -259,7 +261,7 @@ def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[i
                  acceptance: float) -> Engine:
     """Every engine the target can load, by predicted committed tokens per second (module doc)."""
     from .llama_probe import extra_bufts_ok
-    from .quantize import MADE_TYPES, QualityRefused, local_gguf, source_type
+    from .quantize import MADE_TYPES, QualityRefused, source_type
 
     name = model if model in REAL_MODELS else str(Path(model).resolve())
     n_threads = threads if threads > 0 else len(os.sched_getaffinity(0))
@@ -270,9 +272,7 @@ def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[i
 
         def ref():
             if not reference:
-                from .quantize import torch_reference_logits
-
-                reference.append(torch_reference_logits(model, cache_dir))
+                reference.append(_reference_logits(model, cache_dir))
             return reference[0]
 
         for wtype in MADE_TYPES:
@@ -324,6 +324,57 @@ def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[i
     log.info("%s", choice)
     eng.detail += f"; {choice}"
     return eng
+
+
+# --- GGUF weight types (sqs_models.quantize, by path; the model's files and references here) ------
+
+
+def local_gguf(model: str, wtype: str, cache_dir: Path | None = None, *, threads: int = 0,
+               reference: Callable[[], np.ndarray] | None = None, tolerance=None) -> Path:
+    """The GGUF of ``model`` in weight type ``wtype``: its own file when it is that type, else the one
+    made beside it once and checked against ``reference()`` (default: the torch bf16 engine's logits
+    of the quality text); QualityRefused outside the tolerance (sqs_models.quantize)."""
+    from .quantize import TOLERANCE, ensure_type
+
+    source = model_gguf(model, cache_dir)
+    if source is None:
+        raise EngineUnavailable(f"model {model} has no GGUF to quantize from")
+    return ensure_type(source, wtype, reference or (lambda: _reference_logits(model, cache_dir)),
+                       lambda p: _llama_quality_logits(p, model, cache_dir, threads), threads=threads,
+                       tolerance=tolerance or TOLERANCE)
+
+
+def weight_types(model: str, cache_dir: Path | None = None, accepted_only: bool = True) -> dict[str, Path]:
+    """{weight type: GGUF} present for ``model``: its own file and each made type its verdict accepts."""
+    from .quantize import present_types
+
+    source = model_gguf(model, cache_dir)
+    return {} if source is None else present_types(source, accepted_only)
+
+
+def _quality_rows(lm: LM, tokenizer) -> np.ndarray:
+    from .quantize import QUALITY_POSITIONS, QUALITY_TEXT
+
+    ids = list(tokenizer.encode(QUALITY_TEXT))
+    return lm.logits(ids, want=min(QUALITY_POSITIONS, len(ids)))
+
+
+def _reference_logits(model: str, cache_dir: Path | None = None) -> np.ndarray:
+    """The torch bf16 engine's logits of the quality text (fp32 for ``tiny``, which has no bf16 weights)."""
+    eng = _load_torch(model, "target", None if model == "tiny" else "bfloat16", cache_dir, measure=False)
+    return _quality_rows(eng.new_lm(), eng.tokenizer)
+
+
+def _llama_quality_logits(path: Path, model: str, cache_dir: Path | None = None, threads: int = 0) -> np.ndarray:
+    """llama.cpp's logits of the same positions on the GGUF at ``path``."""
+    from .llama_lm import LlamaModel
+
+    tokenizer, vocab_size, _ = _hf_metadata_for(model, cache_dir)
+    m = LlamaModel(path, threads=threads, vocab_size=vocab_size)
+    try:
+        return _quality_rows(m.new_lm(), tokenizer)
+    finally:
+        m.close()
 
 
 # --- torch -------------------------------------------------------------------------------------
@@ -422,7 +473,7 @@ def measure_torch_dtype(model, vocab_size: int, role: str, repeats: int = 3):
 
 def _load_llama(model: str, role: str, threads: int, cache_dir: Path | None, weight_type: str | None = None) -> Engine:
     from .llama_lm import LlamaModel, llama_cpp_version
-    from .quantize import local_gguf, source_type
+    from .quantize import source_type
     from .tokenizer import vocab_fingerprint
 
     path = model_gguf(model, cache_dir)

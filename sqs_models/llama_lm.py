@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LlamaModel", "LlamaLM", "llama_cpp_version"]
+__all__ = ["LlamaModel", "LlamaLM", "llama_cpp_version", "probe_decode"]
 
 # A session's first KV window and the tokens one llama_decode call takes. Small ubatches keep
 # each context's compute buffer small (its worst case scales with n_ubatch x vocab).
@@ -238,3 +238,21 @@ class LlamaLM:
             self._free_ctx()
         except Exception:  # interpreter shutdown
             pass
+
+
+def probe_decode(path: str, rows: Sequence[int] = (1, 4, 9, 17)) -> None:
+    """What sqs_models.llama_probe's child process runs: load ``path`` WITH llama.cpp's extra buffer
+    types and decode a 32-token prefill and a pass of each of ``rows``; it returns (and the child
+    exits 0) only if every pass gives finite logits. Crashing here is the point: never call it in
+    a process that must survive."""
+    m = LlamaModel(path, threads=1, extra_bufts=True)
+    lm = m.new_lm()
+    n = m.n_vocab
+    ctx = [(7 + 13 * i) % n for i in range(32)]
+    lm.logits(ctx, want=1)
+    for r in rows:
+        out = lm.logits(ctx + [(11 + 17 * i) % n for i in range(r)], want=r)[:, :n]
+        if out.shape[0] != r or not np.isfinite(out).all():
+            raise SystemExit(f"{r}-row pass returned non-finite logits")
+    print(f"decoded a prefill and passes of {', '.join(map(str, rows))} rows with them", flush=True)
+    m.close()

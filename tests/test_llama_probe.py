@@ -100,7 +100,7 @@ def test_llama_server_gets_no_repack_where_the_probe_says_it_crashes(gguf, monke
 
 @pytest.mark.slow
 def test_the_real_child_on_the_tiny_gguf(tmp_path, monkeypatch):
-    """The child itself (python -m sqs_models.llama_probe) decodes the tiny F32 GGUF and exits 0."""
+    """The child itself (llama_lm.probe_decode in a python -c) decodes the tiny F32 GGUF and exits 0."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     pytest.importorskip("gguf")
     from bench.tiny_gguf import write_tiny_gguf

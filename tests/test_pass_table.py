@@ -165,3 +165,17 @@ def test_the_cloud_reports_the_cached_table_at_start(tmp_path, caplog):
     assert second == first
     said = [r.message for r in caplog.records if "forward pass ms by rows" in r.message]
     assert "(measured;" in said[0] and "(cached;" in said[1]
+
+
+def test_benchmarks_read_the_auto_choice_from_the_cloud_log(tmp_path):
+    from bench.cloudproc import cloud_engine
+    from sqs_models.pass_table import describe_choice
+
+    _, preds = choose({"llama Q4_K_M": linear(150.0), "torch bfloat16": flat(400.0, 0.02)})
+    detail = "llama.cpp 0.3.36 qwen2 1.5B Q4_K - Medium (model.gguf), 1 threads, no repack; " + describe_choice(preds, 0.7)
+    log = tmp_path / "cloud.log"
+    log.write_text("2026-12-04 14:22:51,709 INFO sqs.models qwen2.5-coder-1.5b (target): engine llama, "
+                   f"{detail}, loaded in 556.5 s\n")
+    got = cloud_engine(log)
+    assert got == f"llama, {detail}"
+    assert "kept torch bfloat16" in got and "speculative L=" in got and "llama Q4_K_M: " in got

@@ -69,24 +69,24 @@ def test_q8_0_is_made_beside_the_source_checked_once_and_refused_outside_a_toler
 
 
 def test_a_refused_type_is_not_offered_and_local_gguf_says_why(tiny_gguf, monkeypatch, tmp_path):
-    from sqs_models import engines, quantize
+    from sqs_models import engines
 
     d = tmp_path / "m"
     d.mkdir()
     src = d / "model.gguf"
     src.write_bytes(tiny_gguf.read_bytes())
     monkeypatch.setattr(engines, "model_gguf", lambda name, cache_dir=None: src)
-    monkeypatch.setattr(quantize, "llama_logits", lambda p, *a, **k: llama_logits(p))
+    monkeypatch.setattr(engines, "_llama_quality_logits", lambda p, *a, **k: llama_logits(p))
     ref = torch_logits()
-    assert quantize.local_gguf("m", "F32", reference=lambda: ref) == src  # the source itself
-    path = quantize.local_gguf("m", "Q8_0", threads=1, reference=lambda: ref)
+    assert engines.local_gguf("m", "F32", reference=lambda: ref) == src  # the source itself
+    path = engines.local_gguf("m", "Q8_0", threads=1, reference=lambda: ref)
     assert path == d / "model.Q8_0.gguf"
-    assert set(quantize.weight_types("m")) == {"F32", "Q8_0"}
+    assert set(engines.weight_types("m")) == {"F32", "Q8_0"}
     # Q4_0 of random tiny weights against an impossible bar: made, measured, refused, never offered
     with pytest.raises(QualityRefused, match="tolerance"):
-        quantize.local_gguf("m", "Q4_0", threads=1, reference=lambda: ref, tolerance=Tolerance(0.0, 1.01))
-    assert "Q4_0" not in quantize.weight_types("m")
-    assert "Q4_0" in quantize.weight_types("m", accepted_only=False)
+        engines.local_gguf("m", "Q4_0", threads=1, reference=lambda: ref, tolerance=Tolerance(0.0, 1.01))
+    assert "Q4_0" not in engines.weight_types("m")
+    assert "Q4_0" in engines.weight_types("m", accepted_only=False)
 
 
 def test_llama_pass_table_on_the_tiny_gguf_is_measured_once(tiny_gguf, tmp_path):
