@@ -25,6 +25,19 @@ drafting on CPU 0), e.g. N = 8:
 (taskset pins a process and the threads it starts; llama-server is pinned to --llama-server-cpus
 whatever this process's own affinity. An in-process cloud is stopped before llama-server's levels;
 an external one idles through them.)
+
+Many clouds behind Envoy: `--cloud <envoy address> --cloud-metrics HOST:PORT ...` (each replica's
+/metrics) adds per-replica rounds and sessions to the report, so affinity and spread show.
+
+The soak (--soak, loadtest/soak.py): --clients N for --soak-minutes against --cloud, or against
+--replicas sqs-cloud processes behind Envoy that it starts itself, a replica killed every
+--kill-every-s (by --kill-cmd, or SIGKILL to its own and a restart); latency p50/p95 per --window-s,
+resyncs, errors, per-replica counts, and --verify-tokens requests re-run alone to check their tokens:
+
+  sqs-loadtest --soak --clients 16 --soak-minutes 10 --replicas 3 --kill-every-s 60 --draft-len 4 \
+      --k 4 --ell 100 --no-pipeline --temperature 1 --verify-tokens 64
+
+Exit status of a soak: 0, or 1 when a request failed, a token differed or a kill failed.
 """
 
 from __future__ import annotations
@@ -65,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--csv-out", metavar="FILE", help="write one CSV row per measured request")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
     load.add_argument("--log-level", default=os.environ.get("SQS_LOG_LEVEL", "WARNING"))
+    load.add_argument("--cloud-metrics", nargs="+", default=[], metavar="HOST:PORT",
+                      help="each cloud replica's /metrics (loopback): per-replica rounds and sessions in the report")
+    soak = ap.add_argument_group("soak (loadtest/soak.py)")
+    soak.add_argument("--soak", action="store_true", help="one long run with replica kills instead of levels")
+    soak.add_argument("--soak-minutes", type=float, default=10.0, metavar="D")
+    soak.add_argument("--replicas", type=int, default=3,
+                      help="without --cloud: sqs-cloud replicas (--target-model) and Envoy started on loopback")
+    soak.add_argument("--kill-every-s", type=float, default=0.0, metavar="S", help="kill a replica every S s (0: never)")
+    soak.add_argument("--kill-cmd", metavar="CMD",
+                      help="with --cloud: shell command that kills a replica (SQS_KILL_INDEX=0, 1, ... in its env)")
+    soak.add_argument("--restart-after-s", type=float, default=0.0, metavar="S",
+                      help="own replicas: restart a killed replica after S s (on its port)")
+    soak.add_argument("--window-s", type=float, default=30.0, metavar="S", help="report latency per S s")
+    soak.add_argument("--verify-tokens", type=int, default=0, metavar="N",
+                      help="re-run N requests alone (resynced ones first; -1: all) and compare their tokens")
     ls = ap.add_argument_group("llama-server side by side")
     ls.add_argument("--llama-server", action="store_true",
                     help="after our levels, the same levels against llama.cpp's llama-server --parallel N")
@@ -93,7 +121,9 @@ def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
         batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows, progress=not a.no_progress,
         llama_server=a.llama_server, llama_server_binary=a.llama_server_binary,
         llama_server_model=a.llama_server_model, llama_server_threads=a.llama_server_threads,
-        llama_server_cpus=_cpus(a.llama_server_cpus),
+        llama_server_cpus=_cpus(a.llama_server_cpus), cloud_metrics=tuple(a.cloud_metrics),
+        soak=a.soak, soak_minutes=a.soak_minutes, replicas=a.replicas, kill_every_s=a.kill_every_s,
+        kill_cmd=a.kill_cmd, restart_after_s=a.restart_after_s, window_s=a.window_s, verify_tokens=a.verify_tokens,
     )
 
 
@@ -144,6 +174,8 @@ def run(argv: list[str] | None = None) -> int:
     from sqs_models.engines import EngineUnavailable
     from sqs_models.registry import ModelNotInstalled
 
+    if config.soak:
+        return _soak(config, a.json_out)
     try:
         report = run_load_test(config)
     except KeyboardInterrupt:
@@ -170,6 +202,32 @@ def run(argv: list[str] | None = None) -> int:
     if any(lv.summary()["ok"] == 0 for lv in report.levels + report.llama_levels):
         return 1
     return 0
+
+
+def _soak(config, json_out: str | None) -> int:
+    from loadtest.replicas import EnvoyUnavailable
+    from loadtest.soak import run_soak
+    from sqs_models.engines import EngineUnavailable
+    from sqs_models.registry import ModelNotInstalled
+
+    try:
+        report = run_soak(config)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except (ModelNotInstalled, EngineUnavailable, EnvoyUnavailable, ValueError) as exc:
+        return _fail(str(exc), 2)
+    except (OSError, RuntimeError) as exc:  # a replica or Envoy that would not start
+        return _fail(str(exc), 1)
+    print(report.text(), flush=True)
+    if json_out:
+        try:
+            report.write_json(json_out)
+        except OSError as exc:
+            return _fail(f"cannot write {json_out}: {exc}", 1)
+    s = report.summary()
+    if report.interrupted:
+        return 130
+    return 1 if s["errors"] or s["token_mismatches"] or s["failed_kills"] or not s["ok"] else 0
 
 
 def main(argv: list[str] | None = None) -> None:

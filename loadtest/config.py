@@ -75,6 +75,21 @@ class LoadTestConfig(GenerationOptions):
     llama_server_model: str | None = None  # a GGUF path or a model name; None: target_model's GGUF
     llama_server_cpus: tuple[int, ...] | None = None  # its CPU affinity; None: this process's
     llama_server_threads: int = 0  # 0: one per llama_server_cpus CPU (all of this process's without)
+    # Cloud replicas' /metrics (HOST:PORT each, loopback): per-replica rounds and sessions in the report
+    cloud_metrics: tuple[str, ...] = ()
+    # The soak (loadtest/soak.py): clients[0] clients for soak_minutes against `cloud` (or `replicas`
+    # sqs-cloud processes behind Envoy that it starts), a replica killed every kill_every_s seconds
+    # (kill_cmd through the shell, or SIGKILL to one of its own replicas and a restart after
+    # restart_after_s), latency percentiles per window_s, and verify_tokens requests (every resynced
+    # one first) re-run solo against an in-process cloud to check their tokens (-1: all)
+    soak: bool = False
+    soak_minutes: float = 10.0
+    replicas: int = 3
+    kill_every_s: float = 0.0
+    kill_cmd: str | None = None
+    restart_after_s: float = 0.0
+    window_s: float = 30.0
+    verify_tokens: int = 0
 
     def validate(self) -> None:
         if not self.clients or any(n < 1 for n in self.clients):
@@ -100,6 +115,17 @@ class LoadTestConfig(GenerationOptions):
             raise ValueError("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
         if self.cloud is not None:
             check_loopback(self.cloud)
+        for address in self.cloud_metrics:
+            check_loopback(address)
+        if self.soak:
+            if not self.soak_minutes > 0 or not self.window_s > 0:
+                raise ValueError("--soak-minutes and --window-s must be > 0")
+            if self.replicas < 1 or self.kill_every_s < 0 or self.restart_after_s < 0:
+                raise ValueError("--replicas must be >= 1, --kill-every-s and --restart-after-s >= 0")
+            if self.kill_every_s and self.cloud is not None and not self.kill_cmd:
+                raise ValueError("--kill-every-s against an external --cloud needs --kill-cmd (what kills a replica)")
+            if self.llama_server:
+                raise ValueError("--soak and --llama-server do not combine")
         if self.llama_server_threads < 0:
             raise ValueError("--llama-server-threads must be >= 0")
         if self.llama_server_cpus is not None and (not self.llama_server_cpus or min(self.llama_server_cpus) < 0):

@@ -35,6 +35,8 @@ class RequestRecord:
     uplink_payload_bytes: int = 0
     reopens: int = 0
     error: str = ""
+    max_gap_ms: float | None = None  # longest wait between two rounds' tokens (a resync shows here)
+    token_ids: list[int] = field(default_factory=list, repr=False)  # JSON only (the soak checks them)
 
     @property
     def ok(self) -> bool:
@@ -44,7 +46,7 @@ class RequestRecord:
 CSV_FIELDS = [
     "clients", "client", "request", "seed", "prompt_index", "status", "ok", "start_s", "end_s", "latency_ms",
     "ttft_ms", "tokens", "rounds", "drafted", "accepted", "acceptance_rate", "stop_reason",
-    "uplink_payload_bytes", "reopens", "error", "system",
+    "uplink_payload_bytes", "reopens", "max_gap_ms", "error", "system",
 ]
 
 
@@ -117,6 +119,8 @@ class RunReport:
     # "error" when a server could not start) and one level per N (loadtest/llama_levels.py)
     llama_server: dict | None = None
     llama_levels: list[LevelResult] = field(default_factory=list)
+    # --cloud-metrics: per replica behind the router, over the whole run (loadtest/replicas.ReplicaMeter)
+    replicas: list[dict] | None = None
 
     def to_dict(self) -> dict:
         cfg = dataclasses.asdict(self.config)
@@ -138,6 +142,7 @@ class RunReport:
                 "wall_s": "measured phase: all clients warmed up -> last measured request done",
             },
             "levels": [lv.summary() for lv in self.levels],
+            **({"replicas": self.replicas} if self.replicas is not None else {}),
             **({"llama_server": {**self.llama_server, "levels": [lv.summary() for lv in self.llama_levels]}}
                if self.llama_server is not None else {}),
         }
@@ -161,7 +166,9 @@ class RunReport:
     @staticmethod
     def _csv_row(r: RequestRecord, system: str) -> dict:
         row = dataclasses.asdict(r)
+        del row["token_ids"]
         row["ok"] = int(r.ok)
+        row["max_gap_ms"] = "" if r.max_gap_ms is None else f"{r.max_gap_ms:.3f}"
         row["acceptance_rate"] = f"{r.accepted / r.drafted:.4f}" if r.drafted else ""
         row["ttft_ms"] = "" if r.ttft_ms is None else f"{r.ttft_ms:.3f}"
         for key in ("start_s", "end_s"):
@@ -173,6 +180,10 @@ class RunReport:
     def table(self) -> str:
         """Our levels; with --llama-server, a line saying what it ran and its levels below, same columns."""
         out = _table(self.levels)
+        if self.replicas is not None:
+            from loadtest.replicas import replica_table
+
+            out += "\ncloud replicas (--cloud-metrics), the whole run:\n" + replica_table(self.replicas)
         if self.llama_server is not None:
             ls = self.llama_server
             out += (f"\nllama-server --parallel N ({ls.get('version') or '?'}): {'/'.join(Path(ls.get('model') or '?').parts[-2:])}, "

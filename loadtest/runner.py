@@ -78,14 +78,17 @@ def _one_request(sh: _Shared, lv: Level, lm, client: int, ticket: int, prompt_in
     seed = sh.seeds.take()
     base = lv.t0 if lv.t0 is not None else time.perf_counter()
     first: float | None = None
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
+    max_gap = 0.0
     status, error, result = "OK", "", None
     generation = sh.runtime.start(sh.prompt_ids[prompt_index], dataclasses.replace(sh.draft_config, seed=seed),
                                   max_new_tokens=lv.config.max_new_tokens, lm=lm)
     try:
         for r in generation:
-            if r.tokens and first is None:
-                first = time.perf_counter()
+            if r.tokens:
+                now = time.perf_counter()
+                first = now if first is None else first
+                max_gap, last = max(max_gap, now - last), now
             if sh.stop.is_set():
                 generation.close()  # closes the cloud session
                 return None
@@ -111,6 +114,7 @@ def _one_request(sh: _Shared, lv: Level, lm, client: int, ticket: int, prompt_in
         s = result.stats
         rec.tokens, rec.rounds, rec.drafted, rec.accepted = s.generated, s.rounds, s.drafted, s.accepted
         rec.stop_reason, rec.uplink_payload_bytes, rec.reopens = result.stop_reason, s.uplink_payload_bytes, s.reopens
+        rec.max_gap_ms, rec.token_ids = max_gap * 1e3, list(result.token_ids)
         if result.target_model and not lv.target_model:
             lv.target_model = result.target_model
     return rec
@@ -196,6 +200,11 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
                                  connect_timeout_s=config.connect_timeout_s, retries=config.retries,
                                  backoff_s=0.1, meter=config.meter)
     sh = _Shared(runtime.with_cloud(client_config), prompt_ids, draft_config, _SeedSource(config.seed), stop)
+    meter = None
+    if config.cloud_metrics:  # replicas behind a router: who served how much (loadtest/replicas.py)
+        from loadtest.replicas import ReplicaMeter
+
+        meter = ReplicaMeter(config.cloud_metrics).start()
     try:
         for n in config.clients:
             if stop.is_set():
@@ -219,5 +228,7 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
     finally:
         if cloud is not None:
             cloud.stop()
+        if meter is not None:
+            report.replicas = meter.stop()
     report.interrupted = stop.is_set()
     return report
