@@ -34,7 +34,7 @@ log = logging.getLogger("sqs.cloud")
 class CloudConfig:
     model: str = "tiny"
     dtype: str | None = None  # torch engine: None = measured (bf16 vs fp32) for the Qwen pair, fp32 for tiny
-    engine: str = "auto"  # auto | torch | llama (sqs_models.engines: auto = llama.cpp where it and a GGUF exist)
+    engine: str = "auto"  # auto | torch | llama (auto: the most committed tok/s predicted by pass tables)
     threads: int = 0  # llama.cpp threads (0 = all CPUs this process may use)
     host: str = "0.0.0.0"
     port: int = 50051  # 0 = any free port (tests)
