@@ -223,7 +223,7 @@ def _since(sent: RoundResult | None, v: codec.Verdict, more: bool) -> codec.Verd
     """The message of a streamed round after the ones that carried `sent`: the plain tokens since,
     accepted and token only in the first (codec.Verdict.then puts them together again)."""
     if more:
-        v = replace(v, forward_us=0)  # the clocks and the forward time of the whole round go in the last
+        v = replace(v, forward_us=0, row_price_ms=None)  # the clocks, the forward time and the price go in the last
     if sent is None:
         return replace(v, more=more)
     return replace(v, accepted=0, token=0, plain_tokens=v.plain_tokens[len(sent.plain_tokens):], more=more)

@@ -45,7 +45,7 @@ from cloud.pass_batcher import PassBatcher, PassStats
 from cloud.sessions import Refusal, Session, SessionError, SessionTable
 from common import codec
 from common.batch_format import batch_bits
-from common.costmodel import PassTimes
+from common.costmodel import PassTimes, row_price
 from common.lm import LM
 from common.rejection import SparseRow, target_probs, verify_sparse
 from common.schemes import Scheme
@@ -70,11 +70,12 @@ class RoundResult:
     forward_ms: float  # the target forward passes alone
     plain_tokens: tuple[int, ...] = ()  # tokens of the plain steps after `token`
     replayed: bool = False  # the verdict of an earlier identical batch, sent again (no new work)
+    row_price_ms: float | None = None  # the cloud's price of one more row when the round ended
 
     def verdict(self, received_unix_us: int, sent_unix_us: int) -> codec.Verdict:
         """What the edge is told, with the wall clock when the batch came in and the verdict went out."""
         return codec.Verdict(self.accepted, self.token, self.position, self.plain_tokens, received_unix_us,
-                             sent_unix_us, round(self.forward_ms * 1e3))
+                             sent_unix_us, round(self.forward_ms * 1e3), row_price_ms=self.row_price_ms)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class Verifier:
         self.sessions = SessionTable(target, new_lm, config, clock)
         self._pass_lock = threading.Lock()
         self._pass_times = PassTimes()  # process-wide, by rows scored; guarded by _pass_lock
+        self._load = (1.0, 1.0)  # rows and sessions per shared pass, smoothed; guarded by _pass_lock
+        self._quoted = (0, 0, 0)  # the batcher's (passes, rows, items) at the last price quote
         self._batcher: PassBatcher | None = None
         # Told (sessions, rows) of every verification pass; the server points it at Metrics.observe_pass.
         self.on_pass: Callable[[int, int], None] = lambda sessions, rows: None
@@ -138,6 +141,19 @@ class Verifier:
     def _record_pass(self, rows: int, ms: float) -> None:
         with self._pass_lock:
             self._pass_times.add(rows, ms)
+
+    def row_price(self) -> float:
+        """The price (ms) of one more row in this cloud's passes now, which every verdict quotes
+        (common/costmodel.row_price): the pass table at the current load, i.e. the rows and
+        sessions per shared pass since the last quote (smoothed). Without cross-session batching
+        every pass serves one session."""
+        stats = self.pass_stats()
+        with self._pass_lock:
+            if stats is not None and stats.passes > self._quoted[0]:
+                passes, rows, items = (n - q for n, q in zip((stats.passes, stats.rows, stats.items), self._quoted))
+                self._load = tuple(0.5 * old + 0.5 * new for old, new in zip(self._load, (rows / passes, items / passes)))
+                self._quoted = (stats.passes, stats.rows, stats.items)
+            return row_price(self._pass_times.predict, *self._load)
 
     def pass_table(self) -> dict[int, float]:
         """Median forward time (ms) by rows scored, as measured by this process."""
@@ -257,7 +273,8 @@ class Verifier:
                 emit(result)
         if token in eos or len(session.context) + 1 >= self.config.max_context:
             owed = 0  # what stopped the steps stops them on a resend too
-        result = replace(result, verify_ms=(time.perf_counter() - t0) * 1e3, replayed=resumed)
+        result = replace(result, verify_ms=(time.perf_counter() - t0) * 1e3, replayed=resumed,
+                         row_price_ms=self.row_price())
         session.last = LastRound(last.position, last.digest, replace(result, replayed=False), owed)
         return result
 

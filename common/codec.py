@@ -247,6 +247,7 @@ class Verdict:
     sent_unix_us: int = 0  # ... and when the verdict was written
     forward_us: int = 0  # the target forward passes alone
     more: bool = False  # a streamed round's verdict so far: more of its tokens follow
+    row_price_ms: float | None = None  # the cloud's price of one more row in its passes now (None: not quoted)
 
     def then(self, part: "Verdict") -> "Verdict":
         """This verdict so far followed by the next message `part` of the same streamed round (see
@@ -259,9 +260,11 @@ def verdict_to_pb(v: Verdict) -> pb.Verdict:
     return pb.Verdict(
         accepted=v.accepted, token=v.token, position=v.position, received_unix_us=v.received_unix_us,
         sent_unix_us=v.sent_unix_us, forward_us=v.forward_us, plain_tokens=list(v.plain_tokens), more=v.more,
+        row_price_ms=v.row_price_ms,
     )
 
 
 def verdict_from_pb(msg: pb.Verdict) -> Verdict:
     return Verdict(int(msg.accepted), int(msg.token), int(msg.position), tuple(msg.plain_tokens),
-                   int(msg.received_unix_us), int(msg.sent_unix_us), int(msg.forward_us), bool(msg.more))
+                   int(msg.received_unix_us), int(msg.sent_unix_us), int(msg.forward_us), bool(msg.more),
+                   float(msg.row_price_ms) if msg.HasField("row_price_ms") else None)

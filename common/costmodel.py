@@ -9,6 +9,8 @@ Every figure comes from measurements handed in by the caller; nothing is a hand-
                  clocks need not be synchronised
   Smoothed       a robust running value (median of a window) for the draft time per position
                  and the cloud's per-round overhead outside the forward pass
+  row_price      the cloud's price of one more row in its passes at its current load (it quotes
+                 it in every verdict; the edge's plan charges each draft's row at that price)
   CostModel      all of them for one session, fed by each round's measurements; its output,
                  `Costs`, is what the plan (common/planner.py) and the stop rule read
 
@@ -31,7 +33,7 @@ class Costs:
     draft_ms: float  # edge: one drafted position (SLM step, sparsify, quantize, sample)
     fixed_ms: float  # per round: RTT + uplink framing + cloud time outside the forward pass
     ms_per_byte: float  # uplink
-    pass_ms: Callable[[int], float]  # target forward scoring r rows
+    pass_ms: Callable[[int], float]  # target forward scoring r rows (rows past the first at the cloud's price)
 
 
 class Smoothed:
@@ -41,6 +43,9 @@ class Smoothed:
         self._samples: deque[float] = deque(maxlen=window)
         self.default = default
         self._value: float | None = None  # the median, kept until the next sample (read per plan)
+
+    def __bool__(self) -> bool:
+        return bool(self._samples)
 
     def add(self, value: float) -> None:
         if np.isfinite(value):
@@ -102,6 +107,15 @@ class PassTimes:
         return float(ys[-1] + slope * (rows - xs[-1]))
 
 
+def row_price(pass_ms: Callable[[int], float], rows: float, sessions: float) -> float:
+    """The price (ms) of one more row in a pass that carries `rows` rows of `sessions` sessions:
+    what the row adds to the pass, pass_ms(R + 1) - pass_ms(R), paid by every session the pass
+    serves (each waits for it). An idle cloud (one session, a flat table) quotes the row's own
+    marginal time; a saturated one (full passes, many sessions) a multiple of it."""
+    r = max(1, int(round(rows)))
+    return max(0.0, pass_ms(r + 1) - pass_ms(r)) * max(1.0, sessions)
+
+
 @dataclass(frozen=True)
 class Link:
     rtt_ms: float  # fixed network time of a round (both directions, downlink verdict included)
@@ -159,6 +173,7 @@ class CostModel:
         self.cloud_overhead = Smoothed(default=0.0)  # cloud round time outside its forward passes
         self.framing = Smoothed(default=0.0)  # uplink wire bytes per round beyond the payload
         self.link = LinkEstimate()
+        self.row_price = Smoothed(window=4)  # the cloud's quoted price of a row (ms; recent verdicts)
 
     def observe_round(self, *, rows: int, plain_steps: int, forward_ms: float, cloud_ms: float,
                       round_trip_ms: float, uplink_bytes: int, payload_bytes: int) -> None:
@@ -172,6 +187,13 @@ class CostModel:
         self.link.add(uplink_bytes, round_trip_ms - cloud_ms)
 
     def costs(self) -> Costs:
+        """The costs a plan weighs. Once the cloud quotes a row price, a pass of r rows costs the
+        measured one-row pass plus r - 1 rows at that price (the load the cloud sees, not the
+        table measured when it was idle)."""
         link = self.link.estimate()
         fixed = link.rtt_ms + link.ms_per_byte * self.framing.value + self.cloud_overhead.value
-        return Costs(self.draft.value, fixed, link.ms_per_byte, self.passes.predict)
+        pass_ms = self.passes.predict
+        if self.row_price:
+            price, one = self.row_price.value, pass_ms(1)
+            pass_ms = lambda rows: one + (rows - 1) * price  # noqa: E731
+        return Costs(self.draft.value, fixed, link.ms_per_byte, pass_ms)

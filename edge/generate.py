@@ -167,6 +167,8 @@ class Generation:
                 # settle: the drafter learns from the round (threshold rollback, acceptance, costs)
                 rec = _record(batch, wire, reply, ahead)
                 drafter.learn(batch, rec, carry=ahead is not None and ahead.adopted)
+                if reply.verdict.row_price_ms is not None:  # the cloud's load: the next plans weigh rows at its price
+                    drafter.costs.row_price.add(reply.verdict.row_price_ms)
                 rec.beta = drafter.beta
                 # record
                 context.extend(new)

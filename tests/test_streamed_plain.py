@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-import survive_tools as st
+import tests.survive_tools as st
 from cloud.verifier import Verifier, VerifierConfig
 from common import codec
 from common.costmodel import Costs

@@ -107,7 +107,7 @@ class DraftBatch(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_drafts: _Optional[int] = ..., packed: _Optional[bytes] = ..., raw: _Optional[bytes] = ..., k: _Optional[int] = ..., ell: _Optional[int] = ..., plain_steps: _Optional[int] = ..., stream: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us", "forward_us", "plain_tokens", "more")
+    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us", "forward_us", "plain_tokens", "more", "row_price_ms")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class Verdict(_message.Message):
     FORWARD_US_FIELD_NUMBER: _ClassVar[int]
     PLAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    ROW_PRICE_MS_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     token: int
     position: int
@@ -124,7 +125,8 @@ class Verdict(_message.Message):
     forward_us: int
     plain_tokens: _containers.RepeatedScalarFieldContainer[int]
     more: bool
-    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., plain_tokens: _Optional[_Iterable[int]] = ..., more: _Optional[bool] = ...) -> None: ...
+    row_price_ms: float
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., plain_tokens: _Optional[_Iterable[int]] = ..., more: _Optional[bool] = ..., row_price_ms: _Optional[float] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
