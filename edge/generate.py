@@ -125,7 +125,9 @@ class Generation:
         eos = set(opened.eos_token_ids) | drafter.eos
         drafter.calibrate(context, opened.pass_rows, opened.pass_ms)
         streaming = streams_plain(client)
-        drafter.planner.streaming = streaming  # a streamed plain round may be long: its tokens show as they come
+        # A streamed plain round may be long when its tokens show as they come (previews); a consumer
+        # that reads whole rounds keeps short ones (the stream still saves nothing but waiting).
+        drafter.planner.streaming = streaming and self.previews
         stop_reason = "length"
         ahead: _Ahead | None = None
         pool = ThreadPoolExecutor(1, thread_name_prefix="round") if drafter.config.pipeline else None

@@ -120,7 +120,9 @@ def test_t0_streamed_plain_equals_plain_decoding_in_one_request(cloud):
     rt = runtime(cloud.address)
     n = 40
     before = batches(cloud)
-    streamed = rt.generate(rt.encode(PROMPT), plain_config(), max_new_tokens=n)
+    g = rt.start(rt.encode(PROMPT), plain_config(), max_new_tokens=n, previews=True)
+    list(g)
+    streamed = g.result
     assert batches(cloud) - before == 1  # the whole generation: ONE verification request
     assert streamed.stats.rounds == 1 and len(streamed.token_ids) == n
     unary = runtime(cloud.address, transport="unary").generate(rt.encode(PROMPT), plain_config(), max_new_tokens=n)
@@ -301,7 +303,9 @@ def test_wire_bytes_per_token_streamed_against_batched(cloud):
     n = 48
     rt = runtime(cloud.address)
     prompt = rt.encode(PROMPT)
-    streamed = rt.generate(prompt, plain_config(1.0, 4), max_new_tokens=n).stats
+    g = rt.start(prompt, plain_config(1.0, 4), max_new_tokens=n, previews=True)
+    list(g)
+    streamed = g.result.stats
     config = ClientConfig(cloud.address, **st.FAST_RETRY)
     batched_rt = EdgeRuntime(st.draft_engine(), None, connect=lambda cancel: Unstreamed(CloudClient(config, cancel)))
     batched = batched_rt.generate(prompt, plain_config(1.0, 4), max_new_tokens=n).stats
