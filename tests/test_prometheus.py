@@ -96,9 +96,16 @@ def scrape_config(tmp: Path, cloud_metrics: int, edge_port: int, prom_port: int)
     cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     moved = {"cloud:9101": f"127.0.0.1:{cloud_metrics}", "edge:8080": f"127.0.0.1:{edge_port}",
              "localhost:9090": f"127.0.0.1:{prom_port}"}
+    jobs = []
     for job in cfg["scrape_configs"]:
+        if job["job_name"] == "envoy":
+            continue  # no Envoy here (tests/test_envoy_replicas.py runs one)
+        for dns in job.pop("dns_sd_configs", []):  # the cloud replicas by DNS: the one cloud here
+            job.setdefault("static_configs", []).append({"targets": [f"{n}:{dns['port']}" for n in dns["names"]]})
         for sc in job["static_configs"]:
             sc["targets"] = [moved[t] for t in sc["targets"]]
+        jobs.append(job)
+    cfg["scrape_configs"] = jobs
     path = tmp / "prometheus.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
