@@ -2,10 +2,10 @@
 deploy/envoy.yaml, with only its addresses changed (the DNS cluster becomes the replicas'
 127.0.0.1 ports, the listeners and the admin interface free loopback ports). The soak
 (`sqs-loadtest --soak --replicas N`) and the tests (tests/test_envoy*.py) start them, kill a replica
-with SIGKILL, restart it on the same port, and read what Envoy and each replica say:
+with SIGKILL, restart it on the same port, and read what Envoy and each replica say (their
+/metrics: loadtest/replica_counts.py):
 
   Envoy.hosts()          {port: health flags} from the admin interface (/clusters)
-  scrape(address)        a replica's /metrics as {sample name: summed value}
   Replica.sessions()     session ids the replica opened and the ones it ran rounds of, from its
                          log (run at DEBUG: "session opened session=<id>", "round session=<id>")
 
@@ -36,6 +36,8 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.cloudproc import child_preexec, free_port, stop_process
 
 ENVOY_YAML = Path(__file__).resolve().parents[1] / "deploy" / "envoy.yaml"
 CLUSTER = "sqs_cloud"
@@ -103,14 +105,6 @@ def proxy_reset_connect(config):
     return lambda cancel: cls(config, cancel=cancel)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def loopback_config(cloud_ports: list[int], grpc_port: int, admin_port: int, metrics_port: int,
                     source: Path = ENVOY_YAML) -> dict:
     """deploy/envoy.yaml with loopback addresses: the cluster's one DNS name becomes a STATIC list
@@ -133,28 +127,6 @@ def loopback_config(cloud_ports: list[int], grpc_port: int, admin_port: int, met
         else:  # the admin interface, proxied for /stats/prometheus
             endpoints[0]["endpoint"]["address"]["socket_address"]["port_value"] = admin_port
     return cfg
-
-
-def _preexec() -> None:
-    """Children die with the process that started them (PR_SET_PDEATHSIG), so a killed soak or
-    test leaves no replica or proxy behind."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-def _stop(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(grace_s)
 
 
 @dataclass
@@ -186,7 +158,7 @@ class Replica:
                "--log-level", self.log_level]
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         preexec_fn=_preexec)
+                                         preexec_fn=child_preexec())
 
     def wait_serving(self, timeout_s: float = 120.0) -> None:
         from cloud.health import wait_serving
@@ -204,25 +176,13 @@ class Replica:
             self.kills += 1
 
     def stop(self) -> None:
-        _stop(self.proc)
+        if self.proc is not None:
+            stop_process(self.proc, grace_s=10.0)
 
     def sessions(self) -> tuple[set[str], set[str]]:
         """(sessions opened or re-opened here, sessions that ran a round here), from the log."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return set(_OPENED.findall(text)), set(_ROUND.findall(text))
-
-
-def scrape(address: str, timeout_s: float = 3.0) -> dict[str, float]:
-    """A /metrics endpoint as {sample name: value summed over labels} (counters' _total included)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as r:
-        text = r.read().decode()
-    out: dict[str, float] = defaultdict(float)
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[s.name] += s.value
-    return dict(out)
 
 
 class Envoy:
@@ -243,7 +203,7 @@ class Envoy:
                "--log-level", log_level, "--log-path", str(self.log_path)]
         with open(self.access_log_path, "w") as out:  # stdout: the access log
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         preexec_fn=_preexec)
+                                         preexec_fn=child_preexec())
 
     def get(self, path: str, timeout_s: float = 2.0) -> str:
         with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=timeout_s) as r:
@@ -297,7 +257,8 @@ class Envoy:
             return ""
 
     def stop(self) -> None:
-        _stop(self.proc)
+        if self.proc is not None:
+            stop_process(self.proc, grace_s=10.0)
 
 
 @dataclass
@@ -379,94 +340,3 @@ class ReplicaSet:
             self._tmp.cleanup()
             self._tmp = None
 
-
-COUNTERS = {"rounds": "sqs_batches_total", "sessions": "sqs_sessions_opened_total"}
-
-
-class ReplicaMeter:
-    """Per-replica counts over a run, from each replica's /metrics (HOST:PORT), sampled every
-    interval_s in a thread: rounds (sqs_batches_total), sessions opened (sqs_sessions_opened_total,
-    None where the cloud does not export it), and sqs_active_sessions (peak and mean of the
-    samples). Counters are summed as Prometheus' increase() does: a replica restarted (its counters
-    back at 0) adds what it counted since. A scrape that fails (a dead replica) is counted."""
-
-    def __init__(self, addresses: list[str] | tuple[str, ...], interval_s: float = 0.5) -> None:
-        import threading
-
-        self.addresses = list(addresses)
-        self.interval_s = interval_s
-        self._last: list[dict[str, float] | None] = [None] * len(self.addresses)
-        self._sum = [{k: 0.0 for k in COUNTERS} for _ in self.addresses]
-        self._seen = [set() for _ in self.addresses]  # counters a replica exported at least once
-        self._active: list[list[float]] = [[] for _ in self.addresses]
-        self._failed = [0] * len(self.addresses)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="replica-meter", daemon=True)
-
-    def start(self) -> "ReplicaMeter":
-        self.sample()  # the baseline
-        self._thread.start()
-        return self
-
-    def sample(self) -> None:
-        for i, address in enumerate(self.addresses):
-            try:
-                now = scrape(address, timeout_s=2.0)
-            except OSError:
-                self._failed[i] += 1
-                continue
-            prev = self._last[i]
-            for key, name in COUNTERS.items():
-                if name not in now:
-                    continue
-                self._seen[i].add(key)
-                if prev is not None:
-                    before = prev.get(name, 0.0)
-                    self._sum[i][key] += now[name] - before if now[name] >= before else now[name]
-            self._active[i].append(now.get("sqs_active_sessions", 0.0))
-            self._last[i] = now
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def stop(self) -> list[dict]:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-        self.sample()
-        out = []
-        for i, address in enumerate(self.addresses):
-            active = self._active[i]
-            out.append({
-                "metrics": address,
-                "rounds": int(self._sum[i]["rounds"]),
-                "sessions": int(self._sum[i]["sessions"]) if "sessions" in self._seen[i] else None,
-                "active_sessions_peak": max(active, default=0.0),
-                "active_sessions_mean": sum(active) / len(active) if active else 0.0,
-                "failed_scrapes": self._failed[i],
-            })
-        return out
-
-
-def replica_table(rows: list[dict]) -> str:
-    """The per-replica counts as a small table (shares of the rounds and of the sessions)."""
-    rounds = sum(r["rounds"] for r in rows) or 1
-    in_logs = all(r["sessions"] is None and r.get("sessions_in_log") is not None for r in rows)
-    if in_logs:  # replicas this process started: their logs name every session they opened
-        rows = [{**r, "sessions": r["sessions_in_log"]} for r in rows]
-    known = [r["sessions"] for r in rows if r["sessions"] is not None]
-    sessions = sum(known) or 1
-    lines = [f"{'replica':<22} {'rounds':>7} {'share':>6} {'sessions':>8} {'share':>6} {'active_peak':>11} "
-             f"{'failed_scrapes':>14}"]
-    for r in rows:
-        s = r["sessions"]
-        lines.append(f"{r['metrics']:<22} {r['rounds']:>7d} {r['rounds'] / rounds:>6.1%} "
-                     f"{'-' if s is None else s:>8} {'-' if s is None else f'{s / sessions:.1%}':>6} "
-                     f"{r['active_sessions_peak']:>11.0f} {r['failed_scrapes']:>14d}")
-    if in_logs:
-        lines.append("sessions: opened or re-opened there, from the replicas' logs (the clouds export no "
-                     "sqs_sessions_opened_total)")
-    elif len(known) < len(rows):
-        lines.append("sessions: '-' where the cloud exports no sqs_sessions_opened_total")
-    return "\n".join(lines)

@@ -181,7 +181,7 @@ class RunReport:
         """Our levels; with --llama-server, a line saying what it ran and its levels below, same columns."""
         out = _table(self.levels)
         if self.replicas is not None:
-            from loadtest.replicas import replica_table
+            from loadtest.replica_counts import replica_table
 
             out += "\ncloud replicas (--cloud-metrics), the whole run:\n" + replica_table(self.replicas)
         if self.llama_server is not None:

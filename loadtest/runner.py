@@ -202,7 +202,7 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
     sh = _Shared(runtime.with_cloud(client_config), prompt_ids, draft_config, _SeedSource(config.seed), stop)
     meter = None
     if config.cloud_metrics:  # replicas behind a router: who served how much (loadtest/replicas.py)
-        from loadtest.replicas import ReplicaMeter
+        from loadtest.replica_counts import ReplicaMeter
 
         meter = ReplicaMeter(config.cloud_metrics).start()
     try:

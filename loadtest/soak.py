@@ -119,7 +119,7 @@ class SoakReport:
             f.write("\n")
 
     def text(self) -> str:
-        from loadtest.replicas import replica_table
+        from loadtest.replica_counts import replica_table
 
         c, s = self.config, self.summary()
         where = f"{self.own_replicas} sqs-cloud replicas behind Envoy (started here)" if self.own_replicas else "external"
@@ -235,7 +235,8 @@ def run_soak(config: LoadTestConfig, *, stop: threading.Event | None = None,
     from edge.client import ClientConfig
     from edge.runtime import DraftSpec, EdgeRuntime
     from loadtest.levels import run_level
-    from loadtest.replicas import ReplicaMeter, ReplicaSet, proxy_reset_connect
+    from loadtest.replica_counts import ReplicaMeter
+    from loadtest.replicas import ReplicaSet, proxy_reset_connect
     from loadtest.runner import _client_loop, _SeedSource, _Shared
 
     config.validate()

@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 import yaml
 
+from loadtest.replica_counts import scrape
 from loadtest.replicas import (ENVOY_YAML, EnvoyUnavailable, ReplicaSet, envoy_binary, loopback_config,
-                               proxy_reset_connect, scrape)
+                               proxy_reset_connect)
 from tests.conftest import require_tool
 from tests.survive_tools import FAST_RETRY, draft_config, draft_engine
 
@@ -215,3 +216,31 @@ def test_failover_kill_9_mid_run_then_restart(replicas, cloud):
             reached = True
             break
     assert reached, "no new session reached the restarted replica in 30 generations"
+
+
+# ---------------------------------------------------------------------------------------------
+# the load test through the router
+
+
+@pytest.mark.slow
+def test_loadtest_through_envoy_reports_per_replica_counts(replicas):
+    """`sqs-loadtest --cloud <envoy>` unchanged, plus --cloud-metrics: per-replica rounds and the
+    peak of live sessions, from the replicas' own /metrics."""
+    from loadtest.runner import LoadTestConfig, run_load_test
+
+    before = _rounds(replicas.metrics_addresses)
+    cfg = LoadTestConfig(clients=(4,), requests=24, duration_s=120, warmup=1, cloud=replicas.address,
+                         cloud_metrics=tuple(replicas.metrics_addresses), max_new_tokens=8, draft_len=4,
+                         progress=False)
+    report = run_load_test(cfg)
+    after = _rounds(replicas.metrics_addresses)
+    (level,) = report.levels
+    s = level.summary()
+    assert s["ok"] == s["requests"] == 24 and s["errors"] == 0, s
+    rows = report.replicas
+    assert [r["metrics"] for r in rows] == replicas.metrics_addresses
+    assert [r["rounds"] for r in rows] == [int(a - b) for a, b in zip(after, before)]
+    assert sum(r["rounds"] for r in rows) >= s["rounds"] and all(r["rounds"] > 0 for r in rows), rows
+    assert all(r["failed_scrapes"] == 0 for r in rows)
+    assert report.to_dict()["replicas"] == rows
+    assert "cloud replicas (--cloud-metrics)" in report.table()
