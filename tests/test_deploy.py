@@ -203,6 +203,18 @@ def rendered(docker_compose) -> dict:
 
 def test_compose_config_renders_and_topology(rendered):
     check_topology(rendered)
+    assert int(rendered["services"]["cloud"]["scale"]) == int(read_env_file()["CLOUD_REPLICAS"])
+
+
+def test_compose_config_with_three_cloud_replicas(docker_compose):
+    """CLOUD_REPLICAS=3 (what `make deploy CLOUD_REPLICAS=3` exports) renders three cloud replicas."""
+    env = {**_compose_env(), "CLOUD_REPLICAS": "3"}
+    proc = subprocess.run([docker_compose, "--project-directory", str(ROOT), "-f", str(COMPOSE), "config"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert int(cfg["services"]["cloud"]["scale"]) == 3
+    check_topology(cfg)
 
 
 def test_compose_link_settings_come_from_env(rendered):
