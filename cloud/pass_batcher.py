@@ -12,7 +12,7 @@ queue when no pass is running leads the next pass: it waits for more items until
     counts the sessions with a Verify stream attached), or
   - `window_s` has passed since the leader's item arrived,
 
-then takes the queue's items in arrival order up to `max_rows` rows (always at least one), runs
+then takes the queue's items up to `max_rows` rows (always the leader's first), fairly by key, runs
 `run(items)` (ONE forward pass for all of them) outside the lock, hands every item its own result
 and wakes the next leader. Consequences, by design:
 
@@ -26,15 +26,35 @@ and wakes the next leader. Consequences, by design:
 
 `run` returns one outcome per item, a result or an exception instance (that item's own failure);
 if `run` raises, every item of the pass gets that exception.
+
+Fair by key: each item has a key (the identity whose session sent it: `submit(key=...)`, or the
+FAIR_KEY context variable of the submitting thread, which the servicer sets with `served_as`). When
+the queue holds more rows than a pass takes, the pass takes items round-robin over the keys (in the
+order of each key's oldest item, the leader's key first), each key's own items in arrival order, so
+an identity with many sessions queued cannot fill every pass while another waits. A key whose next
+item does not fit gives up its later turns in this pass (its order is kept). With one key this is
+plain arrival order.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
+
+FAIR_KEY: contextvars.ContextVar[Hashable] = contextvars.ContextVar("sqs_fair_key", default=None)
+
+
+def served_as(key: Hashable, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) with FAIR_KEY = key in this thread (a worker thread of the rounds)."""
+    token = FAIR_KEY.set(key)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        FAIR_KEY.reset(token)
 
 
 @dataclass
@@ -42,6 +62,7 @@ class _Ticket:
     item: Any
     rows: int
     arrived: float
+    key: Hashable = None  # whose item: the pass takes keys round-robin
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -76,9 +97,10 @@ class PassBatcher:
         self._busy = False  # a pass is running
         self._stats = PassStats()
 
-    def submit(self, item: Any, rows: int) -> Any:
-        """Block until `item` has been run in some pass; its result, or raise its error."""
-        ticket = _Ticket(item, max(1, rows), self._clock())
+    def submit(self, item: Any, rows: int, key: Hashable = None) -> Any:
+        """Block until `item` has been run in some pass; its result, or raise its error. `key`
+        (default: this thread's FAIR_KEY) is whose item it is, for the round-robin."""
+        ticket = _Ticket(item, max(1, rows), self._clock(), FAIR_KEY.get() if key is None else key)
         with self._cv:
             self._queue.append(ticket)
             self._cv.notify_all()  # a waiting leader may now have its full pass
@@ -122,11 +144,9 @@ class PassBatcher:
             if queued_rows >= self.max_rows or len(self._queue) >= max(1, self._expected()) or left <= 0:
                 break
             self._cv.wait(left)
-        shared = [self._queue.popleft()]
-        rows = shared[0].rows
-        while self._queue and rows + self._queue[0].rows <= self.max_rows:
-            rows += self._queue[0].rows
-            shared.append(self._queue.popleft())
+        shared = _round_robin(list(self._queue), self.max_rows)
+        taken = {id(t) for t in shared}
+        self._queue = deque(t for t in self._queue if id(t) not in taken)
         return shared
 
     @staticmethod
@@ -139,3 +159,23 @@ class PassBatcher:
         with self._cv:
             s = self._stats
             return PassStats(s.passes, s.items, s.rows, s.max_items, dict(s.by_items))
+
+
+def _round_robin(queue: list[_Ticket], max_rows: int) -> list[_Ticket]:
+    """The items of one pass from the queue (oldest first; queue[0] leads and always goes): keys
+    round-robin in the order of their oldest item, each key's items in order, up to max_rows rows."""
+    by_key: dict[Hashable, deque[_Ticket]] = {}
+    for t in queue:
+        by_key.setdefault(t.key, deque()).append(t)
+    shared = [by_key[queue[0].key].popleft()]
+    rows = shared[0].rows
+    turns = deque(k for k in by_key if k != queue[0].key)
+    turns.append(queue[0].key)  # the leader's key has had its first turn
+    while turns:
+        key = turns.popleft()
+        items = by_key[key]
+        if items and rows + items[0].rows <= max_rows:
+            rows += items[0].rows
+            shared.append(items.popleft())
+            turns.append(key)
+    return shared
