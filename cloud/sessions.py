@@ -12,6 +12,12 @@ Sessions survive what the network and the edge do to them:
 - A context is refused at open when no round fits under `max_context`; the first prefill runs in
   chunks of `prefill_chunk` tokens (`prefill_step`, one executor job each), so a long prompt never
   holds a verify worker for more than one chunk.
+- A session belongs to the identity that opened it (cloud/auth.py: a token name or a certificate
+  CN): a get, attach, close or re-open of its id by another identity is PERMISSION_DENIED (the id
+  is known, so NOT_FOUND would only send that edge into a futile re-open; it learns nothing it did
+  not have). When the table is full, the least recently used session of the identity holding the
+  most is evicted, so one identity's sessions cannot push out everyone else's; `admit(held)` at
+  open is the per-identity session quota (cloud/quotas.py), checked under the table's lock.
 - Expired sessions are reaped by `reap()` (the server calls it on a timer). A session whose every
   stream ended without a CloseSession is an orphan: it is kept `orphan_ttl_s` for the edge to
   resume (see release(); a re-open with the accepted context is always correct, so a short orphan
@@ -26,7 +32,7 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -46,6 +52,7 @@ class Refusal(enum.StrEnum):
     VOCAB_MISMATCH = "FAILED_PRECONDITION"  # draft and target do not share a tokenizer
     CONTEXT_FULL = "OUT_OF_RANGE"  # the session's context would exceed max_context
     SESSION_LIVE = "ALREADY_EXISTS"  # a re-open that differs from the live session of that id
+    NOT_OWNER = "PERMISSION_DENIED"  # the session was opened by another identity
 
 
 class SessionError(Exception):
@@ -78,6 +85,7 @@ class Session:
     last: Any = None  # the verifier's record of the last verified batch (cloud/verifier.py LastRound)
     streams: int = 0  # Verify streams serving it now (guarded by the table's lock)
     orphan: bool = False  # every stream that served it ended without a CloseSession
+    owner: str = ""  # the identity that opened it (cloud/auth.py); only it may use the session
 
 
 class SessionTable:
@@ -93,8 +101,9 @@ class SessionTable:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
 
-    def open(self, req: codec.OpenRequest) -> Session:
-        """A new session, or with `client_session_id` a re-open (see the module docstring).
+    def open(self, req: codec.OpenRequest, owner: str = "", admit: Callable[[int], None] | None = None) -> Session:
+        """A new session of `owner`, or with `client_session_id` a re-open (see the module docstring).
+        admit(sessions owner holds now) may raise to refuse a new one (the session quota).
 
         `req` has passed codec.decode_open against this target's vocabulary (the servicer decodes).
         The context is not fed to the LM here: the caller runs prefill_step() until it returns
@@ -119,30 +128,59 @@ class SessionTable:
         if cid:
             with self._lock:
                 self._expire_locked()
-                live = self._reopen_locked(cid, req)
+                live = self._reopen_locked(cid, req, owner)
             if live is not None:
                 return live
+        if admit is not None:
+            with self._lock:
+                admit(self._owned_locked(owner))  # refused before an LM is made
         sid = cid or new_session_id()
         session = Session(sid, list(req.context), req, self.new_lm(), min(req.max_drafts, self.config.max_drafts),
-                          last_used=self._clock())
+                          last_used=self._clock(), owner=owner)
         with self._lock:
             self._expire_locked()
-            live = self._reopen_locked(sid, req)  # an identical re-open raced this one
+            live = self._reopen_locked(sid, req, owner)  # an identical re-open raced this one
             if live is not None:
                 return live
+            if admit is not None:
+                admit(self._owned_locked(owner))
             while len(self._sessions) >= self.config.max_sessions:
-                old_id, _ = self._sessions.popitem(last=False)  # least recently used
-                log.info("session evicted (LRU) session=%s", old_id)
+                old_id = self._eviction_locked()
+                del self._sessions[old_id]
+                log.info("session evicted (LRU of the identity holding the most) session=%s", old_id)
             self._sessions[sid] = session
         log.info("session %s session=%s scheme=%s context=%d", "re-opened" if cid else "opened", sid,
                  req.scheme.scheme.value, n)
         return session
 
-    def _reopen_locked(self, sid: str, req: codec.OpenRequest) -> Session | None:
-        """The live session `sid` if `req` re-opens it identically; ALREADY_EXISTS if it differs."""
+    def _owned_locked(self, owner: str) -> int:
+        return sum(1 for s in self._sessions.values() if s.owner == owner)
+
+    def owned(self, owner: str) -> int:
+        """Sessions `owner` holds now."""
+        with self._lock:
+            return self._owned_locked(owner)
+
+    def _eviction_locked(self) -> str:
+        """The id to evict from a full table: the least recently used session of the identity that
+        holds the most (plain LRU when one identity holds them all)."""
+        held = Counter(s.owner for s in self._sessions.values())
+        most = max(held.values())
+        return next(sid for sid, s in self._sessions.items() if held[s.owner] == most)
+
+    @staticmethod
+    def _check_owner(session: Session, owner: str | None) -> None:
+        if owner is not None and session.owner != owner:
+            raise SessionError(Refusal.NOT_OWNER, f"session {session.id} was opened by another identity; "
+                                                  f"only that identity may use it")
+
+    def _reopen_locked(self, sid: str, req: codec.OpenRequest, owner: str) -> Session | None:
+        """The live session `sid` if `req` re-opens it identically; ALREADY_EXISTS if it differs,
+        PERMISSION_DENIED if another identity holds it."""
         live = self._sessions.get(sid)
         if live is None:
             return None
+        self._check_owner(live, owner)
         same = live.context == req.context and replace(live.request, context=[], client_session_id="") == replace(
             req, context=[], client_session_id=""
         )
@@ -172,22 +210,24 @@ class SessionTable:
             session.prefilled = end
             return end >= target
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        """The session (owner given: only if `owner` opened it, else PERMISSION_DENIED)."""
         with self._lock:
-            return self._get_locked(session_id)
+            return self._get_locked(session_id, owner)
 
-    def attach(self, session_id: str) -> Session:
+    def attach(self, session_id: str, owner: str | None = None) -> Session:
         """get() for the first batch of a Verify stream: the stream now serves this session."""
         with self._lock:
-            session = self._get_locked(session_id)
+            session = self._get_locked(session_id, owner)
             session.streams += 1
             return session
 
-    def _get_locked(self, session_id: str) -> Session:
+    def _get_locked(self, session_id: str, owner: str | None = None) -> Session:
         self._expire_locked()
         session = self._sessions.get(session_id)
         if session is None:
             raise SessionError(Refusal.UNKNOWN_SESSION, f"unknown or expired session {session_id[:64]!r}")
+        self._check_owner(session, owner)  # before anything of the session changes
         self._sessions.move_to_end(session_id)
         session.last_used = self._clock()
         session.orphan = False
@@ -212,8 +252,12 @@ class SessionTable:
                 session.orphan = True
                 session.last_used = self._clock()
 
-    def close(self, session_id: str) -> bool:
+    def close(self, session_id: str, owner: str | None = None) -> bool:
+        """End the session; False if unknown. Owner given: PERMISSION_DENIED for another's."""
         with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                self._check_owner(session, owner)
             return self._sessions.pop(session_id, None) is not None
 
     def reap(self) -> int:

@@ -19,6 +19,9 @@ Series (label `sparsifier`, and `part` or `position` where named: never a sessio
   sqs_active_sessions                                                (gauge)
   sqs_pass_rows, sqs_pass_sessions (rows scored by one target verification pass, and the sessions
       whose rounds shared it: 1 with cross-session batching off)      (histograms, cloud, no labels)
+  sqs_auth_failures_total{reason=missing|malformed|invalid|certificate}   (counter, cloud: calls
+      refused UNAUTHENTICATED, cloud/auth.py; a refused TLS handshake never reaches the server's code)
+  sqs_quota_refusals_total{limit=sessions|rounds|rows}   (counter, cloud: RESOURCE_EXHAUSTED, cloud/quotas.py)
 
 PromQL for a dashboard:
   acceptance:  sum(rate(sqs_accepted_tokens_total[1m])) / sum(rate(sqs_draft_tokens_total[1m]))
@@ -30,6 +33,7 @@ PromQL for a dashboard:
   mean L:      sum(rate(sqs_plan_draft_len_sum[5m])) / sum(rate(sqs_plan_draft_len_count[5m]))
   sessions per pass: sum(rate(sqs_pass_sessions_sum[5m])) / sum(rate(sqs_pass_sessions_count[5m]))
   rows per pass:     sum(rate(sqs_pass_rows_sum[5m])) / sum(rate(sqs_pass_rows_count[5m]))
+  refused calls:     sum by (reason) (rate(sqs_auth_failures_total[5m])), sum by (limit) (rate(sqs_quota_refusals_total[5m]))
   bits/token:  sum(rate(sqs_uplink_formula_bits_total[1m]))
                / (sum(rate(sqs_accepted_tokens_total[1m])) + sum(rate(sqs_batches_total[1m])))
 """
@@ -108,6 +112,10 @@ class Metrics:
                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256), registry=r)
         self.pass_sessions = Histogram("sqs_pass_sessions", "Sessions whose rounds shared one target verification pass",
                                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.auth_failures = Counter("sqs_auth_failures", "Calls refused UNAUTHENTICATED, by what failed",
+                                     ["reason"], registry=r)
+        self.quota_refusals = Counter("sqs_quota_refusals", "Requests refused RESOURCE_EXHAUSTED, by the limit",
+                                      ["limit"], registry=r)
 
     def observe(self, sparsifier: str, s: RoundStats) -> None:
         """Count one verified round (a replayed verdict is not a new round: do not observe it)."""
