@@ -47,6 +47,7 @@ from common import codec
 from common.batch_format import batch_bits
 from common.costmodel import PassTimes, row_price
 from common.lm import LM
+from common.gumbel import gumbel_token, verify_invariant
 from common.rejection import SparseRow, target_probs, verify_sparse
 from common.schemes import Scheme
 
@@ -224,9 +225,18 @@ class Verifier:
         # A streamed round is bounded by the context limit only: the edge ends it when it wants.
         steps = int(batch.plain_steps) if batch.stream else min(int(batch.plain_steps), self.config.max_plain_steps)
         p = target_probs(logits.astype(np.float64), s.temperature, s.top_k, s.top_p)  # [L+1, V]
-        rng = np.random.default_rng([s.seed, len(session.context)])
-        rows = [SparseRow(d.support, d.probs) for d in drafts]
-        accepted, token = verify_sparse(tokens, rows, p, rng)
+        if req.scheme.scheme == Scheme.INVARIANT:  # token-only drafts, accepted iff equal to p's own draw
+            accepted, token = verify_invariant(tokens, p, s.seed, start)
+        else:
+            accepted, token = len(tokens), -1
+            if tokens:
+                rng = np.random.default_rng([s.seed, start])  # the acceptance uniforms and the resample
+                accepted, token = verify_sparse(tokens, [SparseRow(d.support, d.probs) for d in drafts], p, rng)
+            if accepted == len(tokens):
+                # The bonus token (the round's token when there are no drafts) is a Gumbel-max draw on the
+                # noise of its absolute position: the same token plain decoding samples there, whatever
+                # the plan (independent of the acceptance uniforms and the edge's draws: other keys).
+                token = gumbel_token(p[accepted], s.seed, start + accepted)
         session.context.extend(tokens[:accepted])
         session.context.append(token)
         session.rounds += 1
@@ -263,7 +273,7 @@ class Verifier:
                 break
             row, step_ms = self._forward(session, session.context, 1)  # [1, V]
             p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
-            _, token = verify_sparse([], [], p1, np.random.default_rng([s.seed, len(session.context)]))
+            token = gumbel_token(p1[0], s.seed, len(session.context))  # a zero-draft round's draw here
             session.context.append(token)
             plain.append(token)
             owed -= 1

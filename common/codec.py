@@ -42,6 +42,7 @@ _SCHEME_TO_PB = {
     Scheme.FP16_TOPK: pb.SCHEME_FP16_TOPK,
     Scheme.FP32: pb.SCHEME_FP32,
     Scheme.NONE: pb.SCHEME_NONE,
+    Scheme.INVARIANT: pb.SCHEME_INVARIANT,
 }
 _PB_TO_SCHEME = {v: k for k, v in _SCHEME_TO_PB.items()}
 

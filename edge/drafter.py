@@ -27,6 +27,7 @@ from common.acceptance import AcceptanceModel, NoQuantLoss, QuantLoss, confidenc
 from common.batch_format import BatchBits, batch_bits, draft_bits
 from common.conformal import ConformalController
 from common.costmodel import CostModel, Costs
+from common.gumbel import gumbel_token
 from common.lm import LM
 from common.planner import ELL_MENU, K_MENU, Description, Planner, PlannerConfig, RoundPlan
 from common.rejection import target_probs
@@ -61,6 +62,8 @@ class DraftConfig:
         k = None if o.k == AUTO else o.k
         ell = None if o.ell == AUTO else o.ell
         scheme = Scheme.NONE if draft_len == 0 else Scheme(o.sparsifier)
+        if o.reproducible and scheme != Scheme.NONE:
+            scheme = Scheme.INVARIANT  # the one drafting scheme whose output does not depend on the plan
         return cls(
             scheme=SchemeConfig(
                 scheme, vocab_size=vocab_size, k=min(8, vocab_size) if k is None else k, ell=100 if ell is None else ell,
@@ -229,16 +232,12 @@ class Drafter:
 
     def guess_bonus(self, context: Sequence[int], scheme: SchemeConfig) -> int:
         """The edge's guess of the token the cloud will sample after a fully accepted batch ending
-        at `context`: a draw from the draft's own q_hat there (its own stream of randomness, so the
-        drafts that continue the guess are independent of the cloud's draw)."""
+        at `context`: the cloud draws it by Gumbel-max on the noise of that position (common/gumbel.py),
+        so the guess is the same draw on the draft's q (right whenever q's and p's draws agree). The
+        guess only decides whether a batch drafted ahead is adopted, never what is committed."""
         cfg = self.config
         logits = self.lm.logits(list(context), want=1)[0].astype(np.float64)
-        q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-        beta = self.controller.beta if self.controller else None
-        d = describe(q, scheme, beta=beta) if scheme.scheme != Scheme.NONE else None
-        if d is None:
-            return int(np.argmax(q))
-        return draw(d, scheme.ell, np.random.default_rng([cfg.seed, len(context), 0xB0A5])).token
+        return gumbel_token(target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed, len(context))
 
     def _describe(self, q: np.ndarray, scheme: SchemeConfig, left_bits: float) -> tuple[Draft | None, float, float, bool]:
         """The description of q, its (honest, formula) bits, and whether the budget capped it:

@@ -372,6 +372,8 @@ class OpenAIRoutes:
             max_new_tokens=max_tokens,
         )
         source.setdefault("draft_len", self.service.config.draft_len)
+        if req.seed is not None and "reproducible" not in req.model_fields_set:
+            source["reproducible"] = True  # a seed reproduces an answer whatever the plan, as users expect
         try:
             config = rt.draft_config(source)
         except ValueError as exc:

@@ -84,6 +84,9 @@ OPTIONS: tuple[Option, ...] = (
            "plain target steps when speculation does not pay); N = a fixed plan of up to N; 0 = plain target "
            "decoding", 0, 256, auto=True),
     Option("seed", int, 0, "seed of the draws of both sides (keyed by position)", 0, 2**63 - 1),
+    Option("reproducible", bool, False, "the seed fixes the tokens whatever the plan, engine or load: drafts use "
+           "the invariant scheme (token ids verified by Gumbel-max agreement) in place of --sparsifier; plain "
+           "steps and bonus tokens are Gumbel-max draws at their positions"),
     Option("no_pipeline", bool, False, "do not draft the next batch while one is in flight (with it off, a seed "
            "fixes the tokens of a fixed plan at T > 0 either way; the auto plan depends on measured costs)"),
 )

@@ -102,11 +102,23 @@ def test_models_list_the_served_pair(client):
     assert e.value.body["param"] == "model"
 
 
+def test_a_seed_reproduces_the_answer_whatever_the_plan(client, http):
+    """With a seed (and no reproducible: false) the answer is plain decoding's for that seed at T = 1,
+    whatever draft length the request asks for."""
+    plain = generate(http, max_new_tokens=20, temperature=1.0, seed=11, draft_len=0)["token_ids"]
+    for draft_len in (1, 3, "auto"):
+        got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=1.0, seed=11,
+                                        extra_body={"draft_len": draft_len, "return_token_ids": True})
+        assert got.choices[0].model_extra["token_ids"] == plain, draft_len
+
+
 @pytest.mark.parametrize("temperature,seed", [(0.0, None), (1.0, 7)])
 def test_completion_equals_generate_token_for_token(client, http, temperature, seed):
     got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=temperature, seed=seed,
                                     extra_body={**FIXED, "return_token_ids": True})
-    ref = generate(http, max_new_tokens=24, temperature=temperature, seed=seed or 0, **FIXED)
+    # A seed makes the route reproducible (the invariant scheme): compare with /v1/generate asked the same.
+    ref = generate(http, max_new_tokens=24, temperature=temperature, seed=seed or 0, reproducible=seed is not None,
+                   **FIXED)
     choice = got.choices[0]
     assert choice.model_extra["token_ids"] == ref["token_ids"]
     assert choice.text == ref["text"] and choice.finish_reason == "length"

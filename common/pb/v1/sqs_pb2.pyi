@@ -17,6 +17,7 @@ class Scheme(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCHEME_FP16_TOPK: _ClassVar[Scheme]
     SCHEME_FP32: _ClassVar[Scheme]
     SCHEME_NONE: _ClassVar[Scheme]
+    SCHEME_INVARIANT: _ClassVar[Scheme]
 SCHEME_UNSPECIFIED: Scheme
 SCHEME_TOPK: Scheme
 SCHEME_CONFORMAL: Scheme
@@ -25,6 +26,7 @@ SCHEME_TOKEN: Scheme
 SCHEME_FP16_TOPK: Scheme
 SCHEME_FP32: Scheme
 SCHEME_NONE: Scheme
+SCHEME_INVARIANT: Scheme
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
