@@ -37,9 +37,10 @@ from typing import Callable
 
 import grpc
 
+from cloud.sessions import ANONYMOUS
+
 log = logging.getLogger("sqs.cloud")
 
-ANONYMOUS = "anonymous"
 IDENTITY: contextvars.ContextVar[str] = contextvars.ContextVar("sqs_identity", default=ANONYMOUS)
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # no credentials needed
 REFUSED = "authentication required"  # the one detail every refused call gets

@@ -64,6 +64,7 @@ class SessionError(Exception):
         self.reason = reason
 
 
+ANONYMOUS = "anonymous"  # the identity of every caller of a cloud that authenticates none (cloud/auth.py)
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")  # what new_session_id() issues
 
 
@@ -85,7 +86,7 @@ class Session:
     last: Any = None  # the verifier's record of the last verified batch (cloud/verifier.py LastRound)
     streams: int = 0  # Verify streams serving it now (guarded by the table's lock)
     orphan: bool = False  # every stream that served it ended without a CloseSession
-    owner: str = ""  # the identity that opened it (cloud/auth.py); only it may use the session
+    owner: str = ANONYMOUS  # the identity that opened it (cloud/auth.py); only it may use the session
 
 
 class SessionTable:
@@ -101,7 +102,7 @@ class SessionTable:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
 
-    def open(self, req: codec.OpenRequest, owner: str = "", admit: Callable[[int], None] | None = None) -> Session:
+    def open(self, req: codec.OpenRequest, owner: str = ANONYMOUS, admit: Callable[[int], None] | None = None) -> Session:
         """A new session of `owner`, or with `client_session_id` a re-open (see the module docstring).
         admit(sessions owner holds now) may raise to refuse a new one (the session quota).
 
