@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                     choices=ENGINE_SPECS,
                     help="torch = the dtype measured at load; llama = llama.cpp on the GGUF")
     en.add_argument("--threads", nargs="+", type=int, default=[1])
-    en.add_argument("--repeats", type=int, default=3, help="timed passes per row count (median)")
+    en.add_argument("--repeats", type=int, default=3, help="timed passes per row count (the fastest counts)")
     en.add_argument("--positions", type=int, default=32, help="positions compared with torch fp32")
     en.add_argument("--cell-timeout-s", type=float, default=900.0)
     en.add_argument("--out", help="directory for engines.csv")

@@ -86,7 +86,7 @@ def target_pass_table(engine, rows: Sequence[int], cache: Path | None) -> tuple[
 
 
 def time_target_passes(new_lm: Callable[[], LM], vocab_size: int, rows: Sequence[int]) -> dict[int, float]:
-    """Warm-cache forward time (ms, median) of a pass scoring r rows, for each r in `rows`, on a
+    """Warm-cache forward time (ms, fastest of 3) of a pass scoring r rows, for each r in `rows`, on a
     scratch LM of the target: the table the edges plan with before any round has run (every
     round refines it, cloud/verifier.py). Measured here, where the engine is loaded."""
     from sqs_models.engines import time_passes

@@ -9,8 +9,8 @@ threads, a hash of the CPU flags and the library versions (:func:`machine_key`),
 the same machine reads it instead of measuring again, and any change measures anew. The cache is
 one JSON file, ``pass-tables.json`` in :func:`state_dir`.
 
-Prediction (:func:`predict`), per engine, from its table alone (ms by rows, interpolated as
-:class:`common.costmodel.PassTimes` does) and an acceptance prior ``a`` per drafted position:
+Prediction (:func:`predict`), per engine, from its table alone (ms by rows, :func:`pass_ms`) and
+an acceptance prior ``a`` per drafted position:
 
 * plain decoding: 1000 / t(1) tokens per second;
 * speculation with L drafts: E[tokens | L] = 1 + a + ... + a^L committed per pass of L + 1 rows,
@@ -32,14 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from common.costmodel import PassTimes
+import numpy as np
 
 __all__ = ["GRID", "ACCEPTANCE_PRIOR", "state_dir", "cpu_fingerprint", "package_version", "machine_key", "pass_grid", "cached_table",
-           "Prediction", "expected_tokens", "predict", "choose", "describe_choice"]
+           "Prediction", "expected_tokens", "pass_ms", "predict", "choose", "describe_choice"]
 
 GRID = (1, 2, 3, 5, 9, 17, 33, 64)  # rows of the measured passes (L + 1 for L = 0, 1, 2, 4, 8, 16, 32)
 ACCEPTANCE_PRIOR = 0.7  # per drafted position; docs/DESIGN.md section 9 measured 1.94 of 4 greedy (code+prose)
 MAX_DRAFTS = 16
+TABLE_FORMAT = "fastest-of-3"  # how a cached figure was taken: a change here measures anew
 _lock = threading.Lock()
 
 
@@ -72,7 +73,7 @@ def package_version(package: str) -> str:
 def machine_key() -> str:
     """CPU fingerprint and the versions of the libraries that compute a pass."""
     libs = ",".join(f"{p}={package_version(p)}" for p in ("torch", "transformers", "llama-cpp-python"))
-    return f"cpu:{cpu_fingerprint()}|{libs}"
+    return f"cpu:{cpu_fingerprint()}|{libs}|{TABLE_FORMAT}"
 
 
 def pass_grid(max_rows: int, grid: Iterable[int] = GRID) -> tuple[int, ...]:
@@ -139,18 +140,31 @@ def expected_tokens(drafts: int, acceptance: float) -> float:
     return sum(acceptance ** i for i in range(drafts + 1))
 
 
+def pass_ms(table: Mapping[int, float], rows: int) -> float:
+    """ms of a pass of ``rows`` rows from a measured table, as measured: linear between measured row
+    counts, along the last segment beyond them (never below the last figure). Deliberately not forced
+    to never fall with rows: on an AMX core torch's 17-row bf16 pass measured cheaper than its
+    1-row step (a GEMV against AMX tile GEMMs), and that is what speculation can use."""
+    xs = sorted(table)
+    ys = [float(table[x]) for x in xs]
+    if rows <= xs[-1]:
+        return float(np.interp(rows, xs, ys))
+    if len(xs) == 1:
+        return ys[0] * rows / xs[0]  # one point: proportional is the cautious guess
+    slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+    return ys[-1] + slope * (rows - xs[-1])
+
+
 def predict(name: str, table: Mapping[int, float], acceptance: float = ACCEPTANCE_PRIOR,
             max_drafts: int = MAX_DRAFTS) -> Prediction:
     if not table:
         raise ValueError(f"{name}: empty pass table")
     if not 0.0 <= acceptance < 1.0:
         raise ValueError(f"acceptance must lie in [0, 1), got {acceptance}")
-    pt = PassTimes()
-    pt.seed(list(table), list(table.values()))
-    plain = 1e3 / pt.predict(1)
+    plain = 1e3 / pass_ms(table, 1)
     best_l, best = 0, 0.0
     for n in range(1, max_drafts + 1):
-        rate = 1e3 * expected_tokens(n, acceptance) / pt.predict(n + 1)
+        rate = 1e3 * expected_tokens(n, acceptance) / pass_ms(table, n + 1)
         if rate > best:
             best_l, best = n, rate
     return Prediction(name, plain, best, best_l)

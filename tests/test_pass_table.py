@@ -70,6 +70,21 @@ def test_nearly_free_multi_row_passes_win_over_a_cheaper_step():
     assert choose(tables, acceptance=0.0)[0] == "llama Q4_K_M"
 
 
+def test_a_multi_row_pass_cheaper_than_the_step_is_used_as_measured():
+    """On this AMX Xeon torch bf16's 17-row pass measured cheaper than its step (GEMV vs AMX tiles):
+    the prediction takes the table as it is, where a never-falling fit would hide it."""
+    from sqs_models.pass_table import pass_ms
+
+    table = {1: 390.0, 2: 400.0, 9: 330.0, 17: 360.0, 33: 900.0}
+    assert pass_ms(table, 9) == 330.0 and pass_ms(table, 13) == pytest.approx(345.0)
+    assert pass_ms(table, 49) == pytest.approx(900.0 + 16 * 540.0 / 16)  # along the last segment
+    assert pass_ms({1: 50.0}, 4) == 200.0
+    p = predict("torch bfloat16", table, acceptance=0.7)
+    rates = {n: 1e3 * expected_tokens(n, 0.7) / pass_ms(table, n + 1) for n in range(1, 17)}
+    assert p.drafts == max(rates, key=rates.get) == 9  # 10 rows: 333.75 ms, cheaper than the 390 ms step
+    assert p.spec_tok_s == pytest.approx(1e3 * expected_tokens(9, 0.7) / 333.75)
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError):
         predict("x", {})
