@@ -17,10 +17,17 @@ from common.service import SERVICE_NAME, probe
 Probe = Callable[[str, float], "str | None"]  # (address, timeout_s) -> None when serving, else a reason
 
 
-def check(address: str, timeout_s: float = 3.0, service: str = SERVICE_NAME) -> str | None:
+def check(address: str, timeout_s: float = 3.0, service: str = SERVICE_NAME, credentials=None) -> str | None:
     """None when `address` (HOST:PORT) reports `service` SERVING within timeout_s, else why not,
-    in one line for an operator (common.service.probe asks; this says what its answer means)."""
-    serving, status = probe(address, timeout_s, service=service)
+    in one line for an operator (common.service.probe asks; this says what its answer means).
+    credentials: grpc.ChannelCredentials for a cloud that speaks TLS (None: plaintext)."""
+    if credentials is None:
+        serving, status = probe(address, timeout_s, service=service)
+    else:
+        import grpc
+
+        with grpc.secure_channel(address, credentials) as channel:
+            serving, status = probe(channel, timeout_s, service=service)
     if serving:
         return None
     code, failed, details = status.partition(": ")  # "CODE: details" when the Check itself failed

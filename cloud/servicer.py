@@ -14,6 +14,11 @@ A batch that asks for a streamed round (DraftBatch.stream, on Verify) gets a par
 token as the Verifier samples it (`emit` from the executor thread, sent from the event loop), then
 the final one; when the stream ends first, the Verifier's steps stop (`stop`) and the session keeps
 what it owes for a resend.
+
+Who calls (cloud/auth.py: identity(), set by the server's interceptor) owns the sessions it opens:
+another identity's request on them is PERMISSION_DENIED. Quotas (cloud/quotas.py) are charged per
+identity before the work: RESOURCE_EXHAUSTED with the hint in the details and `retry-after` trailing
+metadata (seconds). A round runs with the identity as its pass batcher key (fair passes).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Executor
@@ -30,6 +36,9 @@ from typing import AsyncIterator, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from cloud import auth
+from cloud.pass_batcher import served_as
+from cloud.quotas import QuotaConfig, QuotaExceeded, Quotas
 from cloud.sessions import Refusal, SessionError
 from cloud.verifier import RoundResult, Verifier
 from common import codec
@@ -46,7 +55,9 @@ STATUS = {
     Refusal.VOCAB_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.CONTEXT_FULL: grpc.StatusCode.OUT_OF_RANGE,
     Refusal.SESSION_LIVE: grpc.StatusCode.ALREADY_EXISTS,
+    Refusal.NOT_OWNER: grpc.StatusCode.PERMISSION_DENIED,
 }
+RETRY_AFTER = "retry-after"  # trailing metadata of a quota refusal: seconds until a retry may pass
 
 
 class _Malformed:
@@ -79,7 +90,7 @@ def _round_stats(result: RoundResult) -> RoundStats:
 
 class VerifierServicer:
     def __init__(self, verifier: Verifier, metrics: Metrics, executor: Executor,
-                 round_executor: Executor | None = None) -> None:
+                 round_executor: Executor | None = None, quotas: Quotas | None = None) -> None:
         """`executor` runs opens and prefills; `round_executor` (default: the same) runs rounds. With
         cross-session batching a round's thread mostly waits in the batcher for its share of a
         pass, so the server gives rounds a pool of one thread per session that may batch."""
@@ -87,6 +98,7 @@ class VerifierServicer:
         self.metrics = metrics
         self.executor = executor
         self.round_executor = round_executor or executor
+        self.quotas = quotas or Quotas(QuotaConfig())
 
     async def _run(self, fn, *args, executor: Executor | None = None):
         return await asyncio.get_running_loop().run_in_executor(executor or self.executor, fn, *args)
@@ -94,6 +106,12 @@ class VerifierServicer:
     async def _abort(self, context: grpc.aio.ServicerContext, exc: SessionError):
         log.info("request refused code=%s reason=%s", exc.code, exc.reason)
         await context.abort(STATUS[exc.code], exc.reason)
+
+    async def _over_quota(self, context: grpc.aio.ServicerContext, exc: QuotaExceeded):
+        self.metrics.quota_refusals.labels(exc.limit).inc()
+        log.info("request refused code=RESOURCE_EXHAUSTED reason=%s", exc.reason)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason,
+                            trailing_metadata=((RETRY_AFTER, f"{math.ceil(exc.retry_after_s * 1e3) / 1e3:.3f}"),))
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: Refusal, reason: str):
         await context.abort(STATUS[code], reason)
@@ -105,22 +123,24 @@ class VerifierServicer:
         if remaining is not None and remaining <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the work started")
 
-    def _open(self, request: pb.OpenSessionRequest):
+    def _open(self, request: pb.OpenSessionRequest, owner: str):
         try:
             req = codec.decode_open(request, self.verifier.target.vocab_size)
         except codec.PayloadError as exc:
             raise SessionError(Refusal.MALFORMED, str(exc)) from None
-        return self.verifier.open(req)
+        return self.verifier.sessions.open(req, owner, admit=functools.partial(self.quotas.check_open, owner))
 
     async def OpenSession(self, request, context):
         await self._check(request, context)
         try:
-            session = await self._run(self._open, request)
+            session = await self._run(self._open, request, auth.identity())
             self.metrics.sessions.set(self.verifier.active_sessions)
             while not await self._run(self.verifier.prefill_step, session):
                 pass
         except SessionError as exc:
             await self._abort(context, exc)
+        except QuotaExceeded as exc:
+            await self._over_quota(context, exc)
         t = self.verifier.target
         passes = self.verifier.pass_table()
         return codec.opened_to_pb(codec.Opened(session.id, t.name, t.vocab_size, tuple(t.eos_token_ids),
@@ -130,15 +150,20 @@ class VerifierServicer:
                         stop: Callable[[], bool] | None = None) -> tuple[RoundResult, int]:
         """The Verifier's round on `request`, counted; with the wall clock (us) when it came in."""
         received = _now_us()
+        who = auth.identity()
         try:
-            session = self.verifier.get(session_id)
+            session = self.verifier.sessions.get(session_id, owner=who)
+            self.quotas.charge(who, request.num_drafts + 1 + request.plain_steps)
             streamed = {} if emit is None else {"emit": emit, "stop": stop}
             result: RoundResult = await self._run(
-                functools.partial(self.verifier.verify, session, codec.batch_from_pb(request), **streamed),
+                functools.partial(served_as, who, self.verifier.verify, session, codec.batch_from_pb(request),
+                                  **streamed),
                 executor=self.round_executor)
         except SessionError as exc:
             self.metrics.sessions.set(self.verifier.active_sessions)
             await self._abort(context, exc)
+        except QuotaExceeded as exc:
+            await self._over_quota(context, exc)
         if not result.replayed:  # a replayed verdict was counted when it was computed
             self.metrics.observe(result.scheme.value, _round_stats(result))
         log.debug(
@@ -186,7 +211,7 @@ class VerifierServicer:
                         await self._refuse(context, Refusal.MALFORMED,
                                            "the first batch of a stream must name its session")
                     try:
-                        self.verifier.attach(request.session_id)
+                        self.verifier.sessions.attach(request.session_id, owner=auth.identity())
                     except SessionError as exc:
                         await self._abort(context, exc)
                     session_id = request.session_id
@@ -212,7 +237,10 @@ class VerifierServicer:
 
     async def CloseSession(self, request, context):
         await self._check(request, context)
-        closed = self.verifier.close(request.session_id)
+        try:
+            closed = self.verifier.sessions.close(request.session_id, owner=auth.identity())
+        except SessionError as exc:
+            await self._abort(context, exc)
         self.metrics.sessions.set(self.verifier.active_sessions)
         if not closed:
             await self._refuse(context, Refusal.UNKNOWN_SESSION, f"unknown or expired session {request.session_id[:64]!r}")

@@ -65,6 +65,11 @@ class EdgeServerConfig:
     api_key: str | None = field(default=None, repr=False)  # set: every /v1/* route needs Authorization: Bearer <key>
     served_model_name: str | None = None  # the model id of the OpenAI routes; default the draft model's name
     max_generations: int = 32  # OpenAI requests generating at once; beyond it 503 with Retry-After
+    tls_ca: str | None = None  # the link to the cloud: ClientConfig's TLS files, token and --insecure
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = field(default=None, repr=False)
+    insecure: bool = False
 
     def draft_spec(self) -> DraftSpec:
         return DraftSpec(self.draft_model, engine=self.engine, dtype=self.dtype)
@@ -72,7 +77,8 @@ class EdgeServerConfig:
     def client_config(self) -> ClientConfig:
         return ClientConfig(self.cloud, transport=self.transport, connect_timeout_s=self.connect_timeout_s,
                             connect_wait_s=self.connect_wait_s, outage_window_s=self.outage_window_s,
-                            retries=self.retries)
+                            retries=self.retries, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key,
+                            token=self.token, insecure=self.insecure)
 
 
 def _request_fields() -> dict:

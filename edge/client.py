@@ -22,6 +22,13 @@ whose cloud is really gone still ends with an error a person will wait for.
 A `cancel` event (set by the HTTP API when its client goes away) stops the generation between two
 waits: every wait polls it, and round()/open() raise Cancelled.
 
+The link: with tls_ca the channel speaks TLS and checks the cloud's certificate against that CA
+for the cloud's host name (through the byte-counting relay too: the name is the target's, not the
+relay's), presenting tls_cert/tls_key for mutual TLS; `token` goes as `authorization: Bearer` metadata
+on every call. Plaintext outside loopback must be asked for (insecure). A quota refusal of a round
+(RESOURCE_EXHAUSTED) is waited out by its `retry-after` hint and the batch resent, within the outage
+window; one at open (the session quota) is an error.
+
 A streamed round (Batch.stream, plain target steps on the stream transport) answers with a Verdict
 message per token; stream_round() yields the verdict so far as each arrives. A resend (after a lost
 message or a cloud restart) starts the round's messages again from its first: the caller skips the
@@ -30,13 +37,15 @@ tokens it has (the cloud replays the same ones). Each message must come within r
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Iterator
 
 import grpc
@@ -84,6 +93,11 @@ class ClientConfig:
     backoff_max_s: float = 2.0
     meter: bool = True  # route through a byte-counting relay to measure wire bytes
     transport: str = "stream"  # "stream": one Verify stream per session; "unary": one VerifyBatch call per round
+    tls_ca: str | None = None  # TLS: the CA that signed the cloud's certificate (None: plaintext)
+    tls_cert: str | None = None  # mutual TLS: this edge's certificate (its CN is its identity) ...
+    tls_key: str | None = None  # ... and its key
+    token: str | None = field(default=None, repr=False)  # bearer token (never in a repr or a log line)
+    insecure: bool = False  # plaintext to a cloud outside loopback, said explicitly
 
     def __post_init__(self) -> None:
         for name in ("round_timeout_s", "connect_timeout_s", "connect_wait_s", "outage_window_s", "backoff_s",
@@ -95,6 +109,28 @@ class ClientConfig:
             raise ValueError("retries must be >= 0 (or None)")
         if self.transport not in ("stream", "unary"):
             raise ValueError(f"transport must be 'stream' or 'unary', got {self.transport!r}")
+        if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_cert and not self.tls_ca):
+            raise ValueError("--tls-cert and --tls-key go together, with --tls-ca")
+        host = self.target.rpartition(":")[0].strip("[]")
+        if not self.tls_ca and not self.insecure and host and not _loopback(host):
+            raise ValueError(f"the cloud {self.target} is not on loopback: give --tls-ca (TLS) or say --insecure "
+                             f"(SQS_INSECURE=1) to talk to it in plaintext")
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials from the files (None: plaintext); OSError for a file that cannot be read."""
+        if not self.tls_ca:
+            return None
+        read = lambda f: Path(f).read_bytes() if f else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.tls_ca), read(self.tls_key), read(self.tls_cert))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -106,6 +142,19 @@ class RoundReply:
     downlink_wire_bytes: int
     message_bytes: int  # the serialized DraftBatch, without its session routing
     verdict_bytes: int  # the serialized Verdict
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """The `retry-after` trailing metadata (seconds) of a refused call, if it has one."""
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.RpcError) else None
+    for key, value in trailing or ():
+        if key == "retry-after":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None
+            return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return None
 
 
 class _Backoff:
@@ -128,9 +177,9 @@ class _Stream:
 
     _END = object()
 
-    def __init__(self, stub: sqs_pb2_grpc.VerifierStub) -> None:
+    def __init__(self, stub: sqs_pb2_grpc.VerifierStub, metadata: tuple = ()) -> None:
         self._requests: queue.Queue = queue.Queue()
-        self._call = stub.Verify(iter(self._requests.get, self._END))
+        self._call = stub.Verify(iter(self._requests.get, self._END), metadata=metadata)
         self._verdicts: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.fresh = True
@@ -182,19 +231,27 @@ class CloudClient:
         host, _, port = config.target.rpartition(":")
         if not host or not port.isdigit():
             raise CloudError(None, f"--cloud must be HOST:PORT, got {config.target!r}")
+        try:
+            credentials = config.credentials()
+        except OSError as exc:
+            raise CloudError(None, f"TLS file: {exc}") from None
         self.relay = ByteCountingRelay(host.strip("[]"), int(port)) if config.meter else None
-        self._channel = grpc.insecure_channel(
-            self.relay.address if self.relay else config.target,
-            options=[
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-                ("grpc.http2.bdp_probe", 0),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.http2.bdp_probe", 0),
+        ]
+        address = self.relay.address if self.relay else config.target
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:  # the certificate is checked for the cloud's name, not the relay's 127.0.0.1
+            self._channel = grpc.secure_channel(address, credentials,
+                                                options=[*options, ("grpc.ssl_target_name_override", host.strip("[]"))])
+        self._metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
         # Every RPC of this generation carries its routing key (edge/routing.py): a proxy in front of
         # several clouds keeps them on one replica.
         self.route_key = new_route_key()
@@ -241,7 +298,7 @@ class CloudClient:
             if not self._wait_ready(until):
                 raise self._unreachable(until)
             try:
-                return self._stub.OpenSession(msg, timeout=self.config.round_timeout_s)
+                return self._stub.OpenSession(msg, timeout=self.config.round_timeout_s, metadata=self._metadata)
             except grpc.RpcError as exc:
                 self._check_cancel()
                 if exc.code() in _RETRYABLE and time.monotonic() < until:
@@ -288,6 +345,11 @@ class CloudClient:
                     self.resync(reopen, until)
                     reopens += 1
                     continue
+                hint = _retry_after(exc) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                if hint is not None and within:  # over a rate quota: wait what the cloud says, resend
+                    log.info("cloud %s: %s; resending in %.3f s", c.target, self._scrub(reason), hint)
+                    self._sleep(min(hint, max(0.0, until - now)))
+                    continue
                 if code in _RETRYABLE and within:
                     if attempts == 1:
                         log.warning("cloud %s: %s (%s); resending for up to %.0f s", c.target,
@@ -309,7 +371,7 @@ class CloudClient:
             receive = lambda: self._unary(msg)  # noqa: E731
         else:
             if self._stream is None:
-                self._stream = _Stream(self._stub)
+                self._stream = _Stream(self._stub, self._metadata)
             msg.session_id = self.session_id if self._stream.fresh else ""
             stream = self._stream
             stream.send(msg)
@@ -331,7 +393,7 @@ class CloudClient:
             raise
 
     def _unary(self, msg: pb.DraftBatch) -> pb.Verdict:
-        future = self._stub.VerifyBatch.future(msg, timeout=self.config.round_timeout_s)
+        future = self._stub.VerifyBatch.future(msg, timeout=self.config.round_timeout_s, metadata=self._metadata)
         while True:
             try:
                 return future.result(timeout=_POLL_S)
@@ -389,7 +451,8 @@ class CloudClient:
         self._closed = True
         if self.session_id:
             try:
-                self._stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=2)
+                self._stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=2,
+                                        metadata=self._metadata)
             except grpc.RpcError:
                 pass  # unknown to the cloud (NOT_FOUND) or unreachable: it reaps the session itself
         self._drop_stream()

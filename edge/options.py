@@ -205,6 +205,15 @@ def add_runtime_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
                     help="a running generation rides out a cloud outage this long (restart, stall, lost verdicts)")
     ap.add_argument("--transport", choices=["stream", "unary"], default="stream",
                     help="one gRPC stream per session (default) or one unary call per round")
+    ap.add_argument("--tls-ca", default=env("SQS_TLS_CA"), metavar="F",
+                    help="TLS to the cloud: trust this CA (`sqs-cloud gen-certs DIR` writes ca.pem)")
+    ap.add_argument("--tls-cert", default=env("SQS_EDGE_TLS_CERT"), metavar="F",
+                    help="mutual TLS: this edge's certificate (its CN is the edge's identity at the cloud)")
+    ap.add_argument("--tls-key", default=env("SQS_EDGE_TLS_KEY"), metavar="F", help="mutual TLS: its key")
+    ap.add_argument("--token", default=env("SQS_TOKEN"), metavar="TOKEN",
+                    help="bearer token for a cloud with --token-file (prefer SQS_TOKEN: a flag shows in ps)")
+    ap.add_argument("--insecure", action="store_true", default=env("SQS_INSECURE", "") == "1",
+                    help="allow plaintext to a cloud outside loopback (SQS_INSECURE=1)")
 
 
 def add_generation_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
