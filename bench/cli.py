@@ -8,6 +8,7 @@
   sqs-bench batching             would a batched (multi-session) verify pass raise cloud throughput?
   sqs-bench engines              step and multi-row pass cost, RSS, KL vs fp32 per engine x model x threads
   sqs-bench llama-server         llama.cpp's llama-server (AR and its own SD) next to our cloud-only and SD paths
+  sqs-bench tls                  wire bytes per committed token with TLS off, on, and mutual (one run)
 """
 
 from __future__ import annotations
@@ -107,12 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     en.add_argument("--positions", type=int, default=32, help="positions compared with torch fp32")
     en.add_argument("--cell-timeout-s", type=float, default=900.0)
     en.add_argument("--out", help="directory for engines.csv")
-    from bench import llama_compare
+    from bench import llama_compare, tls_bench
 
     llama_compare.register(sub)
+    tls_bench.register(sub)
     a = ap.parse_args(argv)
     if a.cmd == "llama-server":
         sys.exit(llama_compare.main(a))
+    if a.cmd == "tls":
+        sys.exit(tls_bench.main(a))
     if a.cmd == "engines":
         from bench.engines import main_engines
 

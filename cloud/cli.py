@@ -1,16 +1,25 @@
 """sqs-cloud: serve the target-model verifier over gRPC (metrics on HTTP /metrics), or probe one.
 
   sqs-cloud [--model NAME --port PORT ...]     serve (every option also has an SQS_* variable)
-  sqs-cloud check HOST:PORT [--timeout S]      exit 0 if that cloud is SERVING, else 1 and why
+  sqs-cloud check HOST:PORT [--timeout S] [--tls-ca F [--tls-cert F --tls-key F]]
+                                               exit 0 if that cloud is SERVING, else 1 and why
+  sqs-cloud gen-certs DIR [--client CN ...]    a CA, a server and a client certificate with keys
+  sqs-cloud token NAME --token-file F          add a bearer token for NAME, print it once
+
+The link to the edges: --tls-cert/--tls-key serve TLS; with --tls-client-ca, mutual TLS (the edge's
+certificate CN is its identity); --token-file F checks bearer tokens (NAME SHA256 lines, read again
+on SIGHUP). Without TLS the cloud listens on loopback only, unless --insecure is said.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported when serving only: `check` needs grpc alone
@@ -48,7 +57,25 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
                     help="rows (L+1 per round) of one batched forward pass at most")
     ap.add_argument("--log-level", default=env("SQS_LOG_LEVEL", "INFO"))
     ap.add_argument("--log-format", choices=["text", "json"], default=env("SQS_LOG_FORMAT", "text"))
+    t = ap.add_argument_group("the link to the edges (TLS, identities, quotas)")
+    t.add_argument("--tls-cert", default=env("SQS_TLS_CERT"), metavar="F", help="server certificate (PEM)")
+    t.add_argument("--tls-key", default=env("SQS_TLS_KEY"), metavar="F", help="its private key (PEM)")
+    t.add_argument("--tls-client-ca", default=env("SQS_TLS_CLIENT_CA"), metavar="F",
+                   help="mutual TLS: only edges with a certificate of this CA connect; its CN is their identity")
+    t.add_argument("--token-file", default=env("SQS_TOKEN_FILE"), metavar="F",
+                   help="bearer tokens: 'NAME SHA256HEX' lines (sqs-cloud token adds one); reread on SIGHUP")
+    t.add_argument("--insecure", action="store_true", default=env("SQS_INSECURE", "") == "1",
+                   help="allow plaintext on a non-loopback address (SQS_INSECURE=1)")
+    t.add_argument("--quota-sessions", type=int, default=int(env("SQS_QUOTA_SESSIONS", "0")), metavar="N",
+                   help="open sessions per identity (0 = no limit)")
+    t.add_argument("--quota-rounds", type=float, default=float(env("SQS_QUOTA_ROUNDS", "0")), metavar="R",
+                   help="verification requests per second per identity (0 = no limit)")
+    t.add_argument("--quota-rows", type=float, default=float(env("SQS_QUOTA_ROWS", "0")), metavar="R",
+                   help="rows (drafts + 1 + plain steps) per second per identity (0 = no limit)")
+    t.add_argument("--quota-burst", type=float, default=float(env("SQS_QUOTA_BURST_S", "1")), metavar="S",
+                   help="a rate quota's bucket holds this many seconds of it")
     a = ap.parse_args(argv)
+    tls, quotas = _link_config(ap, a)
     if a.batch_window_ms < 0 or a.batch_max_rows < 1:
         ap.error("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
     if a.engine == "llama" and a.dtype:
@@ -63,7 +90,46 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
         metrics_port=a.metrics_port, workers=a.workers,
         verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl,
                                 batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows),
+        tls=tls, token_file=Path(a.token_file) if a.token_file else None, quotas=quotas,
     )
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _link_config(ap: argparse.ArgumentParser, a: argparse.Namespace):
+    """(ServerTLS or None, QuotaConfig) from the flags; ap.error for a combination that cannot work."""
+    from cloud.quotas import QuotaConfig
+    from cloud.tls import ServerTLS
+
+    if bool(a.tls_cert) != bool(a.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
+    if a.tls_client_ca and not a.tls_cert:
+        ap.error("--tls-client-ca needs --tls-cert/--tls-key (mutual TLS is TLS)")
+    if not a.tls_cert and not a.insecure and not is_loopback(a.host):
+        ap.error(f"listening on {a.host} without TLS: give --tls-cert/--tls-key (`sqs-cloud gen-certs DIR` makes "
+                 f"them), listen on 127.0.0.1, or say --insecure (SQS_INSECURE=1) to serve plaintext")
+    if a.token_file:
+        from cloud.auth import TokenTable
+
+        try:
+            TokenTable(Path(a.token_file))  # read again by the server; an error here is one line
+        except (OSError, ValueError) as exc:
+            ap.error(f"--token-file: {exc}")
+    tls = ServerTLS(Path(a.tls_cert), Path(a.tls_key), Path(a.tls_client_ca) if a.tls_client_ca else None) \
+        if a.tls_cert else None
+    try:
+        quotas = QuotaConfig(max_sessions=a.quota_sessions, rounds_per_s=a.quota_rounds, rows_per_s=a.quota_rows,
+                             burst_s=a.quota_burst)
+    except ValueError as exc:
+        ap.error(f"quota: {exc}")
+    return tls, quotas
 
 
 async def serve(config: CloudConfig) -> None:
@@ -79,6 +145,8 @@ async def serve(config: CloudConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if running.auth is not None and running.auth.tokens is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.auth.tokens.reload)  # revoke or add tokens live
     await stop.wait()
     await running.stop(config.grace_s)
 
@@ -91,13 +159,29 @@ def check_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="sqs-cloud check", description=check_main.__doc__)
     ap.add_argument("address", metavar="HOST:PORT")
     ap.add_argument("--timeout", type=float, default=3.0, metavar="S", help="seconds to wait for the answer")
+    ap.add_argument("--tls-ca", default=os.environ.get("SQS_TLS_CA"), metavar="F",
+                    help="the cloud speaks TLS: trust this CA")
+    ap.add_argument("--tls-cert", metavar="F", help="mutual TLS: this client certificate ...")
+    ap.add_argument("--tls-key", metavar="F", help="... and its key")
     a = ap.parse_args(argv)
     if not a.timeout > 0:
         ap.error("--timeout must be > 0")
+    if bool(a.tls_cert) != bool(a.tls_key) or (a.tls_cert and not a.tls_ca):
+        ap.error("--tls-cert and --tls-key go together, with --tls-ca")
     host, _, port = a.address.rpartition(":")
     if not host or not port.isdigit():
         ap.error(f"expected HOST:PORT, got {a.address!r}")
-    reason = check(a.address, a.timeout)
+    credentials = None
+    if a.tls_ca:
+        import grpc
+
+        try:
+            read = lambda f: Path(f).read_bytes() if f else None  # noqa: E731
+            credentials = grpc.ssl_channel_credentials(read(a.tls_ca), read(a.tls_key), read(a.tls_cert))
+        except OSError as exc:
+            print(f"sqs-cloud check: {exc}", file=sys.stderr)
+            return 1
+    reason = check(a.address, a.timeout, credentials=credentials)
     if reason is not None:
         print(f"sqs-cloud check: {reason}", file=sys.stderr)
         return 1
@@ -109,6 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check"]:  # serving has no positional arguments, so the word is unambiguous
         sys.exit(check_main(argv[1:]))
+    if argv[:1] == ["gen-certs"]:
+        from cloud.tls import main_gen_certs
+
+        sys.exit(main_gen_certs(argv[1:]))
+    if argv[:1] == ["token"]:
+        from cloud.auth import main_token
+
+        sys.exit(main_token(argv[1:]))
     config = parse_args(argv)
     try:
         asyncio.run(serve(config))

@@ -4,6 +4,11 @@ The port is bound first, without SO_REUSEPORT (grpc turns it on by default, and 
 one port silently split the sessions between them): a second process on a taken port fails at once
 with a clear OSError, before any model is loaded. A timer task reaps expired and orphaned sessions
 so the sessions gauge follows them without waiting for a request.
+
+With `tls` the port speaks TLS only (grpc.ssl_server_credentials; with a client CA, mutual TLS:
+the handshake refuses edges without a certificate of that CA). With a token file or a client CA,
+every RPC but health is authenticated first (cloud/auth.py: AuthInterceptor) and the servicer knows
+the caller's identity: sessions are their opener's, and quotas (cloud/quotas.py) are per identity.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from cloud.auth import AuthInterceptor, Authenticator, TokenTable
 from cloud.config import TargetInfo, VerifierConfig
+from cloud.quotas import QuotaConfig, Quotas
 from cloud.servicer import VerifierServicer, add_to_server
+from cloud.tls import ServerTLS
 from cloud.verifier import Verifier
 from common.lm import LM
 from common.metrics import Metrics
@@ -45,6 +53,9 @@ class CloudConfig:
     calibrate: bool = True  # time forward passes by rows before serving (edges plan rounds with them)
     pass_table_cache: Path | None = None  # pass tables by engine and machine (None: ~/.cache/sqs-sd/pass-tables.json)
     verifier: VerifierConfig = VerifierConfig()
+    tls: ServerTLS | None = None  # None: plaintext (sqs-cloud allows it on loopback, or with --insecure)
+    token_file: Path | None = None  # bearer tokens (cloud/auth.py); None: no token check
+    quotas: QuotaConfig = QuotaConfig()  # per identity; all off by default
 
 
 def load_target(model: str, dtype: str | None = None, engine: str = "auto", threads: int = 0, batch_seqs: int = 0):
@@ -104,6 +115,7 @@ class RunningCloud:
     executor: ThreadPoolExecutor
     reaper: asyncio.Task | None = None
     round_executor: ThreadPoolExecutor | None = None  # rounds, with cross-session batching on
+    auth: Authenticator | None = None  # its token table is reloaded on SIGHUP (cloud/cli.py)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.reaper is not None:
@@ -126,11 +138,11 @@ async def reap_sessions(verifier: Verifier, metrics: Metrics, interval_s: float)
             log.exception("session reaper failed")
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind host:port (0 = any free port) or raise OSError saying why."""
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind host:port (0 = any free port), TLS with `credentials`, or raise OSError saying why."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -153,15 +165,19 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
-    port = bind(server, config.host, config.port)  # before the model: a taken port fails in a second
+    metrics = metrics or Metrics()
+    tokens = TokenTable(config.token_file) if config.token_file else None  # a bad file fails before the model
+    auth = Authenticator(tokens, mtls=config.tls is not None and config.tls.client_ca is not None,
+                         on_failure=lambda reason: metrics.auth_failures.labels(reason).inc())
+    server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)] if auth.enabled else None)
+    credentials = config.tls.credentials() if config.tls else None  # unreadable files: OSError, before the model
+    port = bind(server, config.host, config.port, credentials)  # before the model: a taken port fails in a second
     engine = None
     if verifier is None:
         vc = config.verifier
         info, engine = load_target_engine(config.model, config.dtype, config.engine, config.threads,
                                           calibration_rows(vc), config.pass_table_cache)
         verifier = Verifier(info, engine.lm_factory(vc.max_sessions if vc.batch_window_ms > 0 else 0), vc)
-    metrics = metrics or Metrics()
     verifier.on_pass = metrics.observe_pass
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
     round_executor = None
@@ -171,7 +187,7 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
         # that may share a pass (the batcher runs one pass at a time, so torch work stays serial).
         round_executor = ThreadPoolExecutor(max_workers=max(config.workers, min(vc.max_sessions, vc.batch_max_rows)),
                                             thread_name_prefix="round")
-    add_to_server(VerifierServicer(verifier, metrics, executor, round_executor), server)
+    add_to_server(VerifierServicer(verifier, metrics, executor, round_executor, Quotas(config.quotas)), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -198,4 +214,8 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
     )
     log.info("verifier %s serving on %s:%d; cross-session batching %s", verifier.target.name, config.host, port,
              f"window {vc.batch_window_ms:g} ms, {vc.batch_max_rows} rows at most" if vc.batch_window_ms > 0 else "off")
-    return RunningCloud(server, port, verifier, metrics, health, executor, reaper, round_executor)
+    log.info("link: %s; identities: %s; quotas per identity: %s",
+             ("mutual TLS" if config.tls.client_ca else "TLS") if config.tls else "PLAINTEXT",
+             "bearer tokens" if tokens else "client certificate CN" if auth.mtls else "none (one anonymous client)",
+             config.quotas if config.quotas.enabled else "none")
+    return RunningCloud(server, port, verifier, metrics, health, executor, reaper, round_executor, auth)

@@ -245,8 +245,11 @@ class NetnsLink:
 
     def start_cloud(self, model: str = "tiny", timeout_s: float = 120, extra: list[str] = ()) -> None:
         """Start sqs-cloud in its namespace; return once its health check says SERVING."""
+        # --insecure: plaintext between namespaces of this machine, on purpose (the link measures SQS's own
+        # bytes; sqs-bench tls measures what TLS adds).
         proc = self._spawn("cloud", self.ns["cloud"], ["-m", "cloud", "--model", model, "--host", CLOUD_IP, "--port",
-                                                       str(self.config.port), "--metrics-port", "0", *extra])
+                                                       str(self.config.port), "--metrics-port", "0", "--insecure",
+                                                       *extra])
         # Probed over the cloud namespace's own address (its loopback): no byte on the measured veths.
         # One Python per probe, so once a second: faster polling would slow the cloud's start-up.
         try:
@@ -299,7 +302,7 @@ class NetnsLink:
 
     def run_edge(self, edge_args: list[str], timeout_s: float = 120) -> EdgeRun:
         """One `python -m edge generate --cloud LINK:PORT ... --json` in the edge namespace."""
-        cmd = [self.python, "-m", "edge", "generate", "--cloud", f"{LINK_EDGE_IP}:{self.config.port}",
+        cmd = [self.python, "-m", "edge", "generate", "--cloud", f"{LINK_EDGE_IP}:{self.config.port}", "--insecure",
                *edge_args, "--json"]
         if0, q0, r0 = self.interfaces(), self.qdiscs(), self.relay_counts()
         t0 = time.monotonic()
