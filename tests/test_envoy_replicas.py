@@ -204,6 +204,8 @@ def test_failover_kill_9_mid_run_then_restart(replicas, cloud):
               f"p50 {np.percentile(gaps, 50) * 1e3:.0f} ms, p95 {np.percentile(gaps, 95) * 1e3:.0f} ms")
     flags = replicas.envoy.hosts()[dead.port]
     assert any("failed_active_health_check" in f or "failed_outlier_check" in f for f in flags), flags
+    assert replicas.envoy.stat("cluster.sqs_cloud.upstream_rq_retry") == 0, "Envoy itself retried a request"
+    assert replicas.envoy.stat("cluster.sqs_cloud.upstream_rq_total") > 0  # the stat names are right
 
     # Restarted on its port: healthy again in Envoy, and new sessions reach it.
     replicas.restart(victim)
