@@ -131,7 +131,8 @@ class SoakReport:
             lines.append(f"{w['start_s']:>5.0f}-{w['end_s']:<6.0f} {w['requests']:>8d} {w['errors']:>6d} "
                          f"{_ms(w['p50_ms']):>8} {_ms(w['p95_ms']):>8} {w['resyncs']:>7d} {w['kills']:>5d}")
         lat, gap, calm = s["latency_ms"], s["resync_gap_ms"], s["calm_gap_ms"]
-        lines.append(f"total: {s['requests']} requests, {s['ok']} ok, {s['errors']} errors {s['errors_by_status'] or ''}; "
+        by_status = " (" + ", ".join(f"{k}={v}" for k, v in s["errors_by_status"].items()) + ")" if s["errors"] else ""
+        lines.append(f"total: {s['requests']} requests, {s['ok']} ok, {s['errors']} errors{by_status}; "
                      f"latency p50 {_ms(lat['p50'])} ms, p95 {_ms(lat['p95'])} ms; {s['resyncs']} resyncs in "
                      f"{s['resynced_requests']} requests; {s['kills']} kills ({s['failed_kills']} failed)")
         lines.append(f"resync: longest wait between rounds of a resynced request p50 {_ms(gap['p50'])} ms, p95 "
