@@ -109,7 +109,7 @@ class VerifierServicer:
 
     async def _over_quota(self, context: grpc.aio.ServicerContext, exc: QuotaExceeded):
         self.metrics.quota_refusals.labels(exc.limit).inc()
-        log.info("request refused code=RESOURCE_EXHAUSTED reason=%s", exc.reason)
+        log.debug("request refused code=RESOURCE_EXHAUSTED reason=%s", exc.reason)  # counted; a flood must not flood the log
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason,
                             trailing_metadata=((RETRY_AFTER, f"{math.ceil(exc.retry_after_s * 1e3) / 1e3:.3f}"),))
 
