@@ -135,6 +135,7 @@ class VerifierServicer:
         try:
             session = await self._run(self._open, request, auth.identity())
             self.metrics.sessions.set(self.verifier.active_sessions)
+            self.metrics.sessions_opened.labels("reopen" if request.client_session_id else "open").inc()
             while not await self._run(self.verifier.prefill_step, session):
                 pass
         except SessionError as exc:

@@ -17,6 +17,8 @@ Series (label `sparsifier`, and `part` or `position` where named: never a sessio
   sqs_plan_draft_len (drafts the plan sent per round; 0 = plain target steps)   (histogram, edge)
   sqs_plan_time_error_ratio (|measured - predicted| / measured round time)       (histogram, edge)
   sqs_active_sessions                                                (gauge)
+  sqs_sessions_opened_total{how=open|reopen}  sessions opened, and re-opened with their accepted context
+                                              (a cloud restart, a replica that died behind the proxy)
   sqs_pass_rows, sqs_pass_sessions (rows scored by one target verification pass, and the sessions
       whose rounds shared it: 1 with cross-session batching off)      (histograms, cloud, no labels)
   sqs_auth_failures_total{reason=missing|malformed|invalid|certificate}   (counter, cloud: calls
@@ -102,6 +104,9 @@ class Metrics:
                                             "Rounds whose draft at this position was accepted", pos, registry=r)
         self.threshold = Gauge("sqs_conformal_threshold", "Current C-SQS threshold beta", lab, registry=r)
         self.sessions = Gauge("sqs_active_sessions", "Open generation sessions", registry=r)
+        self.sessions_opened = Counter("sqs_sessions_opened", "Sessions opened (how: open = a new generation, "
+                                       "reopen = re-opened with its accepted context after a restart or a move)",
+                                       ["how"], registry=r)
         self.accepted_length = Histogram("sqs_accepted_length", "Drafts accepted per round that carried drafts",
                                          lab, buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.plan_len = Histogram("sqs_plan_draft_len", "Drafts the round's plan sent (0 = plain target steps)",

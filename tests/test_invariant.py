@@ -107,6 +107,8 @@ def test_a_cloud_restarted_mid_generation_keeps_the_tokens(draft_engine):
         disturbed = rt.generate(rt.encode(PROMPT), rt.draft_config(
             {"temperature": 1.0, "seed": 9, "sparsifier": "invariant", "draft_len": 2}), max_new_tokens=N)
         assert stopped.is_set() and disturbed.stats.reopens >= 1
+        opened = clouds[1].running.metrics.registry.get_sample_value
+        assert opened("sqs_sessions_opened_total", {"how": "reopen"}) >= 1  # the new cloud counts the re-open
         assert disturbed.token_ids == run(rt, 9, draft_len=0)
     finally:
         for c in clouds[1:] if stopped.is_set() else clouds:
