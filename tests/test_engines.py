@@ -128,13 +128,14 @@ def test_cloud_cli_engine_flag(monkeypatch):
 
     monkeypatch.delenv("SQS_ENGINE", raising=False)
     monkeypatch.delenv("SQS_DTYPE", raising=False)
-    assert parse_args([]).engine == "auto"
-    cfg = parse_args(["--engine", "llama", "--torch-threads", "1"])
+    local = ["--host", "127.0.0.1"]  # plaintext beyond loopback needs --insecure (issue 23)
+    assert parse_args(local).engine == "auto"
+    cfg = parse_args(local + ["--engine", "llama", "--torch-threads", "1"])
     assert (cfg.engine, cfg.threads) == ("llama", 1)
     with pytest.raises(SystemExit):
-        parse_args(["--engine", "llama", "--dtype", "float32"])
+        parse_args(local + ["--engine", "llama", "--dtype", "float32"])
     with pytest.raises(SystemExit):
-        parse_args(["--engine", "onnx"])
+        parse_args(local + ["--engine", "onnx"])
 
 
 def test_edge_and_loadtest_parsers_take_the_engine_flag():
