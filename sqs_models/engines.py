@@ -319,9 +319,7 @@ def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[i
     eng = best.load()
     torch_loaded.clear()  # a torch model loaded only to be measured is released with the list
     eng.pass_table, eng.table_key = dict(tables[best.name]), best.key
-    choice = describe_choice(preds, acceptance)
-    log.info("%s", choice)
-    eng.detail += f"; {choice}"
+    eng.detail += f"; {describe_choice(preds, acceptance)}"  # load_engine logs it in its one line
     return eng
 
 
