@@ -105,7 +105,8 @@ def extra_bufts_ok(path: str | Path, *, cache: Path | None = None, command: Sequ
         if known is not None:
             return bool(known["extra_bufts"]), f"{known['why']} (probed before, {cache})"
         ok, why = run_probe(path, command, timeout_s)
-        table = _read(cache)
+        # entries of files that are gone (tests' temporary GGUFs) are dropped as the file is rewritten
+        table = {k: v for k, v in _read(cache).items() if Path(k.split("|", 1)[0]).exists()}
         table[key] = {"extra_bufts": ok, "why": why}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
