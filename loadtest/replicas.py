@@ -38,6 +38,7 @@ from bench.cloudproc import child_preexec, free_port, stop_process
 
 ENVOY_YAML = Path(__file__).resolve().parents[1] / "deploy" / "envoy.yaml"
 CLUSTER = "sqs_cloud"
+TLS_DIR = "/etc/sqs-tls"  # where deploy/envoy.yaml reads ca.pem, server.pem, server-key.pem
 
 _OPENED = re.compile(r"session (?:opened|re-opened) session=(\S+)")
 _ROUND = re.compile(r"round session=(\S+)")
@@ -62,13 +63,49 @@ def envoy_binary() -> str:
     return found
 
 
+def tls_files(cfg: dict) -> list[dict]:
+    """Every DataSource of a TLS transport socket in an Envoy config (dicts with a `filename`)."""
+    found: list[dict] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("filename"), str) and node["filename"].startswith(TLS_DIR + "/"):
+                found.append(node)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(cfg)
+    return found
+
+
+def with_tls_dir(cfg: dict, tls_dir: Path | None) -> dict:
+    """cfg with its TLS files (deploy/envoy.yaml reads them from TLS_DIR, where compose and Kubernetes
+    mount them) read from tls_dir instead (`sqs-cloud gen-certs tls_dir` writes them), or, with
+    None, without TLS at all: plaintext listener and upstream, as loopback allows."""
+    if tls_dir is not None:
+        for source in tls_files(cfg):
+            source["filename"] = str(Path(tls_dir) / Path(source["filename"]).name)
+        return cfg
+    for listener in cfg["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            chain.pop("transport_socket", None)
+    for cluster in cfg["static_resources"]["clusters"]:
+        cluster.pop("transport_socket", None)
+    return cfg
+
+
 def loopback_config(cloud_ports: list[int], grpc_port: int, admin_port: int, metrics_port: int,
-                    source: Path = ENVOY_YAML) -> dict:
+                    source: Path = ENVOY_YAML, tls_dir: Path | None = None) -> dict:
     """deploy/envoy.yaml with loopback addresses: the cluster's one DNS name becomes a STATIC list
-    of 127.0.0.1 ports; listeners and admin bind 127.0.0.1. Every other setting is the file's."""
+    of 127.0.0.1 ports; listeners and admin bind 127.0.0.1. TLS: plaintext on loopback by default
+    (the replicas run without certificates, which sqs-cloud allows on loopback), or the file's TLS
+    with the certificates of tls_dir (with_tls_dir). Every other setting is the file's."""
     import yaml
 
-    cfg = yaml.safe_load(source.read_text())
+    cfg = with_tls_dir(yaml.safe_load(source.read_text()), tls_dir)
     cfg["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
     ports = {"grpc": grpc_port, "metrics": metrics_port}
     for listener in cfg["static_resources"]["listeners"]:
