@@ -15,7 +15,8 @@
 #           (iptables, ip_forward, docker0 and compose bridges) to what it was before `start`;
 #           without --force, an engine that still runs containers is left running
 #   status  prints "running (started here|external)" or "stopped"; exit 0 only when running
-#   wait PROJECT [SECONDS]  wait until every container of compose project PROJECT is healthy
+#   wait PROJECT [SECONDS]  wait until every container of compose project PROJECT is healthy (a
+#           one-shot without a healthcheck, like `certs`, once it has exited 0)
 #           (docker-compose 1.29 has no `up --wait`); prints each one's state, fails on timeout
 #   urls    prints where the deployment answers (ports from the environment, else .env)
 #   env     prints `export DOCKER=...` lines for the Makefile and tests
@@ -248,13 +249,14 @@ wait_healthy() {
   while true; do
     ids=$("$DOCKER" ps -aq --filter "label=com.docker.compose.project=$project")
     [[ -n $ids ]] || die "no containers in compose project $project"
-    states=$("$DOCKER" inspect -f '{{index .Config.Labels "com.docker.compose.service"}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}no-healthcheck{{end}}' $ids)
-    bad=$(awk '$2 != "running" || ($3 != "healthy" && $3 != "no-healthcheck")' <<<"$states")
+    # A one-shot service without a healthcheck (compose's `certs`) counts once it has exited with 0.
+    states=$("$DOCKER" inspect -f '{{index .Config.Labels "com.docker.compose.service"}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}no-healthcheck{{end}} exit={{.State.ExitCode}}' $ids)
+    bad=$(awk '!($2 == "exited" && $3 == "no-healthcheck" && $4 == "exit=0") && ($2 != "running" || ($3 != "healthy" && $3 != "no-healthcheck"))' <<<"$states")
     if [[ -z $bad ]]; then
       say "all healthy after $((SECONDS - t0)) s:"; sed 's/^/  /' <<<"$states" >&2
       return 0
     fi
-    if grep -qE ' (exited|dead) | unhealthy$' <<<"$bad" || ((SECONDS - t0 > limit)); then
+    if grep -qE ' (exited|dead) | unhealthy ' <<<"$bad" || ((SECONDS - t0 > limit)); then
       sed 's/^/  /' <<<"$states" >&2
       die "project $project not healthy after $((SECONDS - t0)) s"
     fi

@@ -36,7 +36,9 @@ DB_PROVISIONING = DEPLOY / "grafana" / "provisioning" / "dashboards" / "sqs.yml"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 ENTRYPOINT = DEPLOY / "link" / "entrypoint.sh"
 
-SERVICES = {"cloud", "envoy", "link", "edge", "prometheus", "grafana"}
+SERVICES = {"certs", "cloud", "envoy", "link", "edge", "prometheus", "grafana"}
+ONE_SHOT = {"certs"}  # makes the TLS material into the tls_* volumes, then exits
+TLS_DIR = "/etc/sqs-tls"  # where cloud, envoy (deploy/envoy.yaml) and edge find their TLS volume
 EXPECTED_DEPENDS = {("edge", "link"), ("link", "envoy"), ("envoy", "cloud"), ("grafana", "prometheus")}
 ENVOY_YAML = DEPLOY / "envoy.yaml"
 ENVOY_DOCKERFILE = DEPLOY / "envoy" / "Dockerfile"
@@ -137,14 +139,18 @@ def check_topology(cfg: dict) -> None:
         assert ("NET_ADMIN" in caps) == (name == "link"), (name, caps)
         assert not svc.get("privileged"), name
 
-    # Healthchecks everywhere; every dependency waits for a healthy service.
+    # Healthchecks everywhere; every dependency waits for a healthy service (a one-shot: its success).
     for name, svc in services.items():
+        for dep, spec in depends_of(svc).items():
+            want = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert spec.get("condition") == want, (name, dep, spec)
+        if name in ONE_SHOT:
+            assert svc.get("restart") == "no" and "healthcheck" not in svc, name
+            continue
         hc = svc.get("healthcheck")
         assert hc and not hc.get("disable"), f"{name} has no healthcheck"
         test = hc["test"]
         assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, (name, test)
-        for dep, spec in depends_of(svc).items():
-            assert spec.get("condition") == "service_healthy", (name, dep, spec)
     edges = {(name, dep) for name, svc in services.items() for dep in depends_of(svc)}
     assert EXPECTED_DEPENDS <= edges, edges
     assert services["cloud"]["healthcheck"]["test"][:3] == ["CMD", "sqs-cloud", "check"]
@@ -155,6 +161,76 @@ def check_topology(cfg: dict) -> None:
     # Monitoring: Prometheus can reach both metrics endpoints without the link.
     assert nets["prometheus"] >= (nets["edge"] & nets["link"]) | (nets["cloud"] & nets["link"])
     assert nets["grafana"] & nets["prometheus"]
+    check_tls(cfg, envoy)
+
+
+def _volume_mounts(svc: dict) -> dict[str, tuple[str, bool]]:
+    """container path -> (named volume or host path, read-only)."""
+    out = {}
+    for v in svc.get("volumes", []):
+        if isinstance(v, dict):
+            out[v["target"]] = (str(v.get("source", "")), bool(v.get("read_only")))
+        else:
+            parts = v.split(":")
+            out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+    return out
+
+
+def _tls_contexts(node, kind: str) -> list[dict]:
+    """Every typed_config of type kind (DownstreamTlsContext, UpstreamTlsContext) under node."""
+    if isinstance(node, dict):
+        here = [node] if str(node.get("@type", "")).endswith("." + kind) else []
+        return here + [c for v in node.values() for c in _tls_contexts(v, kind)]
+    if isinstance(node, list):
+        return [c for v in node for c in _tls_contexts(v, kind)]
+    return []
+
+
+def check_tls(cfg: dict, envoy: dict) -> None:
+    """TLS on by default (issue 23): edge -TLS+token-> link -> Envoy (terminates) -TLS-> clouds,
+    from volumes the one-shot `certs` fills; nothing says --insecure."""
+    services = compose_services(cfg)
+    for name, svc in services.items():
+        env = environment_of(svc)
+        assert env.get("SQS_INSECURE", "") in ("", "0"), f"{name}: TLS is on by default, no SQS_INSECURE"
+        assert "--insecure" not in " ".join(map(str, svc.get("command") or [])), name
+    mounts = {name: _volume_mounts(svc) for name, svc in services.items()}
+    # the CA key stays in the one-shot's volume; every reader mounts its volume read-only
+    holders = {name for name, m in mounts.items() for src, _ in m.values() if src.endswith("tls_ca")}
+    assert holders == ONE_SHOT, holders
+    for name, volume in (("cloud", "tls_server"), ("envoy", "tls_server"), ("edge", "tls_edge")):
+        src, ro = mounts[name][TLS_DIR]
+        assert src.endswith(volume) and ro, (name, mounts[name])
+        assert "certs" in depends_of(services[name]) or name != "cloud", name
+    for name in ("link", "prometheus", "grafana"):
+        assert not any("tls" in src for src, _ in mounts[name].values()), f"{name} needs no TLS material"
+    script = "\n".join(map(str, services["certs"]["command"]))
+    assert "sqs-cloud gen-certs /tls-ca" in script and "sqs-cloud token edge --token-file" in script
+    # cloud: TLS with the server certificate, bearer tokens; the healthcheck speaks TLS
+    cloud_env = environment_of(services["cloud"])
+    assert cloud_env["SQS_TLS_CERT"] == f"{TLS_DIR}/server.pem" and cloud_env["SQS_TLS_KEY"] == f"{TLS_DIR}/server-key.pem"
+    assert cloud_env["SQS_TOKEN_FILE"] == f"{TLS_DIR}/tokens"
+    hc = services["cloud"]["healthcheck"]["test"]
+    assert hc[hc.index("--tls-ca") + 1] == f"{TLS_DIR}/ca.pem", hc
+    # edge: trusts the CA, sends the token of its volume
+    edge = services["edge"]
+    assert environment_of(edge)["SQS_TLS_CA"] == f"{TLS_DIR}/ca.pem"
+    assert f"SQS_TOKEN=$(cat {TLS_DIR}/token)" in " ".join(edge["entrypoint"]).replace("$$", "$")
+    # Envoy: terminates the edges' TLS with the server certificate, dials the replicas over TLS
+    # (the same CA, SNI and SAN `cloud`; health checks go over the same transport socket)
+    (listener,) = [x for x in envoy["static_resources"]["listeners"] if x["name"] == "grpc"]
+    (down,) = _tls_contexts(listener, "DownstreamTlsContext")
+    (cert,) = down["common_tls_context"]["tls_certificates"]
+    assert cert["certificate_chain"]["filename"] == f"{TLS_DIR}/server.pem"
+    assert cert["private_key"]["filename"] == f"{TLS_DIR}/server-key.pem"
+    assert down["common_tls_context"]["alpn_protocols"] == ["h2"]
+    (cluster,) = [c for c in envoy["static_resources"]["clusters"] if c["name"] == "sqs_cloud"]
+    (up,) = _tls_contexts(cluster, "UpstreamTlsContext")
+    assert up["sni"] == "cloud" and up["common_tls_context"]["alpn_protocols"] == ["h2"]
+    validation = up["common_tls_context"]["validation_context"]
+    assert validation["trusted_ca"]["filename"] == f"{TLS_DIR}/ca.pem"
+    assert validation["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": "cloud"}}]
+    assert "transport_socket_match_criteria" not in cluster["health_checks"][0], "health checks use the TLS socket"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +256,15 @@ def test_compose_variables_are_all_defined_in_env():
     used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)(?::?-[^}]*)?\}", COMPOSE.read_text()))
     missing = used - set(read_env_file())
     assert not missing, f"docker-compose.yml uses variables that .env does not define: {sorted(missing)}"
+
+
+def test_no_tls_material_in_the_repository():
+    """Certificates, keys and tokens are made at deploy time (compose's `certs`, make k8s-secret)."""
+    proc = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.skip("not a git checkout")
+    committed = [f for f in proc.stdout.split() if re.search(r"\.(pem|crt|key)$|(^|/)tokens?$", f)]
+    assert not committed, committed
 
 
 def test_compose_topology_raw_yaml():
@@ -673,7 +758,8 @@ class Stack:
         code = (
             "import grpc, json, sys, time\n"
             "from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc\n"
-            "ch = grpc.insecure_channel(sys.argv[1]); grpc.channel_ready_future(ch).result(timeout=60)\n"
+            "creds = grpc.ssl_channel_credentials(open(sys.argv[3], 'rb').read())  # TLS to Envoy, through the link\n"
+            "ch = grpc.secure_channel(sys.argv[1], creds); grpc.channel_ready_future(ch).result(timeout=60)\n"
             "stub = rpc.HealthStub(ch)\n"
             "def once(n):\n"
             "    t = time.perf_counter()\n"
@@ -685,7 +771,7 @@ class Stack:
             "once(8); small = min(once(8) for _ in range(3)); big = once(int(sys.argv[2]))\n"
             "print(json.dumps({'small_s': small, 'big_s': big}))\n"
         )
-        out = json.loads(self.exec("edge", "python", "-c", code, "link:50051", str(nbytes)).stdout)
+        out = json.loads(self.exec("edge", "python", "-c", code, "link:50051", str(nbytes), f"{TLS_DIR}/ca.pem").stdout)
         return out["big_s"] - out["small_s"]
 
 
@@ -749,7 +835,46 @@ def test_stack_every_service_healthy_and_hardened(stack):
         assert stack.exec(service, "id", "-u").stdout.strip() != "0", service
         probe = stack.exec(service, "sh", "-c", "command -v gcc cc g++ make || true").stdout.strip()
         assert not probe, (service, probe)
-    assert stack.exec("cloud", "sqs-cloud", "check", "127.0.0.1:50051", "--timeout", "4").returncode == 0
+    assert stack.exec("cloud", "sqs-cloud", "check", "127.0.0.1:50051", "--tls-ca", f"{TLS_DIR}/ca.pem",
+                      "--timeout", "4").returncode == 0
+    (certs,) = _run([stack.docker, "ps", "-aq", "--filter", f"label=com.docker.compose.project={STACK_PROJECT}",
+                     "--filter", "label=com.docker.compose.service=certs"]).stdout.split()
+    state = json.loads(_run([stack.docker, "inspect", certs]).stdout)[0]["State"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 0, state
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_stack_tls_and_token_required(stack):
+    """Through the link, Envoy speaks TLS only; with TLS but no (or a wrong) token the cloud answers
+    UNAUTHENTICATED (Envoy passed the call on); the edge's own token works (the generation tests)."""
+    code = (
+        "import grpc, json, sys\n"
+        "from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc\n"
+        "out = {}\n"
+        "try:\n"
+        "    rpc.HealthStub(grpc.insecure_channel(sys.argv[1])).Check(pb.HealthCheckRequest(service='sqs.v1.Verifier'), timeout=10)\n"
+        "    out['plaintext'] = 'OK'\n"
+        "except grpc.RpcError as e:\n"
+        "    out['plaintext'] = e.code().name\n"
+        "ch = grpc.secure_channel(sys.argv[1], grpc.ssl_channel_credentials(open(sys.argv[2], 'rb').read()))\n"
+        "out['health'] = rpc.HealthStub(ch).Check(pb.HealthCheckRequest(service='sqs.v1.Verifier'), timeout=30).status\n"
+        "open_session = ch.unary_unary('/sqs.v1.Verifier/OpenSession')\n"
+        "for name, md in (('no_token', ()), ('bad_token', (('authorization', 'Bearer not-a-token'),))):\n"
+        "    try:\n"
+        "        open_session(b'', metadata=md, timeout=30); out[name] = 'OK'\n"
+        "    except grpc.RpcError as e:\n"
+        "        out[name] = e.code().name\n"
+        "print(json.dumps(out))\n"
+    )
+    out = json.loads(stack.exec("edge", "python", "-c", code, "link:50051", f"{TLS_DIR}/ca.pem").stdout)
+    assert out["plaintext"] == "UNAVAILABLE", out
+    assert out["health"] == 1, out  # SERVING, over TLS through the link and Envoy (health needs no token)
+    assert out["no_token"] == "UNAUTHENTICATED" and out["bad_token"] == "UNAUTHENTICATED", out
+    logs = stack.compose_cmd("logs", "--no-color", "cloud").stdout
+    assert "link: TLS; identities: bearer tokens" in logs, logs[-2000:]
+    assert not stack.exec("edge", "sh", "-c", f"test -r {TLS_DIR}/ca.pem && ! test -e {TLS_DIR}/server-key.pem",
+                          check=False).returncode, "the edge holds the CA certificate and its token, no server key"
 
 
 @pytest.mark.slow
