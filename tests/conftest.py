@@ -136,6 +136,18 @@ def draft_engine():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_target(tmp_path_factory):
+    """The tiny target written as a GGUF and loaded by llama.cpp (sqs_models.llama_lm.LlamaModel)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
+    from bench.tiny_gguf import write_tiny_gguf
+    from sqs_models.llama_lm import LlamaModel
+
+    m = LlamaModel(write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-target.gguf", "target"), threads=1)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
 def run_generation(draft_engine):
     """run_generation(address, prompt, *, scheme="topk", max_new_tokens=16, temperature=0.0, seed=0,
     max_draft_len=4, **scheme_kw) -> GenerationResult: the edge runtime with the tiny draft."""

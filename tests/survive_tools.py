@@ -111,6 +111,34 @@ class Cloud:
         self._thread.join(10)
 
 
+class RestartingCloud:
+    """A Cloud that stops, and starts anew on the same port, when `when(session)` first holds after
+    a computed round: that round's verdict is lost with the old cloud (the edge must resend into
+    the new one and re-open its session there). `clouds` lists the cloud(s) in order."""
+
+    def __init__(self, when) -> None:
+        self.clouds: list[Cloud] = []
+        self.stopped = threading.Event()
+
+        def after(session, result):
+            if not self.stopped.is_set() and when(session):
+                threading.Thread(target=self._swap, daemon=True).start()
+                self.stopped.wait(30)
+
+        self.clouds.append(Cloud(after=after))
+        self.address = self.clouds[0].address
+
+    def _swap(self) -> None:
+        port = self.clouds[0].port
+        self.clouds[0].stop()
+        self.stopped.set()
+        self.clouds.append(Cloud(port=port))
+
+    def stop(self) -> None:
+        for cloud in self.clouds[1:] if self.stopped.is_set() else self.clouds:
+            cloud.stop()
+
+
 class Relay:
     """A TCP relay edge -> cloud whose downlink (cloud -> edge) the test can freeze and thaw:
     frozen bytes are held, not lost, and delivered in order on thaw."""

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from edge.api import EdgeServerConfig, create_app
-from tests.survive_tools import Cloud, draft_engine, target, wait_until
+from tests.survive_tools import Cloud, RestartingCloud, draft_engine, target, wait_until
 
 BODY = {"prompt": "The quick brown fox", "max_new_tokens": 30, "temperature": 1.0, "seed": 5,
         "sparsifier": "topk", "k": 4, "ell": 100, "draft_len": 4, "no_pipeline": True}  # tokens depend on the seed only
@@ -22,36 +22,25 @@ def test_a_generation_rides_out_a_cloud_restart():
     """Round 3 of the second generation: the cloud stops before its verdict leaves and a new one
     starts on the same port; the API re-opens and answers exactly the tokens of an undisturbed run."""
     draft_engine(), target()
-    clouds: list[Cloud] = []
-    stopped = threading.Event()
     seen: list[str] = []
 
-    def restart(session, result):
+    def second_generations_third_round(session) -> bool:
         if session.id not in seen:
             seen.append(session.id)
-        if len(seen) == 2 and session.id == seen[1] and session.rounds == 3 and not stopped.is_set():
-            def swap():
-                port = clouds[0].port
-                clouds[0].stop()
-                stopped.set()
-                clouds.append(Cloud(port=port))
+        return len(seen) == 2 and session.id == seen[1] and session.rounds == 3
 
-            threading.Thread(target=swap, daemon=True).start()
-            stopped.wait(30)  # this verdict is lost with the cloud
-
-    clouds.append(Cloud(after=restart))
-    app = create_app(EdgeServerConfig(cloud=clouds[0].address), engine=draft_engine())
+    restarting = RestartingCloud(second_generations_third_round)
+    app = create_app(EdgeServerConfig(cloud=restarting.address), engine=draft_engine())
     try:
         with TestClient(app) as c:
             reference = c.post("/v1/generate", json=BODY)
             disturbed = c.post("/v1/generate", json=BODY)
         assert reference.status_code == 200 and disturbed.status_code == 200, disturbed.text
-        assert stopped.is_set() and len(clouds) == 2
+        assert restarting.stopped.is_set() and len(restarting.clouds) == 2
         assert disturbed.json()["token_ids"] == reference.json()["token_ids"]
         assert disturbed.json()["stats"]["reopens"] == 1
     finally:
-        for cloud in clouds[1:] if stopped.is_set() else clouds:
-            cloud.stop()
+        restarting.stop()
 
 
 def test_limits_known_to_the_cloud_only_are_422():

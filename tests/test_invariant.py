@@ -21,7 +21,7 @@ from cloud.inprocess import LocalCloud
 from common.rejection import target_probs
 from edge.client import ClientConfig
 from edge.runtime import EdgeRuntime
-from tests.survive_tools import FAST_RETRY, Cloud, target
+from tests.survive_tools import FAST_RETRY, RestartingCloud, target
 
 PROMPT = "The quick brown fox"
 N = 24
@@ -87,32 +87,17 @@ def test_batching_on_and_off_and_concurrent_sessions_keep_the_tokens(draft_engin
 
 def test_a_cloud_restarted_mid_generation_keeps_the_tokens(draft_engine):
     target()
-    clouds: list[Cloud] = []
-    stopped = threading.Event()
-
-    def restart(session, result):
-        if session.rounds == 3 and not stopped.is_set():
-            def swap():
-                port = clouds[0].port
-                clouds[0].stop()
-                stopped.set()
-                clouds.append(Cloud(port=port))
-
-            threading.Thread(target=swap, daemon=True).start()
-            stopped.wait(30)  # this verdict is lost with the cloud
-
-    clouds.append(Cloud(after=restart))
+    restarting = RestartingCloud(lambda session: session.rounds == 3)
     try:
-        rt = EdgeRuntime(draft_engine, ClientConfig(clouds[0].address, **FAST_RETRY))
+        rt = EdgeRuntime(draft_engine, ClientConfig(restarting.address, **FAST_RETRY))
         disturbed = rt.generate(rt.encode(PROMPT), rt.draft_config(
             {"temperature": 1.0, "seed": 9, "sparsifier": "invariant", "draft_len": 2}), max_new_tokens=N)
-        assert stopped.is_set() and disturbed.stats.reopens >= 1
-        opened = clouds[1].running.metrics.registry.get_sample_value
+        assert restarting.stopped.is_set() and disturbed.stats.reopens >= 1
+        opened = restarting.clouds[1].running.metrics.registry.get_sample_value
         assert opened("sqs_sessions_opened_total", {"how": "reopen"}) >= 1  # the new cloud counts the re-open
         assert disturbed.token_ids == run(rt, 9, draft_len=0)
     finally:
-        for c in clouds[1:] if stopped.is_set() else clouds:
-            c.stop()
+        restarting.stop()
 
 
 def test_first_two_tokens_follow_the_targets_joint_law(cloud, draft_engine):

@@ -19,9 +19,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
 
-from bench.tiny_gguf import write_tiny_gguf  # noqa: E402
 from sqs_models.llama_batched import BatchedLlama, BatchedLlamaLM  # noqa: E402
-from sqs_models.llama_lm import LlamaModel  # noqa: E402
 
 # Logits of the tiny target are O(5). The batched and the per-session pass differ by float rounding
 # only: llama.cpp's CPU flash attention accumulates V in F16 in KV-cell order, and a session's cells
@@ -32,11 +30,8 @@ ATOL = 5e-3
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-target.gguf", "target")
-    m = LlamaModel(path, threads=1)
-    yield m
-    m.close()
+def model(tiny_llama_target):
+    return tiny_llama_target
 
 
 def assert_rows_equal(got: np.ndarray, ref: np.ndarray, what) -> None:

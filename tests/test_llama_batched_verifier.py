@@ -21,14 +21,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
 
-from bench.tiny_gguf import write_tiny_gguf  # noqa: E402
 from cloud.server import CloudConfig, create_server  # noqa: E402
 from cloud.verifier import TargetInfo, Verifier, VerifierConfig  # noqa: E402
 from common import codec  # noqa: E402
 from common.rejection import target_probs  # noqa: E402
 from sqs_models.engines import Engine  # noqa: E402
 from sqs_models.llama_batched import BatchedLlama, BatchedLlamaLM  # noqa: E402
-from sqs_models.llama_lm import LlamaLM, LlamaModel  # noqa: E402
+from sqs_models.llama_lm import LlamaLM  # noqa: E402
 from sqs_models.registry import load_model  # noqa: E402
 from tests.test_batching_verifier import PROMPTS, drafts_for, generate, open_session, run_concurrently  # noqa: E402
 from tests.test_rejection_stats import pooled_chisquare_pvalue  # noqa: E402
@@ -41,11 +40,8 @@ def meta():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-target.gguf", "target")
-    m = LlamaModel(path, threads=1)
-    yield m
-    m.close()
+def model(tiny_llama_target):
+    return tiny_llama_target
 
 
 def make_verifier(meta, model, window_ms: float, **cfg) -> Verifier:
