@@ -92,8 +92,13 @@ deploy-test:
 # rollouts, one generation through the edge. None can be brought up on this project's machines
 # (kind and k3s need images or binaries from registries that do not answer; Debian has kubectl
 # and etcd but no kube-apiserver or kubelet); the target says so and exits 2 without a cluster.
+# k8s-secret: the Secret sqs-tls the manifests mount (TLS on by default, issue 23): deploy/k8s-secret.sh
+# runs sqs-cloud gen-certs and sqs-cloud token edge into K8S_TLS_DIR (outside the repository, kept for
+# the next run) and applies `kubectl create secret generic sqs-tls --from-file=...`;
+# SQS_K8S_SECRET_OUT=FILE writes the manifest instead.
 # soak: sqs-loadtest --soak against 3 replicas and Envoy it starts on loopback (tiny pair).
-.PHONY: k8s-check k8s-test soak
+.PHONY: k8s-check k8s-secret k8s-test soak
+K8S_TLS_DIR ?= $(HOME)/.local/state/sqs-sd/k8s-tls
 SOAK_MINUTES ?= 10
 SOAK_CLIENTS ?= 16
 SOAK_KILL_EVERY_S ?= 60
@@ -101,8 +106,12 @@ SOAK_KILL_EVERY_S ?= 60
 k8s-check: install
 	$(PY) -m pytest -q tests/test_k8s_manifests.py tests/test_envoy_replicas.py -k "not affinity and not failover"
 
+k8s-secret: install
+	SQS_CLOUD_BIN=$(VENV)/bin/sqs-cloud deploy/k8s-secret.sh $(K8S_TLS_DIR)
+
 k8s-test:
 	@kubectl cluster-info >/dev/null 2>&1 || { echo "k8s-test: no Kubernetes cluster answers (kubectl cluster-info); set KUBECONFIG"; exit 2; }
+	$(MAKE) k8s-secret
 	kubectl apply -k deploy/
 	kubectl -n sqs-sd rollout status deployment/cloud deployment/envoy deployment/edge --timeout=900s
 	kubectl -n sqs-sd run sqs-k8s-test --rm -i --restart=Never --image=sqs-sd/edge:0.1.0 \

@@ -9,6 +9,10 @@
   that Envoy's STRICT_DNS cluster names (never a ClusterIP VIP); Envoy with the ConfigMap of
   deploy/envoy.yaml; the edge pointing at Envoy; Prometheus pod discovery; an HPA on a custom
   metric of ours with the prometheus-adapter rule that serves it;
+- TLS on by default (issue 23): the Secret sqs-tls (deploy/k8s-secret.sh, which makes it from
+  `sqs-cloud gen-certs` output) mounted read-only, each pod only the keys it needs; the cloud serves
+  TLS with tokens and its probes speak TLS (`sqs-cloud check --tls-ca`); Envoy's TLS files are the
+  mounted ones; the edge trusts the CA and sends its token;
 - checkov on deploy/ fails no check except those listed, with reasons, in deploy/checkov-skips.yaml
   (and every listed one still fails: no stale entries).
 """
@@ -99,7 +103,11 @@ def test_cloud_deployment_probes_resources_security():
     cloud = m[("Deployment", "cloud")]
     c = _container(cloud)
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert c[probe]["grpc"] == {"port": 50051, "service": "sqs.v1.Verifier"}, probe
+        # grpc.health.v1 for sqs.v1.Verifier over TLS (the kubelet's grpc probe is plaintext only)
+        cmd = c[probe]["exec"]["command"]
+        assert cmd[:3] == ["sqs-cloud", "check", "127.0.0.1:50051"], (probe, cmd)
+        assert cmd[cmd.index("--tls-ca") + 1] == f"{TLS_DIR}/ca.pem", (probe, cmd)
+        assert c[probe]["timeoutSeconds"] > float(cmd[cmd.index("--timeout") + 1]), probe
     assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and {"cpu", "memory"} <= set(c["resources"]["limits"])
     for name, dep in m.items():
         if name[0] != "Deployment":
@@ -112,6 +120,78 @@ def test_cloud_deployment_probes_resources_security():
         assert _container(dep)["resources"]["limits"], name
     pdb = m[("PodDisruptionBudget", "cloud")]
     assert pdb["spec"]["selector"] == cloud["spec"]["selector"]
+
+
+TLS_DIR = "/etc/sqs-tls"
+SECRET_KEYS = {"ca.pem", "server.pem", "server-key.pem", "tokens", "edge-token"}  # deploy/k8s-secret.sh
+NEEDS = {  # Deployment -> the Secret's keys it mounts (and nothing more)
+    "cloud": {"ca.pem", "server.pem", "server-key.pem", "tokens"},
+    "envoy": {"ca.pem", "server.pem", "server-key.pem"},
+    "edge": {"ca.pem", "edge-token"},
+}
+
+
+def _tls_mount(dep: dict) -> dict[str, str]:
+    """{Secret key: path under TLS_DIR} of the Deployment's read-only sqs-tls volume."""
+    pod = dep["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "sqs-tls"]
+    (mount,) = [m for m in _container(dep)["volumeMounts"] if m["name"] == vol["name"]]
+    assert mount["mountPath"] == TLS_DIR and mount["readOnly"] is True
+    assert vol["secret"]["defaultMode"] & 0o077 <= 0o040, "keys readable by the pod's group only"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"], "uid 10001 reads 0440 files"
+    return {i["key"]: i["path"] for i in vol["secret"]["items"]}
+
+
+def test_tls_secret_mounted_read_only_where_needed():
+    m = _manifests()
+    for name, keys in NEEDS.items():
+        dep = m[("Deployment", name)]
+        assert set(_tls_mount(dep)) == keys, name
+        for e in _container(dep).get("env", []):
+            assert "valueFrom" not in e, f"{name}: secrets as files, not env ({e['name']})"
+            assert e["name"] != "SQS_INSECURE", f"{name}: TLS is on by default"
+    for (kind, name), dep in m.items():
+        if kind == "Deployment" and name not in NEEDS:
+            assert not any(v.get("secret") for v in dep["spec"]["template"]["spec"].get("volumes", [])), name
+    cloud = _env(_container(m[("Deployment", "cloud")]))
+    assert cloud["SQS_TLS_CERT"] == f"{TLS_DIR}/server.pem" and cloud["SQS_TLS_KEY"] == f"{TLS_DIR}/server-key.pem"
+    assert cloud["SQS_TOKEN_FILE"] == f"{TLS_DIR}/tokens"
+    edge_dep = m[("Deployment", "edge")]
+    assert _tls_mount(edge_dep)["edge-token"] == "token"
+    assert _env(_container(edge_dep))["SQS_TLS_CA"] == f"{TLS_DIR}/ca.pem"
+    assert f"SQS_TOKEN=$(cat {TLS_DIR}/token)" in " ".join(_container(edge_dep)["command"])
+    # Envoy reads exactly the files its Deployment mounts
+    envoy = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
+    from loadtest.replicas import tls_files
+
+    read = {Path(f["filename"]).name for f in tls_files(envoy)}
+    assert read == set(_tls_mount(m[("Deployment", "envoy")]).values()) == NEEDS["envoy"], read
+
+
+def test_secret_script_makes_the_secret_the_manifests_mount(tmp_path):
+    """deploy/k8s-secret.sh with SQS_K8S_SECRET_OUT: gen-certs and a token into DIR (outside the
+    repository), the Secret sqs-tls with every key a Deployment mounts; a second run keeps them."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (it writes the Secret's manifest)")
+    out = tmp_path / "secret.yaml"
+    env = {**__import__("os").environ, "SQS_CLOUD_BIN": str(Path(sys.executable).with_name("sqs-cloud")),
+           "SQS_K8S_SECRET_OUT": str(out)}
+    script = DEPLOY / "k8s-secret.sh"
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(["bash", str(script), str(tmp_path / "tls")], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(yaml.safe_load(out.read_text()))
+    secret = runs[0]
+    assert secret["kind"] == "Secret" and secret["metadata"] == {"name": "sqs-tls", "namespace": "sqs-sd",
+                                                                  "creationTimestamp": None}
+    assert set(secret["data"]) == SECRET_KEYS and "ca-key.pem" not in secret["data"]
+    assert runs[1]["data"] == secret["data"], "a second run reuses the CA, certificate and token"
+    assert set().union(*NEEDS.values()) == SECRET_KEYS
+    refused = subprocess.run(["bash", str(script), str(ROOT / "out" / "tls-test")], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "inside the repository" in refused.stderr
 
 
 def test_envoy_reaches_every_replica_through_the_headless_service():
