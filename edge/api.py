@@ -37,9 +37,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
 from common.metrics import Metrics
-from common.service import probe as cloud_probe
 from edge import openai_api, options, sse
-from edge.client import Cancelled, ClientConfig, CloudError
+from edge.client import Cancelled, ClientConfig, CloudError, cloud_health
 from edge.generate import GenerationResult, RoundOutput
 from edge.runtime import DraftSpec, EdgeGeneration, EdgeRuntime
 
@@ -242,7 +241,7 @@ class EdgeService:
     async def health(self) -> tuple[dict, bool]:
         """(body, healthy): healthy when the cloud answers its health check and the model is loaded."""
         cloud = self.config.cloud
-        ok, detail = await asyncio.get_running_loop().run_in_executor(None, cloud_probe, cloud, 1.5)
+        ok, detail = await asyncio.get_running_loop().run_in_executor(None, cloud_health, self.config.client_config())
         body = {"status": "ok" if ok else "unavailable", "cloud": cloud, "cloud_status": detail,
                 "draft_model": self.config.draft_model, "model_loaded": self.runtime is not None,
                 "draft_engine": f"{self.runtime.engine.kind}: {self.runtime.engine.detail}" if self.runtime else None}

@@ -88,7 +88,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             max_concurrency=a.max_concurrency, draft_len=a.draft_len, transport=a.transport,
             connect_wait_s=a.wait_for_cloud, outage_window_s=a.outage_window,
             api_key=a.api_key or None, served_model_name=a.served_model_name, max_generations=a.max_generations,
-            tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key, token=a.token, insecure=a.insecure,
+            tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key, token=options.token_of(a), insecure=a.insecure,
         )
         config.client_config()  # a link that cannot work (plaintext outside loopback, half a key pair) fails here
     except ValueError as exc:

@@ -131,6 +131,22 @@ class ClientConfig:
         return grpc.ssl_channel_credentials(read(self.tls_ca), read(self.tls_key), read(self.tls_cert))
 
 
+def cloud_health(config: ClientConfig, timeout_s: float = 1.5) -> tuple[bool, str]:
+    """(serving, status) of the cloud of `config` by one grpc.health.v1 check over the same transport
+    a generation uses (TLS with its CA and certificate when configured; health needs no token)."""
+    try:
+        credentials = config.credentials()
+    except OSError as exc:
+        return False, f"TLS file: {exc}"
+    if credentials is None:
+        return probe(config.target, timeout_s)
+    channel = grpc.secure_channel(config.target, credentials)
+    try:
+        return probe(channel, timeout_s)
+    finally:
+        channel.close()
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -212,6 +212,8 @@ def add_runtime_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -> N
     ap.add_argument("--tls-key", default=env("SQS_EDGE_TLS_KEY"), metavar="F", help="mutual TLS: its key")
     ap.add_argument("--token", default=env("SQS_TOKEN"), metavar="TOKEN",
                     help="bearer token for a cloud with --token-file (prefer SQS_TOKEN: a flag shows in ps)")
+    ap.add_argument("--token-file", default=env("SQS_EDGE_TOKEN_FILE"), metavar="F",
+                    help="read the bearer token from this file (a mounted secret; SQS_EDGE_TOKEN_FILE)")
     ap.add_argument("--insecure", action="store_true", default=env("SQS_INSECURE", "") == "1",
                     help="allow plaintext to a cloud outside loopback (SQS_INSECURE=1)")
 
@@ -220,3 +222,15 @@ def add_generation_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup) -
     """The runtime flags and one --flag per generation option."""
     add_runtime_args(ap)
     add_arguments(ap)
+
+
+def token_of(a: Any) -> str | None:
+    """The bearer token of add_runtime_args' flags: --token, else the first line of --token-file;
+    ValueError (one line) for a file that cannot be read."""
+    if a.token or not getattr(a, "token_file", None):
+        return a.token
+    try:
+        with open(a.token_file, encoding="utf-8") as f:
+            return f.readline().strip() or None
+    except OSError as exc:
+        raise ValueError(f"--token-file: {exc.strerror}: {a.token_file}") from None

@@ -23,6 +23,7 @@ from common.metrics import Metrics
 from edge.client import ClientConfig, CloudClient
 from edge.drafter import DraftConfig, Drafter
 from edge.generate import Cloud, Generation, GenerationResult, RoundOutput
+from edge.options import token_of
 from edge.stop_text import StopText
 
 
@@ -45,7 +46,7 @@ def client_config_from_args(a: Any, **overrides: Any) -> ClientConfig:
     """ClientConfig from the flags of edge/options.add_runtime_args; ValueError for a bad value."""
     return ClientConfig(a.cloud, **{"transport": a.transport, "connect_wait_s": a.wait_for_cloud,
                                     "outage_window_s": a.outage_window, "tls_ca": a.tls_ca, "tls_cert": a.tls_cert,
-                                    "tls_key": a.tls_key, "token": a.token, "insecure": a.insecure, **overrides})
+                                    "tls_key": a.tls_key, "token": token_of(a), "insecure": a.insecure, **overrides})
 
 
 # How a generation reaches the cloud: a client for one session, given the generation's cancel

@@ -104,10 +104,16 @@ def test_envoy_yaml_hashes_on_the_route_key_and_never_retries():
 def test_envoy_validates_the_file_and_its_loopback_form(tmp_path):
     import subprocess
 
+    from cloud.tls import gen_certs
+    from loadtest.replicas import with_tls_dir
+
     envoy = _envoy()
+    gen_certs(tmp_path / "tls")  # deploy/envoy.yaml reads /etc/sqs-tls/*.pem, present only in the containers
+    full = tmp_path / "envoy.yaml"
+    full.write_text(yaml.safe_dump(with_tls_dir(yaml.safe_load(ENVOY_YAML.read_text()), tmp_path / "tls")))
     loop = tmp_path / "loop.yaml"
     loop.write_text(yaml.safe_dump(loopback_config([50061, 50062], 50070, 50071, 50072)))
-    for path in (ENVOY_YAML, loop):
+    for path in (full, loop):
         proc = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and "OK" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
