@@ -59,7 +59,8 @@ class BenchSetting:
         elif self.scheme == "conformal":
             name = f"C-SQS b0={self.beta0:g} eta={self.eta:g}"
         else:
-            name = {"dense": "dense QS", "token": "token-only", "fp32": "dense fp32"}.get(self.scheme, self.scheme)
+            name = {"dense": "dense QS", "token": "token-only", "fp32": "dense fp32",
+                    "invariant": "invariant"}.get(self.scheme, self.scheme)
         return f"{name} L<={self.draft_len}"
 
     def key(self) -> str:
@@ -78,8 +79,10 @@ def grid(temperatures: Iterable[float], ks: Iterable[int], betas: Iterable[float
             out.append(BenchSetting("fp16-topk", k=8, **common))
         out += [BenchSetting("topk", k=k, **common) for k in ks]
         out += [BenchSetting("conformal", beta0=b, eta=e, alpha=alpha, **common) for b in betas for e in etas]
+        out.append(BenchSetting("invariant", **common))  # token ids only, Gumbel-max agreement
         if planner:
             out.append(BenchSetting("topk", t, ell=ell, budget_bits=budget_bits, draft_len=AUTO))
+            out.append(BenchSetting("invariant", t, ell=ell, budget_bits=budget_bits, draft_len=AUTO))
     return out
 
 
