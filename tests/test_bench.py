@@ -25,9 +25,10 @@ def test_quick_run_writes_results_and_plots_and_resumes(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert set(DESIGN_COLUMNS) <= set(rows[0])
-    assert len(rows) == 18  # 2 temperatures x (cloud-only + 4 baselines + 2 K-SQS + 1 C-SQS + the planner)
+    # 2 temperatures x (cloud-only + 4 baselines + 2 K-SQS + 1 C-SQS + invariant + the planner on K-SQS and on invariant)
+    assert len(rows) == 22
     schemes = {r["scheme"] for r in rows}
-    assert schemes == {"none", "fp32", "fp16-topk", "dense", "token", "topk", "conformal"}
+    assert schemes == {"none", "fp32", "fp16-topk", "dense", "token", "topk", "conformal", "invariant"}
     for r in rows:
         assert int(r["generated"]) == 32 and int(r["prompts"]) == 2  # 1 code + 1 prose prompt x 16 tokens
         assert r["cpu_flags"] and r["target_engine"] and r["draft_engine"]
@@ -47,8 +48,8 @@ def test_quick_run_writes_results_and_plots_and_resumes(tmp_path):
     for png in ("latency_resampling_vs_temperature.png", "bits_vs_acceptance.png", "link_sweep.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep = list(csv.DictReader(open(tmp_path / "link_sweep.csv")))
-    assert len(sweep) == 18 * 6 * 4
-    assert len(list(csv.DictReader(open(tmp_path / "prompts.csv")))) == 36
+    assert len(sweep) == 22 * 6 * 4
+    assert len(list(csv.DictReader(open(tmp_path / "prompts.csv")))) == 44
     assert "results.csv" in out.stdout and "cloud-only" in out.stdout
 
     # A second run refuses to overwrite; --resume finds every generation done and reports the same.
