@@ -66,7 +66,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("max_new_tokens", int, 64, "tokens to generate", 1, 4096),
     Option("temperature", float, 0.0, "sampling temperature of draft and target (0 = greedy)", 0.0, 100.0),
-    Option("top_k", int, 0, "target/draft sampling top-k (0 = off)", 0, None),
+    Option("top_k", int, 0, "target/draft sampling top-k (0 = off)", 0, 2**32 - 1),  # uint32 on the wire
     Option("top_p", float, 1.0, "target/draft sampling top-p (1 = off)", 0.0, 1.0, low_open=True),
     Option("sparsifier", str, "topk", "topk (K-SQS), conformal (C-SQS), dense (dense QS), token (K = 1), the "
            "baselines fp16-topk and fp32, or none (plain target decoding)", choices=SPARSIFIERS),

@@ -247,7 +247,10 @@ def test_quotas_refuse_the_greedy_identity_and_serve_the_other(pki, tokens, draf
             stop.set()
             thread.join(10)
         assert [r.token_ids for r in during] == [r.token_ids for r in solo]
-        assert len(hints) > len(served) and all(0 < h <= 0.051 for h in hints), (max(hints), min(hints))
+        # The bucket holds 20 rounds (burst 1 s at 20/s) and refills at 20/s: however fast the machine
+        # runs the hammer, what it got served is bounded by that, and the rest was refused with a hint.
+        assert hints and all(0 < h <= 0.051 for h in hints), (hints[:3], len(served))
+        assert len(served) <= 20 * (1.0 + during_s) + 5, (len(served), during_s)
         reg = c.running.metrics.registry
         assert reg.get_sample_value("sqs_quota_refusals_total", {"limit": "rounds"}) == len(hints)
         assert reg.get_sample_value("sqs_quota_refusals_total", {"limit": "sessions"}) == 1
