@@ -89,6 +89,7 @@ def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[
     from bench.cloudproc import free_port, pin_edge, split_cpus, start_cloud, stop_process
     from bench.link_model import LinkModel
     from edge.client import ClientConfig
+    from edge.generate import run_to_end
     from edge.runtime import EdgeRuntime
     from sqs_models.engines import load_engine
 
@@ -109,12 +110,11 @@ def run(out: Path, draft_model: str, target_model: str, prompts: dict[str, list[
     def one(p: Policy, prompt: str, temperature: float, s: int, link):
         rt = runtime.wrapped(link.around) if link is not None else runtime
         g = rt.start(rt.encode(prompt), rt.draft_config(_options(p, temperature, s)), max_new_tokens=max_new_tokens)
-        for _ in g:
-            pass
+        result = run_to_end(g)
         if g.drafter.costs.passes:
             ratio[0] = g.drafter.costs.passes.predict(9) / max(g.drafter.costs.passes.predict(1), 1e-9)
         bar.update()
-        return link.priced(g.result) if link is not None else g.result
+        return link.priced(result) if link is not None else result
 
     totals: dict[tuple, Totals] = {}
 

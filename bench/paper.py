@@ -188,6 +188,7 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
 
     from bench.link_model import LinkModel
     from edge.client import ClientConfig
+    from edge.generate import run_to_end
     from edge.runtime import EdgeRuntime
     from sqs_models.engines import load_engine
 
@@ -218,9 +219,8 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
                     runtime = modelled if st.adaptive else measured
                     gen = runtime.start(runtime.encode(p.text), runtime.draft_config(_options(st, seed)),
                                         max_new_tokens=ctx.max_new_tokens)
-                    for _ in gen:
-                        pass
-                    g = planned_link.priced(gen.result) if st.adaptive else gen.result
+                    result = run_to_end(gen)
+                    g = planned_link.priced(result) if st.adaptive else result
                     drafter = gen.drafter
                     passes = drafter.costs.passes
                     ratio = passes.predict(9) / max(passes.predict(1), 1e-9) if passes else float("nan")

@@ -154,7 +154,7 @@ async def serve(config: CloudConfig) -> None:
 def check_main(argv: list[str]) -> int:
     """sqs-cloud check HOST:PORT [--timeout S]: the grpc.health.v1 status of sqs.v1.Verifier."""
     from cloud.health import check
-    from common.service import SERVICE_NAME
+    from sqs_rpc.service import SERVICE_NAME
 
     ap = argparse.ArgumentParser(prog="sqs-cloud check", description=check_main.__doc__)
     ap.add_argument("address", metavar="HOST:PORT")

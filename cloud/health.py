@@ -1,7 +1,7 @@
 """Is a sqs-cloud serving? The standard grpc.health.v1 Check, answered in one line.
 
 `check` is what `sqs-cloud check HOST:PORT` runs (compose and Dockerfile healthchecks, demo.sh): the
-answer of common.service.probe said for a person. `wait_serving` polls a probe until the cloud
+answer of sqs_rpc.service.probe said for a person. `wait_serving` polls a probe until the cloud
 serves (bench, linksim, tests). Imports grpc only: no torch, no model, so a healthcheck costs a
 fraction of a second.
 """
@@ -12,14 +12,14 @@ import subprocess
 import time
 from typing import Callable
 
-from common.service import SERVICE_NAME, probe
+from sqs_rpc.service import SERVICE_NAME, probe
 
 Probe = Callable[[str, float], "str | None"]  # (address, timeout_s) -> None when serving, else a reason
 
 
 def check(address: str, timeout_s: float = 3.0, service: str = SERVICE_NAME, credentials=None) -> str | None:
     """None when `address` (HOST:PORT) reports `service` SERVING within timeout_s, else why not,
-    in one line for an operator (common.service.probe asks; this says what its answer means).
+    in one line for an operator (sqs_rpc.service.probe asks; this says what its answer means).
     credentials: grpc.ChannelCredentials for a cloud that speaks TLS (None: plaintext)."""
     if credentials is None:
         serving, status = probe(address, timeout_s, service=service)

@@ -33,7 +33,7 @@ from cloud.tls import ServerTLS
 from cloud.verifier import Verifier
 from common.lm import LM
 from common.metrics import Metrics
-from common.service import SERVICE_NAME
+from sqs_rpc.service import SERVICE_NAME
 
 log = logging.getLogger("sqs.cloud")
 

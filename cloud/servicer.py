@@ -44,7 +44,7 @@ from cloud.verifier import RoundResult, Verifier
 from common import codec
 from common.metrics import Metrics, RoundStats
 from common.pb.v1 import sqs_pb2 as pb
-from common.service import SERVICE, SERVICE_NAME
+from sqs_rpc.service import SERVICE, SERVICE_NAME
 
 log = logging.getLogger("sqs.cloud")
 

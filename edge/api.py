@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field, create_model
 from common.metrics import Metrics
 from edge import openai_api, options, sse
 from edge.client import Cancelled, ClientConfig, CloudError, cloud_health
-from edge.generate import GenerationResult, RoundOutput
+from edge.generate import GenerationResult, RoundOutput, run_to_end
 from edge.runtime import DraftSpec, EdgeGeneration, EdgeRuntime
 
 log = logging.getLogger("sqs.edge")
@@ -137,11 +137,9 @@ class EdgeService:
     def run(self, generation: EdgeGeneration) -> GenerationResult:
         """A whole generation, in a worker thread; refusals are HTTPException, a set cancel is Cancelled."""
         try:
-            for _ in generation:
-                pass
+            result = run_to_end(generation)
         except CloudError as exc:
             raise HTTPException(_http_status(exc), detail=str(exc)) from None
-        result = generation.result
         log.info("generation session=%s sparsifier=%s tokens=%d rounds=%d", result.session_id,
                  generation.config.scheme.scheme.value, result.stats.generated, result.stats.rounds)
         return result

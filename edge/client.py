@@ -53,9 +53,9 @@ import grpc
 from common import codec
 from common.pb.v1 import sqs_pb2 as pb
 from common.pb.v1 import sqs_pb2_grpc
-from common.service import probe
 from edge.routing import RouteKeyInterceptor, new_route_key
 from edge.wire_meter import ByteCountingRelay
+from sqs_rpc.service import probe
 
 log = logging.getLogger("sqs.edge")
 
@@ -336,7 +336,8 @@ class CloudClient:
         reply = None
         for reply in self.stream_round(batch, reopen):
             pass
-        assert reply is not None  # stream_round yields at least the final verdict
+        if reply is None:  # stream_round yields at least the final verdict, or raises
+            raise CloudError(None, f"cloud {self.config.target}: the round ended without a verdict")
         return reply
 
     def stream_round(self, batch: codec.Batch, reopen: Callable[[], codec.OpenRequest]) -> Iterator[RoundReply]:

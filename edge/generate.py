@@ -237,11 +237,18 @@ def generate(prompt_ids: Sequence[int], drafter: Drafter, client: Cloud, *, max_
     """A whole generation: every round of a Generation, then its result."""
     g = Generation(prompt_ids, drafter, client, max_new_tokens=max_new_tokens, vocab_fingerprint=vocab_fingerprint,
                    previews=previews)
-    for r in g:
+    return run_to_end(g, on_round)
+
+
+def run_to_end(generation, on_round: Callable[[RoundOutput], None] | None = None) -> GenerationResult:
+    """Every remaining round of a generation (a Generation, or the runtime's EdgeGeneration, both
+    iterables of RoundOutput with a `result` once done), then its result."""
+    for r in generation:
         if on_round is not None:
             on_round(r)
-    assert g.result is not None
-    return g.result
+    if generation.result is None:  # the rounds ended without finishing: closed from elsewhere
+        raise RuntimeError("the generation ended before its result (it was closed)")
+    return generation.result
 
 
 def _cut(tokens: list[int], remaining: int, eos: set[int]) -> tuple[list[int], bool]:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from common.metrics import Metrics
 from edge.client import ClientConfig, CloudClient
 from edge.drafter import DraftConfig, Drafter
-from edge.generate import Cloud, Generation, GenerationResult, RoundOutput
+from edge.generate import Cloud, Generation, GenerationResult, RoundOutput, run_to_end
 from edge.options import token_of
 from edge.stop_text import StopText
 
@@ -133,11 +133,7 @@ class EdgeRuntime:
 
     def generate(self, prompt_ids: Sequence[int], config: DraftConfig, *, max_new_tokens: int,
                  cancel: threading.Event | None = None) -> GenerationResult:
-        g = self.start(prompt_ids, config, max_new_tokens=max_new_tokens, cancel=cancel)
-        for _ in g:
-            pass
-        assert g.result is not None
-        return g.result
+        return run_to_end(self.start(prompt_ids, config, max_new_tokens=max_new_tokens, cancel=cancel))
 
     def _count_active(self, delta: int) -> None:
         with self._lock:

@@ -1,10 +1,10 @@
-"""common.service: the service's one name and the one health probe, against a live tiny cloud."""
+"""sqs_rpc.service: the service's one name and the one health probe, against a live tiny cloud."""
 
 from __future__ import annotations
 
 import grpc
 
-from common.service import SERVICE, SERVICE_NAME, probe
+from sqs_rpc.service import SERVICE, SERVICE_NAME, probe
 
 
 def test_the_service_name_is_the_protos():

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from common.metrics import Metrics
 from edge.api import EdgeServerConfig, create_app
 from edge.client import ClientConfig
+from edge.generate import run_to_end
 from edge.runtime import DraftSpec, EdgeRuntime
 from tests.survive_tools import wait_until
 
@@ -48,6 +49,8 @@ def test_a_consumer_that_stops_reading_closes_the_cloud_session(runtime, cloud):
     g.close()
     wait_until(lambda: verifier.active_sessions == 0, 10, "the edge closes its cloud session")
     assert g.result is None and runtime.metrics.registry.get_sample_value("sqs_active_sessions") == 0
+    with pytest.raises(RuntimeError, match="closed"):  # no result to hand out, said so
+        run_to_end(g)
 
 
 def test_a_runtime_without_a_cloud_says_so(draft_engine):

@@ -3,8 +3,7 @@
 The cloud registers `SERVICE_NAME` ("sqs.v1.Verifier", taken from the proto's descriptor) beside
 the standard grpc.health.v1 service and reports it SERVING once it can verify (docs/DESIGN.md
 section 8). Whoever asks whether a cloud serves (`sqs-cloud check`, the edge's /healthz and its
-client, benchmarks, tests) asks through `probe`. Like codec.py, this module knows gRPC; the pure
-modules of common/ do not import it.
+client, benchmarks, tests) asks through `probe`. It knows gRPC, so it is not in common/.
 """
 
 from __future__ import annotations
