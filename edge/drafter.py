@@ -53,11 +53,11 @@ class DraftConfig:
     pipeline: bool = True  # draft the next batch while one is in flight (edge/generate.py)
 
     @classmethod
-    def from_options(cls, source, vocab_size: int) -> "DraftConfig":
+    def from_options(cls, source, vocab_size: int, **overrides) -> "DraftConfig":
         """From the generation options (edge/options.py) held by any object or mapping with their
-        names: argparse namespace, HTTP request, load-test config. draft_len 0 = plain target
-        decoding. Raises ValueError with the reason."""
-        o = options_from(source)
+        names (argparse namespace, HTTP request, load-test config), `overrides` taking precedence.
+        draft_len 0 = plain target decoding. Raises ValueError with the reason."""
+        o = options_from(source, **overrides)
         draft_len = None if o.draft_len == AUTO else o.draft_len
         k = None if o.k == AUTO else o.k
         ell = None if o.ell == AUTO else o.ell

@@ -116,9 +116,7 @@ class EdgeRuntime:
     def draft_config(self, source: Any, **overrides: Any) -> DraftConfig:
         """DraftConfig from generation options (edge/options.py names) held by an argparse
         namespace, an HTTP request, a mapping or a config object; ValueError with the reason."""
-        if overrides:
-            source = _Overlay(source, overrides)
-        return DraftConfig.from_options(source, self.engine.vocab_size)
+        return DraftConfig.from_options(source, self.engine.vocab_size, **overrides)
 
     # -- generations --------------------------------------------------------------------------
     def start(self, prompt_ids: Sequence[int], config: DraftConfig, *, max_new_tokens: int,
@@ -189,19 +187,3 @@ class EdgeGeneration:
             if close is not None:
                 close()  # closes the cloud session
             rt._count_active(-1)
-
-
-class _Overlay:
-    """Attribute view of `source` with some names replaced."""
-
-    def __init__(self, source: Any, overrides: dict[str, Any]) -> None:
-        self._source, self._overrides = source, overrides
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._overrides:
-            return self._overrides[name]
-        if isinstance(self._source, dict):
-            if name in self._source:
-                return self._source[name]
-            raise AttributeError(name)
-        return getattr(self._source, name)
