@@ -165,6 +165,11 @@ class LlamaServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id (the load test reads its CPU from /proc); None before start()."""
+        return None if self.proc is None else self.proc.pid
+
     def start(self) -> "LlamaServer":
         c = self.config
         binary = resolve_binary(c.binary)

@@ -29,6 +29,15 @@ an external one idles through them.)
 Many clouds behind Envoy: `--cloud <envoy address> --cloud-metrics HOST:PORT ...` (each replica's
 /metrics) adds per-replica rounds and sessions to the report, so affinity and spread show.
 
+Cloud CPU per committed token (column cloud_cpu_ms/tok, both systems): utime + stime of the serving
+processes (/proc/<pid>/stat) over each level's measured phase, per committed token. Our in-process
+cloud shares this process with the edges' drafting, so its figure includes them (scope "process incl.
+edges"); an external cloud is --cloud-pid PID ..., or else the processes listening on the
+--cloud-metrics ports, or else on --cloud's port (not Envoy: then the column stays empty and the
+record says why); llama-server is the process it starts. Every record also says what ran: commit,
+CPU flags, load average per level, the cloud's engine and batching (as applied, or as configured
+where the cloud does not report it), the edges' options, llama-server's version and arguments.
+
 The soak (--soak, loadtest/soak.py): --clients N for --soak-minutes against --cloud, or against
 --replicas sqs-cloud processes behind Envoy that it starts itself, a replica killed every
 --kill-every-s (by --kill-cmd, or SIGKILL to its own and a restart); latency p50/p95 per --window-s,
@@ -80,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--log-level", default=os.environ.get("SQS_LOG_LEVEL", "WARNING"))
     load.add_argument("--cloud-metrics", nargs="+", default=[], metavar="HOST:PORT",
                       help="each cloud replica's /metrics (loopback): per-replica rounds and sessions in the report")
+    load.add_argument("--cloud-pid", type=int, nargs="+", default=[], metavar="PID",
+                      help="with --cloud: the cloud's process(es), CPU summed, for the cloud CPU per token column "
+                           "(default: the processes listening on the --cloud-metrics ports, else on --cloud's port)")
     soak = ap.add_argument_group("soak (loadtest/soak.py)")
     soak.add_argument("--soak", action="store_true", help="one long run with replica kills instead of levels")
     soak.add_argument("--soak-minutes", type=float, default=10.0, metavar="D")
@@ -116,6 +128,7 @@ def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
         target_model=a.target_model, draft_model=a.draft_model, dtype=a.dtype, engine=a.engine,
         prompts=tuple(a.prompt) if a.prompt else DEFAULT_PROMPTS,
         **{o.name: getattr(a, o.name) for o in OPTIONS},
+        cloud_pids=tuple(a.cloud_pid),
         connect_timeout_s=a.connect_timeout_s, round_timeout_s=a.round_timeout_s, retries=a.retries,
         meter=a.meter, cloud_workers=a.cloud_workers,
         batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows, progress=not a.no_progress,

@@ -53,6 +53,9 @@ class LoadTestConfig(GenerationOptions):
     duration_s: float = 30.0  # measured phase per level (whichever of requests/duration comes first)
     warmup: int = 1  # unmeasured requests per client before each level's measured phase
     cloud: str | None = None  # HOST:PORT on loopback; None = start a cloud in this process
+    # the external cloud's processes whose CPU each level charges to its tokens (summed, e.g. replicas);
+    # empty: the listeners of cloud_metrics' ports, else of the cloud's port (loadtest/provenance.py)
+    cloud_pids: tuple[int, ...] = ()
     target_model: str = "tiny"  # for the in-process cloud
     draft_model: str = "tiny"
     dtype: str | None = None
@@ -115,6 +118,8 @@ class LoadTestConfig(GenerationOptions):
             raise ValueError("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
         if self.cloud is not None:
             check_loopback(self.cloud)
+        if self.cloud_pids and (self.cloud is None or min(self.cloud_pids) < 1):
+            raise ValueError("--cloud-pid needs --cloud and pids >= 1 (an in-process cloud is this process)")
         for address in self.cloud_metrics:
             check_loopback(address)
         if self.soak:

@@ -1,7 +1,9 @@
 """One concurrency level of the load test, whoever the clients are: n client threads, warm-up, a
 barrier, then tickets from a shared counter until ``requests`` are issued or ``duration_s`` has
 passed (loadtest/runner.py describes the rules). The clients' loop is handed in: our edge's
-(loadtest.runner) or llama-server's (loadtest.llama_levels)."""
+(loadtest.runner) or llama-server's (loadtest.llama_levels). The serving processes' CPU
+(loadtest/proc_cpu.CpuMeter) is read when the measured phase starts and once every client is done,
+and the load average when the level starts."""
 
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ import time
 from typing import IO
 
 from loadtest.config import LoadTestConfig
+from loadtest.proc_cpu import CpuMeter
+from loadtest.provenance import loadavg
 from loadtest.report import RequestRecord
 
 
 class Level:
     """Shared state of one concurrency level: its tickets (claim), the measured phase's start, the records."""
 
-    def __init__(self, n: int, config: LoadTestConfig, stop: threading.Event) -> None:
+    def __init__(self, n: int, config: LoadTestConfig, stop: threading.Event, cpu: CpuMeter | None = None) -> None:
         self.n = n
         self.config = config
         self.stop = stop
@@ -31,8 +35,13 @@ class Level:
         self.deadline = float("inf")
         self.stopped_by = ""
         self.target_model = ""
+        self.cpu = cpu  # the serving processes' CPU over the measured phase
+        self.cpu_result: dict | None = None
+        self.loadavg: list[float] | None = None  # at the level's start, before its clients run
 
     def start(self) -> None:  # Barrier action: runs once, when the last client arrives
+        if self.cpu is not None:
+            self.cpu.start()  # never raises (an exception here would break the barrier)
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + self.config.duration_s
 
@@ -53,13 +62,15 @@ class Level:
 
 
 def run_level(sh, config: LoadTestConfig, n: int, progress_file: IO[str] | None, client_loop, *,
-              label: str = "") -> Level:
+              label: str = "", cpu: CpuMeter | None = None) -> Level:
     """One level: n threads running `client_loop(sh, lv, client, barrier, level_t0)` (our edge's:
     loadtest.runner; llama-server's: loadtest.llama_levels); `sh` is the clients' shared state and
-    needs a `stop` event. Ctrl-C sets it, and the clients stop at their next ticket."""
+    needs a `stop` event. Ctrl-C sets it, and the clients stop at their next ticket. `cpu`: the
+    serving processes, read at the measured phase's start and end (lv.cpu_result)."""
     from tqdm import tqdm
 
-    lv = Level(n, config, sh.stop)
+    lv = Level(n, config, sh.stop, cpu)
+    lv.loadavg = loadavg()
     barrier = threading.Barrier(n, action=lv.start)
     level_t0 = time.perf_counter()
     threads = [
@@ -101,6 +112,8 @@ def run_level(sh, config: LoadTestConfig, n: int, progress_file: IO[str] | None,
                     t.join(0.1)
     finally:
         bar.close()
+    if cpu is not None:  # every client is done: the measured phase has ended
+        lv.cpu_result = cpu.stop()
     if sh.stop.is_set():
         lv.stopped_by = "interrupted"
     return lv

@@ -8,7 +8,9 @@ sampling, no prompt cache), prompt ``prompts[ticket % len(prompts)]``, seed conf
 latency = from before the connection to the answer read; tokens = the server's predicted_n; no
 TTFT (the answer is not streamed). The server process is pinned to ``llama_server_cpus`` with
 ``llama_server_threads`` threads and runs the target model's GGUF (the tiny pair's is written on
-the fly: bench/tiny_gguf.py; the tiny pair has no EOS, so its requests set ignore_eos).
+the fly: bench/tiny_gguf.py; the tiny pair has no EOS, so its requests set ignore_eos). Its CPU
+over each measured phase (/proc/<pid>/stat) is the level's cloud CPU; each level records the
+process's pid and arguments, and the run its note (e.g. --no-repack, bench/llama_server.repack_args).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import IO
 
 from loadtest.config import LoadTestConfig
 from loadtest.levels import Level, run_level
+from loadtest.proc_cpu import CpuMeter
 from loadtest.report import LevelResult, RequestRecord
 
 
@@ -100,7 +103,7 @@ def _model_gguf(config: LoadTestConfig, tmp: str) -> tuple[str, bool]:
 def run_llama_levels(config: LoadTestConfig, stop: threading.Event,
                      progress_file: IO[str] | None) -> tuple[dict, list[LevelResult]]:
     """One level per N of config.clients against llama-server --parallel N. Returns (what ran: binary,
-    version, model, cpus, threads, and "error" if a server could not start, one line; levels)."""
+    version, model, cpus, threads, note, and "error" if a server could not start, one line; levels)."""
     from bench.llama_server import LlamaServer, LlamaServerError, ServerConfig, resolve_binary, server_version
 
     cpus = config.llama_server_cpus or tuple(sorted(os.sched_getaffinity(0)))
@@ -121,9 +124,13 @@ def run_llama_levels(config: LoadTestConfig, stop: threading.Event,
                                       slot_ctx=longest + config.max_new_tokens + 64,
                                       start_timeout_s=max(300.0, config.connect_timeout_s))
                 with LlamaServer(server) as srv:
+                    info["note"] = srv.note  # the same model and CPU every level: one note for the run
                     sh = _LlamaShared(srv.address, config.prompts, ignore_eos, stop)
-                    lv = run_level(sh, config, n, progress_file, _client_loop, label="llama-server ")
-                levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by))
+                    cpu = CpuMeter([srv.pid], scope="llama-server process")
+                    lv = run_level(sh, config, n, progress_file, _client_loop, label="llama-server ", cpu=cpu)
+                    ran = {"pid": srv.pid, "args": [str(a) for a in srv.proc.args], "note": srv.note}
+                levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by,
+                                          cloud_cpu=lv.cpu_result, loadavg=lv.loadavg, server=ran))
         except LlamaServerError as exc:
             info["error"] = str(exc)
     return info, levels

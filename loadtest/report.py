@@ -1,6 +1,8 @@
 """The load test's records and reports: one RequestRecord per measured request, a LevelResult per
-concurrency level (its summary: latency and TTFT percentiles, tokens/s, acceptance, errors by status)
-and the RunReport of a run (JSON, CSV, the printed table)."""
+concurrency level (its summary: latency and TTFT percentiles, tokens/s, acceptance, errors by status,
+the serving processes' CPU per committed token, the load average) and the RunReport of a run (JSON,
+CSV, the printed table), which says what ran: commit, CPU, the cloud's engine and batching, the
+edges' plan options, llama-server's version and arguments."""
 
 from __future__ import annotations
 
@@ -47,7 +49,12 @@ CSV_FIELDS = [
     "clients", "client", "request", "seed", "prompt_index", "status", "ok", "start_s", "end_s", "latency_ms",
     "ttft_ms", "tokens", "rounds", "drafted", "accepted", "acceptance_rate", "stop_reason",
     "uplink_payload_bytes", "reopens", "max_gap_ms", "error", "system",
+    # what ran, repeated on every row so that a row read alone says it (run- and level-wide values)
+    "server", "commit", "cpu_flags", "loadavg_1m", "cloud_cpu_s", "cloud_ms_cpu_per_token", "cloud_cpu_scope",
 ]
+
+
+IN_PROCESS_ONLY = ("cloud_workers", "batch_window_ms", "batch_max_rows")
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -63,6 +70,11 @@ class LevelResult:
     cancelled: int = 0  # in-flight requests cancelled by an interrupt (not in records)
     stopped_by: str = ""  # "requests" | "duration" | "interrupted" | "" (no measured phase)
     batching: dict | None = None  # in-process cloud with batching on: its passes during the level (warm-up included)
+    # the serving processes' CPU over the measured phase (loadtest/proc_cpu.CpuMeter.stop: cpu_s, pids,
+    # processes, scope, reason); None: not measured
+    cloud_cpu: dict | None = None
+    loadavg: list[float] | None = None  # os.getloadavg() when the level started
+    server: dict | None = None  # llama-server rows: the process that served this level (pid, args, note)
 
     @property
     def wall_s(self) -> float:
@@ -102,7 +114,28 @@ class LevelResult:
             "warmup_requests": self.warmup_requests,
             "warmup_errors": self.warmup_errors,
             "cloud_batching": self.batching,
+            "loadavg_at_start": self.loadavg,
+            **_cpu_per_token(self.cloud_cpu, tokens, self.cancelled),
+            **({"server": self.server} if self.server is not None else {}),
         }
+
+
+def _cpu_per_token(cpu: dict | None, tokens: int, cancelled: int) -> dict:
+    """{"cloud_cpu": the reading (its reason says why there is no figure), "cloud_cpu_ms_per_token":
+    the serving processes' CPU ms over the measured phase per committed token, or None: not measured,
+    no token committed, or requests cancelled by an interrupt (their CPU counts, their tokens would not)."""
+    if cpu is None:
+        return {"cloud_cpu": None, "cloud_cpu_ms_per_token": None}
+    cpu = dict(cpu)
+    per_token = None
+    if cpu.get("cpu_s") is not None:
+        if cancelled:
+            cpu["reason"] = "requests cancelled by an interrupt used CPU but commit no tokens"
+        elif tokens <= 0:
+            cpu["reason"] = "no committed token"
+        else:
+            per_token = cpu["cpu_s"] * 1e3 / tokens
+    return {"cloud_cpu": cpu, "cloud_cpu_ms_per_token": per_token}
 
 
 @dataclass
@@ -121,25 +154,45 @@ class RunReport:
     llama_levels: list[LevelResult] = field(default_factory=list)
     # --cloud-metrics: per replica behind the router, over the whole run (loadtest/replicas.ReplicaMeter)
     replicas: list[dict] | None = None
+    # what ran (loadtest/provenance.py): commit, CPU flags and fingerprint, CPUs
+    run: dict = field(default_factory=dict)
+    # our cloud: engine, dtype, workers (with where that knowledge comes from), batching (on,
+    # window_ms, max_rows, source), and "cpu": the processes its CPU column measures (pids, source,
+    # scope, reason)
+    cloud_info: dict = field(default_factory=dict)
+    # the edges: draft engine as loaded, the generation options as passed, the plan as applied
+    edge: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         cfg = dataclasses.asdict(self.config)
         cfg["clients"] = list(self.config.clients)
         cfg["prompts"] = list(self.config.prompts)
+        if not self.cloud_in_process:  # these configure an in-process cloud: an external one never saw them
+            for key in IN_PROCESS_ONLY:
+                cfg[key] = None
         return {
             "tool": "sqs-loadtest",
             "started_unix": self.started_unix,
+            "run": self.run,
             "cloud": {"address": self.cloud_address, "in_process": self.cloud_in_process,
-                      "target_model": self.target_model},
+                      "target_model": self.target_model, **self.cloud_info},
             "draft_model": self.draft_model,
+            "edge": self.edge,
             "interrupted": self.interrupted,
             "config": cfg,
+            "config_note": f"{', '.join(IN_PROCESS_ONLY)} configure an in-process cloud (None: an external cloud ran; "
+                           "cloud.batching says what is known of its batching)",
             "definitions": {
                 "latency_ms": "end-to-end generation time per request: connect, session open, all rounds",
                 "ttft_ms": "request start to the first committed tokens",
                 "tokens_per_s": "generated tokens of successful measured requests / wall_s",
                 "requests_per_s": "successful measured requests / wall_s",
                 "wall_s": "measured phase: all clients warmed up -> last measured request done",
+                "cloud_cpu_ms_per_token": "utime + stime of the serving processes (cloud_cpu.pids, /proc/<pid>/stat) "
+                                          "from the measured phase's start until every client is done, per committed "
+                                          "token of the successful measured requests; cloud_cpu.scope says what the "
+                                          "processes hold (an in-process cloud shares this process with the edges)",
+                "loadavg_at_start": "os.getloadavg() (1, 5, 15 min) when the level started",
             },
             "levels": [lv.summary() for lv in self.levels],
             **({"replicas": self.replicas} if self.replicas is not None else {}),
@@ -155,13 +208,43 @@ class RunReport:
             f.write("\n")
 
     def write_csv(self, path: str) -> None:
+        run = {"commit": self.run.get("commit") or "", "cpu_flags": self.run.get("cpu_flags") or ""}
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             w.writeheader()
             for system, levels in (("sqs-sd", self.levels), ("llama-server", self.llama_levels)):
                 for lv in levels:
+                    level = {**run, **self._csv_level(lv, system)}
                     for r in sorted(lv.records, key=lambda r: r.request):
-                        w.writerow(self._csv_row(r, system))
+                        w.writerow({**self._csv_row(r, system), **level})
+
+    def _csv_level(self, lv: LevelResult, system: str) -> dict:
+        """The level-wide columns of its rows: who served, the load, the serving processes' CPU."""
+        s = lv.summary()
+        cpu, per_token = s["cloud_cpu"] or {}, s["cloud_cpu_ms_per_token"]
+        return {
+            "server": self.cloud_line() if system == "sqs-sd" else self.llama_line(lv),
+            "loadavg_1m": "" if lv.loadavg is None else f"{lv.loadavg[0]:.2f}",
+            "cloud_cpu_s": "" if cpu.get("cpu_s") is None else f"{cpu['cpu_s']:.3f}",
+            "cloud_ms_cpu_per_token": "" if per_token is None else f"{per_token:.3f}",
+            "cloud_cpu_scope": cpu.get("scope", ""),
+        }
+
+    def cloud_line(self) -> str:
+        """Our cloud in one line: target, engine and batching, each with where the knowledge comes from."""
+        ci = self.cloud_info
+        if ci.get("engine") is None:
+            engine = "engine not reported"
+        else:
+            engine = (f"engine {ci['engine']}" + (f" dtype {ci['dtype']}" if ci.get("dtype") else "")
+                      + f" ({ci.get('engine_source') or '?'})")
+        return f"sqs-cloud target {self.target_model or '?'}, {engine}, {batching_line(ci.get('batching'))}"
+
+    def llama_line(self, lv: LevelResult) -> str:
+        """llama-server's version and the arguments it ran this level with."""
+        ls, srv = self.llama_server or {}, lv.server or {}
+        args = " ".join((srv.get("args") or [])[1:])  # [0] is the binary: llama_server.binary
+        return f"llama-server {ls.get('version') or '?'}: {args}".rstrip()
 
     @staticmethod
     def _csv_row(r: RequestRecord, system: str) -> dict:
@@ -187,8 +270,10 @@ class RunReport:
         if self.llama_server is not None:
             ls = self.llama_server
             out += (f"\nllama-server --parallel N ({ls.get('version') or '?'}): {'/'.join(Path(ls.get('model') or '?').parts[-2:])}, "
-                    f"{ls['threads']} thread(s) on CPU(s) {','.join(map(str, ls['cpus']))}; plain sampling, "
-                    f"no prompt cache; tok/s = predicted tokens / wall_s, no TTFT (not streamed)")
+                    f"{ls['threads']} thread(s) on CPU(s) {','.join(map(str, ls['cpus']))}"
+                    + (f", {ls['note']}" if ls.get("note") else "")
+                    + "; plain sampling, no prompt cache; tok/s = predicted tokens / wall_s, no TTFT (not streamed); "
+                    "cloud_cpu_ms/tok: the llama-server process")
             if self.llama_levels:
                 out += "\n" + _table(self.llama_levels)
             if ls.get("error"):
@@ -199,22 +284,47 @@ class RunReport:
         c = self.config
         where = "in-process" if self.cloud_in_process else "external"
         scheme = "none (plain target decoding)" if c.draft_len == 0 else c.sparsifier
+        b = self.cloud_info.get("batching") or {}
         return (
             f"sqs-loadtest: cloud {self.cloud_address} ({where}, target {self.target_model or '?'}), "
             f"draft {self.draft_model}; {scheme}"
             + (f" K={c.k}" if c.sparsifier in ("topk", "fp16-topk") and c.draft_len else "")
             + f", T={c.temperature:g}, draft-len {c.draft_len}, {c.max_new_tokens} new tokens; per level: "
             f"{c.requests} requests or {c.duration_s:g} s, {c.warmup} warm-up/client"
-            + ((f"; cloud batching: window {c.batch_window_ms:g} ms, {c.batch_max_rows} rows at most "
-                f"(sess/pass: rounds per target pass, warm-up included)" if c.batch_window_ms > 0 else
+            + ((f"; cloud batching: window {b['window_ms']:g} ms, {b['max_rows']} rows at most "
+                f"(sess/pass: rounds per target pass, warm-up included)" if b.get("on") else
                 "; cloud batching off") if self.cloud_in_process else "")
             + ("; INTERRUPTED" if self.interrupted else "")
+            + "\n" + self.run_line()
         )
+
+    def run_line(self) -> str:
+        """The second header line: commit, CPU, the cloud as known, what its CPU column measures."""
+        r = self.run
+        return (f"run: commit {r.get('commit') or '?'}, CPU [{r.get('cpu_flags') or '?'}]; {self.cloud_line()}; "
+                f"cloud_cpu_ms/tok: {cpu_line(self.cloud_info.get('cpu'))}")
+
+
+def batching_line(b: dict | None) -> str:
+    if not b or b.get("on") is None:
+        return f"batching unknown ({(b or {}).get('source') or 'not reported'})"
+    if not b["on"]:
+        return f"batching off ({b.get('source') or '?'})"
+    return f"batching window {b['window_ms']:g} ms, {b['max_rows']} rows at most ({b.get('source') or '?'})"
+
+
+def cpu_line(cpu: dict | None) -> str:
+    """What the cloud CPU column measures: the scope and pids, or why it is empty."""
+    if not cpu:
+        return "not measured"
+    if not cpu.get("pids"):
+        return f"empty ({cpu.get('reason') or 'no process'})"
+    return f"{cpu.get('scope')}, pid {', '.join(map(str, cpu['pids']))} ({cpu.get('source') or '?'})"
 
 
 def _table(levels: list[LevelResult]) -> str:
     head = ["clients", "ok", "err", "wall_s", "req/s", "tok/s", "p50_ms", "p95_ms", "p99_ms",
-            "ttft_mean", "ttft_p95", "accept", "sess/pass", "errors"]
+            "ttft_mean", "ttft_p95", "accept", "sess/pass", "cloud_cpu_ms/tok", "errors"]
     rows = []
     for lv in levels:
         s = lv.summary()
@@ -226,7 +336,7 @@ def _table(levels: list[LevelResult]) -> str:
             str(s["clients"]), str(s["ok"]), str(s["errors"]), f"{s['wall_s']:.2f}",
             f"{s['requests_per_s']:.2f}", f"{s['tokens_per_s']:.1f}", _ms(lat["p50"]), _ms(lat["p95"]),
             _ms(lat["p99"]), _ms(ttft["mean"]), _ms(ttft["p95"]), "-" if acc is None else f"{acc:.1%}",
-            "-" if not b else f"{b['sessions_per_pass']:.2f}", errs,
+            "-" if not b else f"{b['sessions_per_pass']:.2f}", _ms(s["cloud_cpu_ms_per_token"], 2), errs,
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) if i < len(head) - 1 else h for i, (h, w) in enumerate(zip(head, widths)))]
@@ -235,5 +345,5 @@ def _table(levels: list[LevelResult]) -> str:
     return "\n".join(lines)
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}"
+def _ms(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"

@@ -19,6 +19,11 @@ request of the run uses, and the prompt ``prompts[ticket % len(prompts)]``.
   TTFT     from the same start to the first committed tokens (the first round's verdict)
   tokens   tokens generated (prompt excluded)
 
+Per level, the cloud's CPU (utime + stime from /proc of its processes: this one for an in-process
+cloud, edges included; --cloud-pid or the port's listeners for an external one) is read at the
+measured phase's start and end and divided by the committed tokens (loadtest/proc_cpu.py); the
+report says what ran (loadtest/provenance.py: commit, CPU flags, load average, engine, batching).
+
 A failed request is counted by gRPC status name (``CloudError.code``; an exception that is not a
 gRPC failure counts under its class name) and the run goes on. Statistics cover the successful
 measured requests; warm-up requests are excluded. ``stop`` (set on Ctrl-C) ends a level early: no
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +42,8 @@ from typing import IO
 
 from loadtest.config import DEFAULT_PROMPTS, LoadTestConfig, check_loopback
 from loadtest.levels import Level, run_level
+from loadtest.proc_cpu import CpuMeter
+from loadtest.provenance import SCOPE_IN_PROCESS, run_info
 from loadtest.report import CSV_FIELDS, LevelResult, RequestRecord, RunReport
 
 __all__ = ["DEFAULT_PROMPTS", "LoadTestConfig", "check_loopback", "CSV_FIELDS", "LevelResult", "RequestRecord",
@@ -162,6 +170,62 @@ def _batching_delta(before, after) -> dict:
             "passes_by_sessions": dict(sorted(sizes.items()))}
 
 
+def _in_process_cloud_info(cloud, config: LoadTestConfig) -> dict:
+    """The in-process cloud as far as this process can see it: batching as its verifier applied it
+    (a batcher exists exactly when batching is on); engine and weight type as configured, since the
+    cloud reports neither (not at open, not in its health answer)."""
+    verifier = cloud.running.verifier
+    on = verifier.pass_stats() is not None
+    vc = verifier.config
+    return {
+        "engine": config.engine, "dtype": config.dtype, "workers": config.cloud_workers,
+        "engine_source": "as configured", "engine_note": "the cloud reports no engine or weight type to clients",
+        "batching": {"on": on, "window_ms": vc.batch_window_ms if on else None,
+                     "max_rows": vc.batch_max_rows if on else None, "source": "applied: the in-process verifier"},
+        "cpu": {"pids": [os.getpid()], "source": "this process", "scope": SCOPE_IN_PROCESS, "reason": ""},
+    }
+
+
+def _external_cloud_info(config: LoadTestConfig, address: str) -> dict:
+    """An external cloud reports neither its engine nor its batching: the record says unknown
+    (this process's --batch-window-ms and --cloud-workers never reached it)."""
+    from loadtest.provenance import external_cloud_pids
+
+    cpu = external_cloud_pids(address, config.cloud_pids, config.cloud_metrics)
+    return {
+        "engine": None, "dtype": None, "workers": None, "engine_source": "not reported",
+        "engine_note": "an external cloud reports no engine or weight type to clients: its command line decides",
+        "batching": {"on": None, "window_ms": None, "max_rows": None,
+                     "source": "not reported by an external cloud: its command line decides"},
+        "cpu": {**cpu, "scope": "cloud process" + ("es" if len(cpu["pids"]) > 1 else "")},
+    }
+
+
+def _edge_info(runtime, draft_config, config: LoadTestConfig) -> dict:
+    """The edges: the draft engine as loaded, the generation options as passed, the plan as applied
+    (edge.drafter.DraftConfig: scheme, fixed or planned draft length, K and ell, pipelining)."""
+    from edge.options import OPTIONS
+
+    eng = runtime.engine
+    sc = draft_config.scheme
+    return {
+        "draft_model": eng.name, "engine": eng.kind, "weight_type": eng.weight_type, "dtype": eng.dtype,
+        "detail": eng.detail,
+        "options": {o.name: getattr(config, o.name) for o in OPTIONS},
+        "plan": {"scheme": sc.scheme.value,
+                 "draft_len": draft_config.max_draft_len if draft_config.max_draft_len is not None
+                 else f"auto (<= {draft_config.auto_max_draft_len})",
+                 "k": "auto" if draft_config.k_auto else sc.k, "ell": "auto" if draft_config.ell_auto else sc.ell,
+                 "pipeline": draft_config.pipeline, "budget_bits": draft_config.budget_bits,
+                 "budget_accounting": draft_config.budget_accounting},
+    }
+
+
+def _cpu_meter(cloud_info: dict) -> CpuMeter:
+    cpu = cloud_info["cpu"]
+    return CpuMeter(cpu["pids"], scope=cpu["scope"], reason=cpu["reason"])
+
+
 def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None,
                   progress_file: IO[str] | None = None) -> RunReport:
     """Run every concurrency level of `config` in turn and return the report.
@@ -194,8 +258,10 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
         address = cloud.address
     else:
         address = check_loopback(config.cloud)
+    cloud_info = _in_process_cloud_info(cloud, config) if cloud is not None else _external_cloud_info(config, address)
     report = RunReport(config, address, cloud is not None, cloud.target_model if cloud else "", model.name,
-                       started_unix=started)
+                       started_unix=started, run=run_info(), cloud_info=cloud_info,
+                       edge=_edge_info(runtime, draft_config, config))
     client_config = ClientConfig(address, round_timeout_s=config.round_timeout_s,
                                  connect_timeout_s=config.connect_timeout_s, retries=config.retries,
                                  backoff_s=0.1, meter=config.meter)
@@ -210,12 +276,12 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
             if stop.is_set():
                 break
             before = cloud.running.verifier.pass_stats() if cloud is not None else None
-            lv = run_level(sh, config, n, progress_file, _client_loop)
+            lv = run_level(sh, config, n, progress_file, _client_loop, cpu=_cpu_meter(cloud_info))
             if lv.target_model and not report.target_model:
                 report.target_model = lv.target_model
             batching = _batching_delta(before, cloud.running.verifier.pass_stats()) if before is not None else None
             report.levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by,
-                                             batching))
+                                             batching, cloud_cpu=lv.cpu_result, loadavg=lv.loadavg))
         if config.llama_server and not stop.is_set():
             from loadtest.llama_levels import run_llama_levels
 

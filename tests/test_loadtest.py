@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 import time
 
@@ -30,6 +31,16 @@ def _check_level(s: dict, clients: int, requests: int, max_new_tokens: int) -> N
     assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["wall_s"])
     assert 0 <= s["accepted"] <= s["drafted"] and s["drafted"] > 0
     assert 0.0 <= s["acceptance_rate"] <= 1.0
+    assert len(s["loadavg_at_start"]) == 3
+
+
+def _check_cpu(s: dict, scope: str, short: bool = False) -> None:
+    """The cloud CPU per committed token of a level whose cloud is this process (a short level may
+    take less than one clock tick of CPU: then only >= 0)."""
+    cpu = s["cloud_cpu"]
+    assert cpu["pids"] == [os.getpid()] and cpu["scope"] == scope and cpu["reason"] == ""
+    assert cpu["cpu_s"] >= 0 if short else cpu["cpu_s"] > 0
+    assert s["cloud_cpu_ms_per_token"] == pytest.approx(cpu["cpu_s"] * 1e3 / s["tokens"])
 
 
 def test_levels_1_and_4_in_process_cloud(tmp_path):
@@ -41,6 +52,7 @@ def test_levels_1_and_4_in_process_cloud(tmp_path):
     assert [lv.clients for lv in report.levels] == [1, 4]
     for lv in report.levels:
         _check_level(lv.summary(), lv.clients, 6, 8)
+        _check_cpu(lv.summary(), "process incl. edges")
     assert {r.client for r in report.levels[1].records} <= set(range(4))
 
     report.write_json(tmp_path / "r.json")
@@ -50,6 +62,17 @@ def test_levels_1_and_4_in_process_cloud(tmp_path):
     assert [lv["clients"] for lv in data["levels"]] == [1, 4]
     for lv in data["levels"]:
         _check_level(lv, lv["clients"], 6, 8)
+        _check_cpu(lv, "process incl. edges")
+    # what ran: the commit, the CPU, the cloud's batching as applied, the edges' plan
+    assert data["run"]["cpu_flags"] and data["run"]["cpu_fingerprint"] and "commit" in data["run"]
+    cloud = data["cloud"]
+    assert cloud["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64,
+                                 "source": "applied: the in-process verifier"}
+    assert cloud["engine"] == "auto" and cloud["engine_source"] == "as configured"
+    assert cloud["cpu"]["pids"] == [os.getpid()] and data["config"]["batch_window_ms"] == 2.0
+    edge = data["edge"]
+    assert edge["engine"] in ("torch", "llama") and edge["options"]["draft_len"] == 4
+    assert edge["plan"]["draft_len"] == 4 and edge["plan"]["scheme"] == "topk" and edge["plan"]["pipeline"] is True
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 12
     assert {r["clients"] for r in rows} == {"1", "4"}
@@ -57,7 +80,15 @@ def test_levels_1_and_4_in_process_cloud(tmp_path):
     assert all(float(r["ttft_ms"]) <= float(r["latency_ms"]) for r in rows)
     assert sorted(int(r["request"]) for r in rows if r["clients"] == "4") == list(range(6))
     assert len({r["seed"] for r in rows}) == 12  # every request has its own seed
+    by_level = {lv["clients"]: lv for lv in data["levels"]}
+    for r in rows:
+        assert float(r["cloud_ms_cpu_per_token"]) == pytest.approx(
+            by_level[int(r["clients"])]["cloud_cpu_ms_per_token"], abs=1e-3)
+        assert r["cloud_cpu_scope"] == "process incl. edges" and r["cpu_flags"] == data["run"]["cpu_flags"]
+        assert r["commit"] == (data["run"]["commit"] or "") and r["loadavg_1m"]
+        assert "batching window 2 ms" in r["server"] and "(as configured)" in r["server"]
     assert "clients" in report.table() and len(report.table().splitlines()) == 3
+    assert "cloud_cpu_ms/tok" in report.table() and "process incl. edges" in report.header()
 
 
 @pytest.mark.timeout(15)  # does not hang: every request fails within its 0.5 s connect timeout
@@ -73,6 +104,9 @@ def test_dead_port_counts_errors_by_status_and_does_not_hang(free_port):
     assert s["tokens"] == 0 and s["latency_ms"]["p50"] is None and s["acceptance_rate"] is None
     assert all(r.error for r in report.levels[0].records)
     assert "DEADLINE_EXCEEDED" in report.table() or "UNAVAILABLE" in report.table()
+    # nothing listens there: no process to charge, the record says why
+    assert s["cloud_cpu_ms_per_token"] is None and s["cloud_cpu"]["cpu_s"] is None
+    assert "no TCP socket listens" in s["cloud_cpu"]["reason"] and "--cloud-pid" in s["cloud_cpu"]["reason"]
 
 
 def test_stop_ends_the_level_promptly(cloud):
@@ -96,6 +130,8 @@ def test_stop_ends_the_level_promptly(cloud):
     assert report.interrupted and len(report.levels) == 1  # the N = 4 level never started
     s = report.levels[0].summary()
     assert s["stopped_by"] == "interrupted" and s["errors"] == 0
+    if s["cancelled"]:  # their CPU was spent, their tokens are not counted: no figure
+        assert s["cloud_cpu_ms_per_token"] is None and "cancelled" in s["cloud_cpu"]["reason"]
 
 
 def test_cli_against_a_running_cloud(cloud, tmp_path, capsys):
@@ -105,8 +141,35 @@ def test_cli_against_a_running_cloud(cloud, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "p95_ms" in printed and "external" in printed
-    assert json.loads(out.read_text())["levels"][0]["ok"] == 2
+    data = json.loads(out.read_text())
+    assert data["levels"][0]["ok"] == 2
     assert len(list(csv.DictReader((tmp_path / "o.csv").open()))) == 2
+    # the cloud fixture serves in this process: the listener of its port is this pid
+    cpu = data["cloud"]["cpu"]
+    assert cpu["pids"] == [os.getpid()] and cpu["source"] == f"listener of port {cloud.port}"
+    _check_cpu(data["levels"][0], "cloud process", short=True)
+    # an external cloud's batching is not reported, and this process's batch options never reached it
+    assert data["cloud"]["batching"]["on"] is None and data["cloud"]["engine"] is None
+    assert data["config"]["batch_window_ms"] is None and data["config"]["cloud_workers"] is None
+    assert "batching unknown" in printed
+
+
+def test_cli_cloud_pid_is_summed_and_checked(cloud, tmp_path):
+    """--cloud-pid names the cloud's processes (here this one, twice over: a set)."""
+    out = tmp_path / "o.json"
+    assert cli_run(["--cloud", cloud.address, "--cloud-pid", str(os.getpid()), str(os.getpid()), "--clients", "1",
+                    "--requests", "2", "--warmup", "0", "--max-new-tokens", "4", "--no-progress",
+                    "--json-out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["cloud"]["cpu"]["source"] == "--cloud-pid" and data["cloud"]["cpu"]["pids"] == [os.getpid()]
+    _check_cpu(data["levels"][0], "cloud process", short=True)
+
+
+def test_batching_off_is_recorded_as_applied():
+    report = run_load_test(LoadTestConfig(clients=(1,), requests=2, warmup=0, batch_window_ms=0, **FAST))
+    b = report.to_dict()["cloud"]["batching"]
+    assert b["on"] is False and b["window_ms"] is None and b["max_rows"] is None
+    assert "cloud batching off" in report.header() and report.levels[0].summary()["cloud_batching"] is None
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:50051", "127.9.8.7:1", "localhost:50051", "[::1]:50051"])
@@ -129,6 +192,8 @@ def test_cli_refuses_a_non_loopback_cloud(target, capsys, monkeypatch):
 
 def test_cli_usage_errors(capsys):
     assert cli_run(["--cloud", "127.0.0.1", "--no-progress"]) == 2  # no port
+    assert cli_run(["--cloud-pid", "1", "--no-progress"]) == 2  # an in-process cloud is this process
+    assert cli_run(["--cloud", "127.0.0.1:1", "--cloud-pid", "0", "--no-progress"]) == 2
     assert cli_run(["--clients", "0", "--no-progress"]) == 2
     assert cli_run(["--requests", "0", "--no-progress"]) == 2
     assert all(line.startswith("sqs-loadtest: error:") for line in capsys.readouterr().err.strip().splitlines())

@@ -1,0 +1,91 @@
+"""What ran, for every load-test record: the code's commit, the machine (CPU flags as every benchmark
+records them: bench/machine.py, and the fingerprint the pass tables are keyed by), the load average,
+and which processes are "the cloud" whose CPU a level charges to its tokens (loadtest/proc_cpu.py)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from loadtest.proc_cpu import listener_pids, read_times
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCOPE_IN_PROCESS = "process incl. edges"  # the in-process cloud shares this process with the edges' drafting
+
+
+def code_commit(root: Path = ROOT) -> str | None:
+    """`git rev-parse --short HEAD`, with "-dirty" when `git status --porcelain` lists anything
+    (uncommitted or untracked files: the run may not be that commit's code); None outside a git tree."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head or not head.strip():
+        return None
+    status = git("status", "--porcelain")
+    return head.strip() + ("-dirty" if status is None or status.strip() else "")
+
+
+def machine() -> dict:
+    """The CPU as the benchmarks record it, and what this process may use."""
+    from bench.machine import cpu_flags
+    from sqs_models.pass_table import cpu_fingerprint
+
+    return {"cpu_flags": cpu_flags(), "cpu_fingerprint": cpu_fingerprint(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+            "python": platform.python_version()}
+
+
+def run_info() -> dict:
+    """Run-level "what ran": commit and machine."""
+    return {"commit": code_commit(), **machine()}
+
+
+def loadavg() -> list[float] | None:
+    """os.getloadavg() (1, 5, 15 min): other work on the machine shows here; None where unsupported."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def _is_router(pid: int) -> bool:
+    """Envoy listens in front of the replicas: its CPU is not the verifier's."""
+    t = read_times(pid)
+    return not isinstance(t, str) and t.comm == "envoy"
+
+
+def external_cloud_pids(address: str, given: tuple[int, ...], metrics: tuple[str, ...]) -> dict:
+    """Which processes are the external cloud: {"pids", "source", "reason"}.
+
+    --cloud-pid when given; else the listeners of the --cloud-metrics ports (each replica serves its
+    own /metrics, while --cloud may be a router in front of them); else the listener of --cloud's
+    port (loopback only, so it is a process on this machine, unless it is in another container).
+    """
+    if given:
+        return {"pids": sorted(set(given)), "source": "--cloud-pid", "reason": ""}
+    ports = [_port(m) for m in metrics] if metrics else [_port(address)]
+    source = "listeners of --cloud-metrics ports" if metrics else f"listener of port {ports[0]}"
+    pids: set[int] = set()
+    for port in ports:
+        found, why = listener_pids(port)
+        if not found:
+            return {"pids": [], "source": source, "reason": f"{why}; give --cloud-pid"}
+        pids.update(found)
+    routers = sorted(p for p in pids if _is_router(p))
+    if routers:
+        return {"pids": [], "source": source,
+                "reason": f"the listener is envoy (pid {', '.join(map(str, routers))}), a router, not the verifier; "
+                          "give --cloud-pid or --cloud-metrics (each replica's /metrics)"}
+    return {"pids": sorted(pids), "source": source, "reason": ""}
