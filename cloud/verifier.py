@@ -272,8 +272,11 @@ class Verifier:
             if stop is not None and stop():
                 break
             row, step_ms = self._forward(session, session.context, 1)  # [1, V]
-            p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
-            token = gumbel_token(p1[0], s.seed, len(session.context))  # a zero-draft round's draw here
+            if s.temperature == 0:  # the one-hot's token, without building a [V] one-hot per step
+                token = int(np.argmax(row[0]))
+            else:
+                p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
+                token = gumbel_token(p1[0], s.seed, len(session.context))  # a zero-draft round's draw here
             session.context.append(token)
             plain.append(token)
             owed -= 1

@@ -68,10 +68,18 @@ def gumbel_token(probs: np.ndarray, seed: int, position: int) -> int:
     if support.size <= _SPARSE_LIMIT:
         e = -np.log1p(-uniforms_at(seed, position, support))  # Exp(1); log1p(-u) keeps u = 0 finite
         return int(support[int(np.argmin(e / p[support]))])
-    e = -np.log1p(-uniforms(seed, position, p.size))
-    with np.errstate(divide="ignore"):
-        race = np.where(p > 0, e / np.where(p > 0, p, 1.0), np.inf)
-    return int(np.argmin(race))
+    u = uniforms(seed, position, p.size)
+    # The race's winner, exactly, without a logarithm over the whole vocabulary: the most probable
+    # token's time E(t) / p(t) bounds the winning time, and E(v) / p(v) <= bound needs
+    # u(v) <= 1 - exp(-p(v) * bound) <= p(v) * bound, a multiply-compare per entry. Only the
+    # entries passing it (a handful) get E(v) / p(v), computed as the full race computes it, so
+    # the argmin (lowest id on ties) is the same token. The slack covers float rounding.
+    t = int(np.argmax(p))
+    bound = float(-np.log1p(-u[t]) / p[t])
+    near = np.flatnonzero(u <= p * (bound * (1.0 + 1e-9)))
+    near = near[p[near] > 0]  # u = 0 exactly would pass at p = 0
+    race = -np.log1p(-u[near]) / p[near]
+    return int(near[int(np.argmin(race))])
 
 
 def verify_invariant(draft_tokens: Sequence[int], target: np.ndarray, seed: int, start: int) -> tuple[int, int]:

@@ -37,9 +37,9 @@ def target_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: 
         out = np.zeros_like(x)
         np.put_along_axis(out, np.argmax(x, axis=-1)[..., None], 1.0, axis=-1)
         return out
-    z = x / temperature
-    z = z - np.max(z, axis=-1, keepdims=True)
-    p = np.exp(z)
+    p = x / temperature  # then in place: one [.., V] array, the same values as out-of-place steps
+    p -= np.max(p, axis=-1, keepdims=True)
+    np.exp(p, out=p)
     p /= p.sum(axis=-1, keepdims=True)
     v = p.shape[-1]
     if 0 < top_k < v:

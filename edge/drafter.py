@@ -284,5 +284,10 @@ class Drafter:
         )
 
     @property
+    def drafts(self) -> bool:
+        """Whether this drafter ever drafts (scheme none is plain decoding through the same session)."""
+        return self.config.scheme.scheme != Scheme.NONE
+
+    @property
     def beta(self) -> float | None:
         return self.controller.beta if self.controller else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -195,6 +196,48 @@ def test_a_generation_switches_plain_drafts_plain_and_previews_add_up(cloud):
     assert [r.plain for r in records][0] == 4 and records[-1].plain > 0
     assert [t for r in outs for t in r.tokens] == g.result.token_ids == ref
     assert any(r.preview for r in outs)
+
+
+def test_the_draft_follows_a_streamed_plain_round_so_the_next_drafts_start_at_once():
+    """With pipelining on, the draft model is fed the plain tokens while they stream (on the
+    pipeline's thread), not all at once when the next speculative round starts drafting: by the
+    time that round plans, the draft LM has already been asked for contexts that reach deep into
+    the streamed round. Without pipelining it has not (the follow-up runs on that thread only)."""
+    cloud = slow_cloud(0.03)
+    try:
+        rt = runtime(cloud.address)
+        prompt = rt.encode(PROMPT)
+        reached = {}
+        for pipeline in (True, False):
+            cfg = replace(plain_config(draft_len=3), pipeline=pipeline)
+            g = rt.start(prompt, cfg, max_new_tokens=24, previews=True)
+            seen: list[int] = []  # context lengths the draft LM was asked for, in order
+            inner = g.drafter.lm
+
+            class Recorder:
+                def logits(self, context, want):
+                    seen.append(len(context))
+                    return inner.logits(context, want)
+
+            g.drafter.lm = Recorder()
+            fixed = g.drafter.plan
+            script = iter(["plain"])
+            at_draft: list[int] = []
+
+            def plan(costs, remaining):
+                if next(script, "draft") == "plain":
+                    return RoundPlan(False, None, 0, 11, 12.0, 1.0, 0.0)
+                if not at_draft:
+                    at_draft.append(max(seen, default=0))
+                return fixed(costs, remaining)
+
+            g.drafter.plan = plan
+            list(g)
+            reached[pipeline] = at_draft[0] - len(prompt)
+        assert reached[True] >= 8  # most of the 12 streamed tokens were fed during the stream
+        assert reached[False] <= 1
+    finally:
+        cloud.stop()
 
 
 def test_tokens_arrive_long_before_the_request_ends():
