@@ -27,8 +27,9 @@ Choosing (``engine``):
   and fp32, llama.cpp on each GGUF weight type (the source Q4_K_M and the Q4_0 / Q8_0 made from it
   once, sqs_models.quantize, when they pass its accuracy tolerance). Each is described by its pass
   table (ms by rows scored, sqs_models.pass_table), measured once per machine and cached; the one
-  predicting the most committed tokens per second (plain or speculative at an acceptance prior,
-  ``ACCEPTANCE_PRIOR`` per position) is kept and the choice is logged with every figure. On a CPU
+  predicting the most committed tokens per second in its worst case (plain or speculative, drafts
+  priced at a fraction of the fastest step, over an acceptance range per position: pass_table
+  ``ACCEPTANCE_RANGE``, ``DRAFT_STEP_PRIOR``) is kept and the choice is logged with every figure. On a CPU
   where llama.cpp's step is far cheaper and its multi-row passes cost about one step per row, that
   is llama.cpp; where torch's multi-row pass is nearly free (AMX, a GPU), torch may win. The
   ``tiny`` pair has no GGUF: always torch.
@@ -53,7 +54,7 @@ import numpy as np
 from common.lm import ENGINES, LM
 
 from .install import REAL_MODELS, gguf_path, install_command, is_installed, model_dir
-from .pass_table import ACCEPTANCE_PRIOR, GRID, cached_table, choose, describe_choice, machine_key
+from .pass_table import ACCEPTANCE_RANGE, GRID, cached_table, choose, describe_choice, draft_step_ms, machine_key
 
 __all__ = [
     "LM",
@@ -167,7 +168,7 @@ def load_engine(
     weight_type: str | None = None,
     pass_rows: Sequence[int] | None = None,
     table_cache: Path | None = None,
-    acceptance: float = ACCEPTANCE_PRIOR,
+    acceptance: float | Sequence[float] = ACCEPTANCE_RANGE,
 ) -> Engine:
     """Load ``model`` for ``role`` behind the engine ``engine`` picks (see the module docstring).
 
@@ -177,7 +178,7 @@ def load_engine(
     weight_type: the llama engine's GGUF type (None: the model's own file).
     pass_rows, table_cache, acceptance: auto on the target: the rows of the pass tables (default
         ``pass_table.GRID``), their cache file (default ``state_dir()/pass-tables.json``), and the
-        acceptance prior per drafted position of the prediction.
+        acceptance per drafted position of the prediction (several: the worst case over them).
     """
     kind = resolve_engine(engine, model, dtype, cache_dir)
     if weight_type is not None and kind != "llama":
@@ -238,7 +239,8 @@ class Candidate:
 
 
 def pick_by_tables(candidates: Sequence[Candidate], rows: Sequence[int], cache: Path | None,
-                   acceptance: float = ACCEPTANCE_PRIOR) -> tuple[Candidate, dict[str, dict[int, float]], list]:
+                   acceptance: float | Sequence[float] = ACCEPTANCE_RANGE
+                   ) -> tuple[Candidate, dict[str, dict[int, float]], list]:
     """(the candidate predicting the most committed tok/s, every table, every prediction best first).
     A candidate whose measurement fails is left out with a warning."""
     tables: dict[str, dict[int, float]] = {}
@@ -257,7 +259,7 @@ def pick_by_tables(candidates: Sequence[Candidate], rows: Sequence[int], cache: 
 
 
 def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[int, ...], cache: Path | None,
-                 acceptance: float) -> Engine:
+                 acceptance: float | Sequence[float]) -> Engine:
     """Every engine the target can load, by predicted committed tokens per second (module doc)."""
     from .llama_probe import extra_bufts_ok
     from .quantize import MADE_TYPES, QualityRefused, source_type
@@ -319,7 +321,7 @@ def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[i
     eng = best.load()
     torch_loaded.clear()  # a torch model loaded only to be measured is released with the list
     eng.pass_table, eng.table_key = dict(tables[best.name]), best.key
-    eng.detail += f"; {describe_choice(preds, acceptance)}"  # load_engine logs it in its one line
+    eng.detail += f"; {describe_choice(preds, acceptance, draft_step_ms(tables))}"  # load_engine logs it in its one line
     return eng
 
 

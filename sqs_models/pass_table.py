@@ -9,16 +9,22 @@ threads, a hash of the CPU flags and the library versions (:func:`machine_key`),
 the same machine reads it instead of measuring again, and any change measures anew. The cache is
 one JSON file, ``pass-tables.json`` in :func:`state_dir`.
 
-Prediction (:func:`predict`), per engine, from its table alone (ms by rows, :func:`pass_ms`) and
-an acceptance prior ``a`` per drafted position:
+Prediction (:func:`predict`), per engine, from its table alone (ms by rows, :func:`pass_ms`), an
+acceptance ``a`` per drafted position and the edge's draft step ``d`` ms:
 
 * plain decoding: 1000 / t(1) tokens per second;
-* speculation with L drafts: E[tokens | L] = 1 + a + ... + a^L committed per pass of L + 1 rows,
-  so 1000 * E / t(L + 1); the best L in 1..max_drafts is kept.
+* speculation with L drafts: E[tokens | L] = 1 + a + ... + a^L committed per round of L draft steps
+  and a pass of L + 1 rows, so 1000 * E / (L * d + t(L + 1)); the best L in 1..max_drafts is kept.
 
-The engine with the higher of its two figures wins (:func:`choose`). Drafting and the network are
-left out: they are the same for every target engine, and they only make speculation dearer, so
-an engine that wins on speculation by a hair might lose with them (the figures are printed).
+:func:`choose` keeps the engine whose WORST prediction over an acceptance range
+(``ACCEPTANCE_RANGE``: 0.5, a T = 1 or prose session, to 0.9, greedy code) is best: the promise is
+never to be slower than plain decoding on the best engine, and a session's acceptance is not known
+at start. The cloud does not know its edges' draft step either; ``DRAFT_STEP_PRIOR`` prices it as a
+fraction of the fastest one-token step among the candidates (measured here: the 0.5B draft on
+llama.cpp steps in 68 ms against the 1.5B target's 149 ms, 0.46). Without the draft's cost,
+an engine whose 2-row pass is barely dearer than its step (llama Q4_0 here: 179 / 186 ms) was kept
+over one with a cheaper step (Q4_K_M, 149 ms) and lost at T = 1, where speculation does not pay.
+The network is left out: it is the same for every target engine.
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["GRID", "ACCEPTANCE_PRIOR", "state_dir", "cpu_fingerprint", "package_version", "machine_key", "pass_grid", "cached_table",
+__all__ = ["GRID", "ACCEPTANCE_PRIOR", "ACCEPTANCE_RANGE", "DRAFT_STEP_PRIOR", "state_dir", "cpu_fingerprint", "package_version", "machine_key", "pass_grid", "cached_table",
            "Prediction", "expected_tokens", "pass_ms", "predict", "choose", "describe_choice"]
 
 GRID = (1, 2, 3, 5, 9, 17, 33, 64)  # rows of the measured passes (L + 1 for L = 0, 1, 2, 4, 8, 16, 32)
 ACCEPTANCE_PRIOR = 0.7  # per drafted position; docs/DESIGN.md section 9 measured 1.94 of 4 greedy (code+prose)
+ACCEPTANCE_RANGE = (0.5, 0.9)  # the auto choice's worst case runs over these (module doc)
+DRAFT_STEP_PRIOR = 0.4  # the edge's draft step, as a fraction of the fastest target step (module doc)
 MAX_DRAFTS = 16
 TABLE_FORMAT = "fastest-of-3"  # how a cached figure was taken: a change here measures anew
 _lock = threading.Lock()
@@ -114,12 +122,13 @@ def cached_table(key: str, rows: Sequence[int], measure: Callable[[Sequence[int]
 
 @dataclass(frozen=True)
 class Prediction:
-    """Predicted committed tokens per second of one engine (see the module doc)."""
+    """Predicted committed tokens per second of one engine at one acceptance (see the module doc)."""
 
     name: str
     plain_tok_s: float
     spec_tok_s: float
     drafts: int  # the L of spec_tok_s
+    acceptance: float = ACCEPTANCE_PRIOR
 
     @property
     def best_tok_s(self) -> float:
@@ -130,8 +139,8 @@ class Prediction:
         return f"speculative L={self.drafts}" if self.spec_tok_s > self.plain_tok_s else "plain"
 
     def __str__(self) -> str:
-        return (f"{self.name}: {self.best_tok_s:.1f} tok/s ({self.mode}; plain {self.plain_tok_s:.1f}, "
-                f"speculative {self.spec_tok_s:.1f} at L={self.drafts})")
+        return (f"{self.name}: {self.best_tok_s:.1f} tok/s at acceptance {self.acceptance:g} ({self.mode}; "
+                f"plain {self.plain_tok_s:.1f}, speculative {self.spec_tok_s:.1f} at L={self.drafts})")
 
 
 def expected_tokens(drafts: int, acceptance: float) -> float:
@@ -156,31 +165,47 @@ def pass_ms(table: Mapping[int, float], rows: int) -> float:
 
 
 def predict(name: str, table: Mapping[int, float], acceptance: float = ACCEPTANCE_PRIOR,
-            max_drafts: int = MAX_DRAFTS) -> Prediction:
+            max_drafts: int = MAX_DRAFTS, draft_ms: float = 0.0) -> Prediction:
+    """Plain and best speculative tok/s of one table at ``acceptance``, drafts at ``draft_ms`` each."""
     if not table:
         raise ValueError(f"{name}: empty pass table")
     if not 0.0 <= acceptance < 1.0:
         raise ValueError(f"acceptance must lie in [0, 1), got {acceptance}")
+    if not draft_ms >= 0.0:
+        raise ValueError(f"draft_ms must be >= 0, got {draft_ms}")
     plain = 1e3 / pass_ms(table, 1)
     best_l, best = 0, 0.0
     for n in range(1, max_drafts + 1):
-        rate = 1e3 * expected_tokens(n, acceptance) / pass_ms(table, n + 1)
+        rate = 1e3 * expected_tokens(n, acceptance) / (n * draft_ms + pass_ms(table, n + 1))
         if rate > best:
             best_l, best = n, rate
-    return Prediction(name, plain, best, best_l)
+    return Prediction(name, plain, best, best_l, acceptance)
 
 
-def choose(tables: Mapping[str, Mapping[int, float]], acceptance: float = ACCEPTANCE_PRIOR,
-           max_drafts: int = MAX_DRAFTS) -> tuple[str, list[Prediction]]:
-    """(the name whose table predicts the most committed tokens per second, every prediction, best first)."""
-    preds = sorted((predict(n, t, acceptance, max_drafts) for n, t in tables.items()),
-                   key=lambda p: -p.best_tok_s)
-    if not preds:
+def draft_step_ms(tables: Mapping[str, Mapping[int, float]], draft_ratio: float = DRAFT_STEP_PRIOR) -> float:
+    """The edge's draft step the choice assumes: ``draft_ratio`` of the fastest one-token step."""
+    return draft_ratio * min(pass_ms(t, 1) for t in tables.values())
+
+
+def choose(tables: Mapping[str, Mapping[int, float]], acceptance: float | Sequence[float] = ACCEPTANCE_RANGE,
+           max_drafts: int = MAX_DRAFTS, draft_ratio: float = DRAFT_STEP_PRIOR) -> tuple[str, list[Prediction]]:
+    """(the name whose worst prediction over ``acceptance`` (one value or several) is best, each
+    name's worst prediction, best first). Drafts cost :func:`draft_step_ms` each."""
+    if not tables:
         raise ValueError("no candidate engine")
+    accs = (float(acceptance),) if isinstance(acceptance, (int, float)) else tuple(acceptance)
+    d = draft_step_ms(tables, draft_ratio)
+    worst = [min((predict(n, t, a, max_drafts, d) for a in accs), key=lambda p: p.best_tok_s)
+             for n, t in tables.items()]
+    preds = sorted(worst, key=lambda p: -p.best_tok_s)
     return preds[0].name, preds
 
 
-def describe_choice(preds: Sequence[Prediction], acceptance: float) -> str:
-    """One line: "auto (acceptance 0.7/position): kept A: 8.6 tok/s (...); B: ..."."""
-    return (f"auto by predicted tok/s at acceptance {acceptance:g} per position: kept {preds[0]}"
+def describe_choice(preds: Sequence[Prediction], acceptance: float | Sequence[float] = ACCEPTANCE_RANGE,
+                    draft_ms: float | None = None) -> str:
+    """One line: "auto by the worst predicted tok/s over acceptance 0.5..0.9 ...: kept A: ...; B: ..."."""
+    accs = (acceptance,) if isinstance(acceptance, (int, float)) else tuple(acceptance)
+    over = f"acceptance {accs[0]:g}" if len(accs) == 1 else f"acceptance {min(accs):g}..{max(accs):g}"
+    drafts = f", drafts at {draft_ms:.0f} ms" if draft_ms is not None else ""
+    return (f"auto by the worst predicted tok/s over {over} per position{drafts}: kept {preds[0]}"
             + "".join(f"; {p}" for p in preds[1:]))

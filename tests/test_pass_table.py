@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from sqs_models.pass_table import GRID, cached_table, choose, expected_tokens, pass_grid, predict
+from sqs_models.pass_table import GRID, cached_table, choose, expected_tokens, pass_grid, pass_ms, predict
 
 
 def linear(step_ms: float, rows=GRID) -> dict[int, float]:
@@ -60,14 +60,40 @@ def test_compute_bound_engine_with_the_cheaper_step_wins_when_speculation_cannot
     assert by["torch bfloat16"].best_tok_s < 20.0  # ...and still lose
 
 
-def test_nearly_free_multi_row_passes_win_over_a_cheaper_step():
-    """An AMX core or a GPU: torch's 17-row pass about one step; llama.cpp cheaper per step but linear."""
+def test_nearly_free_multi_row_passes_and_a_cheaper_step_win_at_every_acceptance():
+    """A GPU: torch's step is the cheaper one and its 17-row pass about one step."""
+    tables = {"llama Q4_K_M": linear(150.0), "torch bfloat16": flat(100.0, 0.01)}
+    best, preds = choose(tables)
+    assert best == "torch bfloat16" and preds[0].mode.startswith("speculative")
+    assert choose(tables, acceptance=0.9)[1][0].drafts >= 4
+
+
+def test_the_worst_case_keeps_the_cheaper_step_where_flat_passes_win_only_at_high_acceptance():
+    """An AMX core: torch's multi-row pass is nearly free but its step dearer than llama.cpp's. At
+    acceptance 0.9 torch speculating long wins; at 0.5 (T = 1, prose) it loses to llama.cpp's plain
+    steps, and auto keeps the engine whose worst case is best; with no acceptance at all, too."""
     tables = {"llama Q4_K_M": linear(150.0), "torch bfloat16": flat(200.0, 0.01)}
-    best, preds = choose(tables, acceptance=0.7)
-    assert best == "torch bfloat16"
-    assert preds[0].mode.startswith("speculative") and preds[0].drafts >= 8
-    # with no acceptance at all, speculation cannot pay: the cheaper step wins again
+    high, by_high = choose(tables, acceptance=0.9)
+    assert high == "torch bfloat16" and by_high[0].drafts >= 4
+    best, preds = choose(tables)
+    assert best == "llama Q4_K_M" and preds[0].mode == "plain" and preds[0].acceptance == 0.5
     assert choose(tables, acceptance=0.0)[0] == "llama Q4_K_M"
+
+
+def test_the_edges_draft_cost_keeps_the_cheaper_step_over_a_cheap_two_row_pass():
+    """This AMX Xeon's llama.cpp tables (ms, 1 thread): Q4_0 steps in 179 ms but its 2-row pass costs
+    186; Q4_K_M steps in 149. With drafts free, Q4_0 speculating wins even at acceptance 0.5; priced
+    at 0.4 of the fastest step (60 ms; the 0.5B draft measured 68), the cheaper step wins."""
+    q4_0 = {1: 179.0, 2: 186.0, 3: 219.0, 5: 367.0, 9: 522.0, 17: 779.0}
+    q4_k_m = {1: 149.0, 2: 223.0, 3: 278.0, 5: 347.0, 9: 526.0, 17: 713.0}
+    tables = {"llama Q4_0": q4_0, "llama Q4_K_M": q4_k_m}
+    assert choose(tables, draft_ratio=0.0)[0] == "llama Q4_0"
+    best, preds = choose(tables)
+    assert best == "llama Q4_K_M" and preds[0].mode == "plain"
+    assert preds[0].best_tok_s == pytest.approx(1e3 / 149.0)
+    d = 0.4 * 149.0
+    assert preds[1].spec_tok_s == pytest.approx(max(1e3 * expected_tokens(n, 0.5) / (n * d + pass_ms(q4_0, n + 1))
+                                                    for n in range(1, 17)))
 
 
 def test_a_multi_row_pass_cheaper_than_the_step_is_used_as_measured():
@@ -92,6 +118,8 @@ def test_bad_inputs_are_refused():
         predict("x", {1: 10.0}, acceptance=1.0)
     with pytest.raises(ValueError):
         choose({})
+    with pytest.raises(ValueError):
+        predict("x", {1: 10.0}, draft_ms=-1.0)
 
 
 def test_pass_grid_stops_at_the_batch_limit():
@@ -137,7 +165,7 @@ def test_auto_picks_by_tables_measures_once_and_leaves_out_a_failing_engine(tmp_
     def broken(rows):
         raise RuntimeError("llama_decode returned -1")
 
-    cands = [fake("llama Q4_K_M", linear(150.0)), fake("torch bfloat16", flat(200.0, 0.01)),
+    cands = [fake("llama Q4_K_M", linear(150.0)), fake("torch bfloat16", flat(100.0, 0.01)),
              Candidate("llama Q8_0", "key-q8", broken, lambda: None)]
     best, tables, preds = pick_by_tables(cands, GRID, cache)
     assert best.name == "torch bfloat16" and set(tables) == {"llama Q4_K_M", "torch bfloat16"}
@@ -186,11 +214,12 @@ def test_benchmarks_read_the_auto_choice_from_the_cloud_log(tmp_path):
     from bench.cloudproc import cloud_engine
     from sqs_models.pass_table import describe_choice
 
-    _, preds = choose({"llama Q4_K_M": linear(150.0), "torch bfloat16": flat(400.0, 0.02)})
-    detail = "llama.cpp 0.3.36 qwen2 1.5B Q4_K - Medium (model.gguf), 1 threads, no repack; " + describe_choice(preds, 0.7)
+    _, preds = choose({"llama Q4_K_M": linear(150.0), "torch bfloat16": flat(100.0, 0.02)})
+    detail = "llama.cpp 0.3.36 qwen2 1.5B Q4_K - Medium (model.gguf), 1 threads, no repack; " + describe_choice(preds, draft_ms=40.0)
     log = tmp_path / "cloud.log"
     log.write_text("2026-12-04 14:22:51,709 INFO sqs.models qwen2.5-coder-1.5b (target): engine llama, "
                    f"{detail}, loaded in 556.5 s\n")
     got = cloud_engine(log)
     assert got == f"llama, {detail}"
     assert "kept torch bfloat16" in got and "speculative L=" in got and "llama Q4_K_M: " in got
+    assert "over acceptance 0.5..0.9" in got and "drafts at 40 ms" in got
