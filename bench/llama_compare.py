@@ -2,7 +2,9 @@
 and the client are bench/llama_server.py).
 
     sqs-bench llama-server [--quick] [--server-cpus 1] [--edge-cpus 0] [--temperatures 0 1]
-                           [--prompts 4] [--max-new-tokens 48] [--out DIR]
+                           [--prompts 4] [--prose-prompts 0] [--max-new-tokens 48] [--out DIR]
+
+Issue 20's single-client comparison: --prompts 8 --prose-prompts 8 --max-new-tokens 64.
 
 One run, the same prompts, token counts, temperatures and seeds, the cloud side pinned to the same
 CPUs (--server-cpus, default: the last CPU of this process) with the same threads:
@@ -18,9 +20,20 @@ CPUs (--server-cpus, default: the last CPU of this process) with the same thread
 Per row and temperature: tokens/s = generated tokens / summed request wall time (both sides timed
 from the client: connect, prompt, every token), p50/p95 request latency, and the acceptance each
 side reports (llama-server: timings.draft_n_accepted / draft_n; ours: GenerationStats accepted /
-drafted). Every row first runs one unmeasured request. The CSV (DIR/llama_server.csv) carries the
-CPU flags and the llama-server version. ``--quick`` runs the tiny pair (its GGUFs written on the fly
-by bench.tiny_gguf, our cloud on torch: tiny has no GGUF of its own) with 2 prompts x 8 tokens.
+drafted). Every row first runs one unmeasured request.
+
+Prompts: --prompts code prompts (bench.prompts.CODE_PROMPTS), then --prose-prompts prose prompts
+(offline Wikipedia summaries, bench.prompts.wiki_prompts). Every row runs them in the same order with
+the same seeds, so the samples of two rows pair by prompt. tokens/s gets a 95% bootstrap interval
+over prompts (2,000 resamples, fixed seed), and each ratio of two rows' tokens/s a paired one (the
+same resampled prompts for both rows), overall and, when both kinds ran, for code and prose apart.
+
+Files (--out DIR): DIR/llama_server.csv, one line per row and temperature (with the commit, CPU
+flags, load average at the row's start, engine, llama-server version and note);
+DIR/llama_server_ratios.csv, the ratios and their intervals; DIR/llama_server_samples.csv, every
+measured request, so the intervals can be recomputed. ``--quick`` runs the tiny pair (its GGUFs
+written on the fly by bench.tiny_gguf, our cloud on torch: tiny has no GGUF of its own) with
+2 code prompts (and --prose-prompts prose ones) x 8 tokens.
 
 The binary is the one ``make llama-server`` (scripts/build_llama_server.sh) built, or --llama-server.
 Only loopback is used: llama-server listens on 127.0.0.1 and never downloads anything (built
@@ -30,11 +43,13 @@ without CURL; it gets file paths).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -43,11 +58,21 @@ from bench.llama_server import (LlamaServer, LlamaServerError, ServerConfig, com
                                 repack_args, resolve_binary, server_version)
 
 ROWS = ("llama-ar", "llama-sd", "sqs-cloud", "sqs-sd")
+KINDS = ("code", "prose")
+# The ratios reported (row_a / row_b tokens/s): our cloud-only against llama-server AR, and each
+# speculative row against its own side's AR and against llama-server AR.
+PAIRS = (("sqs-cloud", "llama-ar"), ("llama-sd", "llama-ar"), ("sqs-sd", "sqs-cloud"), ("sqs-sd", "llama-ar"))
+BOOTSTRAP_SEED = 0  # fixed: rerunning the report on the same samples gives the same intervals
 CSV_COLUMNS = [
-    "row", "system", "mode", "temperature", "requests", "generated", "tokens_per_s", "latency_p50_ms",
+    "row", "system", "mode", "temperature", "requests", "generated", "tokens_per_s", "tokens_per_s_lo",
+    "tokens_per_s_hi", "latency_p50_ms",
     "latency_p95_ms", "server_tokens_per_s", "drafted", "accepted", "acceptance", "target", "draft",
     "max_new_tokens", "server_cpus", "edge_cpus", "threads", "engine", "llama_server_version", "llama_server_note", "cpu_flags",
+    "prompts_code", "prompts_prose", "tokens_per_s_code", "tokens_per_s_prose", "seed", "commit", "loadavg_1m",
 ]
+RATIO_COLUMNS = ["row_a", "row_b", "temperature", "kind", "prompts", "ratio", "lo", "hi", "commit"]
+SAMPLE_COLUMNS = ["row", "temperature", "kind", "prompt", "seed", "generated", "wall_ms", "drafted", "accepted",
+                  "server_tokens_per_s", "commit"]
 
 
 # --- our side: a sqs-cloud process and the edge in this process ----------------------------------
@@ -105,6 +130,28 @@ class BenchConfig:
     ignore_eos: bool = False  # llama-server only: the tiny pair has no EOS, llama.cpp assigns one
     slot_ctx: int = 1024
     request_timeout_s: float = 600.0
+    kinds: list[str] = field(default_factory=list)  # each prompt's kind (code/prose); empty: all code
+
+    def plan(self) -> list[Prompt]:
+        """The prompts in the order every row runs them, each with its kind, its index within that
+        kind and its seed: the same in every row, so samples pair by prompt across rows."""
+        kinds = self.kinds or ["code"] * len(self.prompts)
+        if len(kinds) != len(self.prompts):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(kinds)} kinds")
+        seen: Counter[str] = Counter()
+        out = []
+        for i, (kind, text) in enumerate(zip(kinds, self.prompts)):
+            out.append(Prompt(kind, seen[kind], self.seed + i, text))
+            seen[kind] += 1
+        return out
+
+
+@dataclass(frozen=True)
+class Prompt:
+    kind: str  # "code" | "prose"
+    index: int  # within its kind
+    seed: int
+    text: str
 
 
 @dataclass
@@ -114,6 +161,9 @@ class Sample:
     drafted: int = 0
     accepted: int = 0
     server_tokens_per_s: float | None = None
+    kind: str = "code"
+    index: int = 0  # the prompt's index within its kind: (kind, index) pairs samples across rows
+    seed: int = 0
 
 
 @dataclass
@@ -121,19 +171,90 @@ class Row:
     row: str
     temperature: float
     samples: list[Sample] = field(default_factory=list)
+    loadavg_1m: float | None = None  # at the row's start (it includes this benchmark's own earlier rows)
 
     def summary(self) -> dict:
+        """CSV_COLUMNS' measured keys, and "samples": the measured requests in prompt order."""
         walls = [s.wall_ms for s in self.samples]
         gen = sum(s.generated for s in self.samples)
         drafted, accepted = sum(s.drafted for s in self.samples), sum(s.accepted for s in self.samples)
         server = [s.server_tokens_per_s for s in self.samples if s.server_tokens_per_s is not None]
+        lo, hi = tokens_per_s_ci(self.samples)
+        by_kind = {k: [s for s in self.samples if s.kind == k] for k in KINDS}
         return {
             "row": self.row, "temperature": self.temperature, "requests": len(self.samples), "generated": gen,
-            "tokens_per_s": gen / (sum(walls) / 1e3) if walls and sum(walls) > 0 else 0.0,
+            "tokens_per_s": tokens_per_s(self.samples) or 0.0, "tokens_per_s_lo": lo, "tokens_per_s_hi": hi,
             "latency_p50_ms": _pct(walls, 50), "latency_p95_ms": _pct(walls, 95),
             "server_tokens_per_s": statistics.fmean(server) if server else None,
             "drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted if drafted else None,
+            **{f"prompts_{k}": len(v) for k, v in by_kind.items()},
+            **{f"tokens_per_s_{k}": tokens_per_s(v) for k, v in by_kind.items()},
+            "loadavg_1m": self.loadavg_1m, "samples": list(self.samples),
         }
+
+
+# --- tokens/s and its intervals: bootstrap over prompts --------------------------------------------
+
+
+def _tokens_seconds(samples: Sequence[Sample]) -> tuple[list[float], list[float]]:
+    return [float(s.generated) for s in samples], [s.wall_ms / 1e3 for s in samples]
+
+
+def tokens_per_s(samples: Sequence[Sample]) -> float | None:
+    """Summed tokens / summed seconds (a long request weighs more than a short one); None without time."""
+    tokens, seconds = _tokens_seconds(samples)
+    return sum(tokens) / sum(seconds) if sum(seconds) > 0 else None
+
+
+def tokens_per_s_ci(samples: Sequence[Sample]) -> tuple[float, float]:
+    """95% bootstrap interval of tokens_per_s over prompts; nan under two prompts (nothing to resample)."""
+    from bench.paper_report import ratio_ci
+
+    return ratio_ci(*_tokens_seconds(samples), seed=BOOTSTRAP_SEED)
+
+
+def paired_ratio(a: Sequence[Sample], b: Sequence[Sample]) -> tuple[float, float, float]:
+    """tokens/s of `a` over `b` and its 95% paired bootstrap interval: each resample draws prompts
+    once and uses them for both rows, so what the prompts share (length, how predictable they are)
+    cancels out of the ratio. ValueError when the two rows did not run the same prompts."""
+    from bench.paper_report import ratio_ci
+
+    if [(s.kind, s.index) for s in a] != [(s.kind, s.index) for s in b]:
+        raise ValueError("the two rows did not run the same prompts in the same order")
+    ta, tb = tokens_per_s(a), tokens_per_s(b)
+    ratio = ta / tb if ta is not None and tb else math.nan
+    lo, hi = ratio_ci(*_tokens_seconds(a), *_tokens_seconds(b), paired=True, seed=BOOTSTRAP_SEED)
+    return ratio, lo, hi
+
+
+def ratio_records(rows: list[dict]) -> list[dict]:
+    """RATIO_COLUMNS per temperature and PAIRS entry whose two rows ran: kind "all" (every prompt,
+    the headline), then "code" and "prose" apart when both kinds ran. `rows` carry their samples
+    (Row.summary)."""
+    by = {(r["row"], r["temperature"]): r for r in rows}
+    out = []
+    for t in sorted({r["temperature"] for r in rows}):
+        for name_a, name_b in PAIRS:
+            a, b = by.get((name_a, t)), by.get((name_b, t))
+            if not (a and b):
+                continue
+            kinds = [k for k in KINDS if any(s.kind == k for s in a["samples"])]
+            groups = [("all", None)] + ([(k, k) for k in kinds] if len(kinds) > 1 else [])
+            for label, kind in groups:
+                sa = [s for s in a["samples"] if kind is None or s.kind == kind]
+                sb = [s for s in b["samples"] if kind is None or s.kind == kind]
+                ratio, lo, hi = paired_ratio(sa, sb)
+                out.append({"row_a": name_a, "row_b": name_b, "temperature": t, "kind": label, "prompts": len(sa),
+                            "ratio": ratio, "lo": lo, "hi": hi})
+    return out
+
+
+def sample_records(rows: list[dict]) -> list[dict]:
+    """SAMPLE_COLUMNS: one per measured request, so the intervals can be recomputed."""
+    return [{"row": r["row"], "temperature": r["temperature"], "kind": s.kind, "prompt": s.index, "seed": s.seed,
+             "generated": s.generated, "wall_ms": round(s.wall_ms, 3), "drafted": s.drafted, "accepted": s.accepted,
+             "server_tokens_per_s": s.server_tokens_per_s, "commit": r.get("commit")}
+            for r in rows for s in r["samples"]]
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -142,20 +263,28 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if values else None
 
 
+def _loadavg_1m() -> float | None:
+    """The 1-minute load average now: other work on this machine (and this run's earlier rows) shows here."""
+    from loadtest.provenance import loadavg
+
+    la = loadavg()
+    return la[0] if la else None
+
+
 def _llama_rows(cfg: BenchConfig, name: str, draft: str | None, progress) -> list[Row]:
     server = ServerConfig(cfg.binary, cfg.target_gguf, draft_model=draft, draft_n_max=cfg.draft_n_max,
                           threads=cfg.threads, cpus=cfg.server_cpus, slot_ctx=cfg.slot_ctx)
     rows = []
     with LlamaServer(server) as srv:
         for temperature in cfg.temperatures:
+            row = Row(name, temperature, loadavg_1m=_loadavg_1m())
             complete(srv.address, cfg.prompts[0], n_predict=cfg.max_new_tokens, temperature=temperature,
                      seed=cfg.seed, ignore_eos=cfg.ignore_eos, timeout_s=cfg.request_timeout_s)  # warm-up
-            row = Row(name, temperature)
-            for i, prompt in enumerate(cfg.prompts):
-                c = complete(srv.address, prompt, n_predict=cfg.max_new_tokens, temperature=temperature,
-                             seed=cfg.seed + i, ignore_eos=cfg.ignore_eos, timeout_s=cfg.request_timeout_s)
+            for p in cfg.plan():
+                c = complete(srv.address, p.text, n_predict=cfg.max_new_tokens, temperature=temperature,
+                             seed=p.seed, ignore_eos=cfg.ignore_eos, timeout_s=cfg.request_timeout_s)
                 row.samples.append(Sample(c.wall_ms, c.predicted_n, c.draft_n, c.draft_n_accepted,
-                                          c.predicted_per_second))
+                                          c.predicted_per_second, p.kind, p.index, p.seed))
                 progress()
             rows.append(row)
     return rows
@@ -172,13 +301,14 @@ def _sqs_rows(cfg: BenchConfig, wanted: Sequence[str], progress) -> list[Row]:
         for name in wanted:
             draft_len = 0 if name == "sqs-cloud" else cfg.draft_len
             for temperature in cfg.temperatures:
+                row = Row(name, temperature, loadavg_1m=_loadavg_1m())
                 sqs_generate(runtime, cfg.prompts[0], draft_len=draft_len, max_new_tokens=cfg.max_new_tokens,
                              temperature=temperature, seed=cfg.seed)  # warm-up
-                row = Row(name, temperature)
-                for i, prompt in enumerate(cfg.prompts):
-                    ms, g = sqs_generate(runtime, prompt, draft_len=draft_len,
-                                         max_new_tokens=cfg.max_new_tokens, temperature=temperature, seed=cfg.seed + i)
-                    row.samples.append(Sample(ms, g.stats.generated, g.stats.drafted, g.stats.accepted))
+                for p in cfg.plan():
+                    ms, g = sqs_generate(runtime, p.text, draft_len=draft_len,
+                                         max_new_tokens=cfg.max_new_tokens, temperature=temperature, seed=p.seed)
+                    row.samples.append(Sample(ms, g.stats.generated, g.stats.drafted, g.stats.accepted,
+                                              kind=p.kind, index=p.index, seed=p.seed))
                     progress()
                 rows.append(row)
     return rows
@@ -203,11 +333,14 @@ def _pinned(cpus: Sequence[int] | None):
 
 
 def run(cfg: BenchConfig, *, pin_edge: bool = True, progress: bool = True) -> list[dict]:
-    """Every row of `cfg.rows` in turn; one summary dict per (row, temperature), CSV_COLUMNS keys."""
+    """Every row of `cfg.rows` in turn; one summary dict per (row, temperature): CSV_COLUMNS keys,
+    and "samples" (Row.summary)."""
     from tqdm import tqdm
 
     from bench.machine import cpu_flags
+    from loadtest.provenance import code_commit
 
+    commit = code_commit()  # before the run: the code that runs, not what may be edited meanwhile
     bar = tqdm(total=len(cfg.rows) * len(cfg.temperatures) * len(cfg.prompts), disable=not progress,
                desc="sqs-bench llama-server", unit="req")
     rows: list[Row] = []
@@ -236,7 +369,7 @@ def run(cfg: BenchConfig, *, pin_edge: bool = True, progress: bool = True) -> li
             "max_new_tokens": cfg.max_new_tokens, "server_cpus": cpus_text(cfg.server_cpus),
             "edge_cpus": cpus_text(cfg.edge_cpus) if ours else "", "threads": cfg.threads,
             "engine": cfg.engine if ours else "llama-server", "llama_server_version": version, "llama_server_note": note,
-            "cpu_flags": flags,
+            "cpu_flags": flags, "seed": cfg.seed, "commit": commit,
         })
         out.append(s)
     return out
@@ -250,32 +383,41 @@ def _f(v, fmt: str) -> str:
     return "-".rjust(int(fmt.split(".")[0])) if v is None else format(v, fmt)
 
 
+def _interval(lo: float, hi: float) -> str:
+    return "[-]" if math.isnan(lo) or math.isnan(hi) else f"[{lo:.2f}, {hi:.2f}]"
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'row':<10} {'T':>4} {'req':>4} {'tokens':>6} {'tok/s':>7} {'p50_ms':>9} {'p95_ms':>9} {'accept':>7} " \
-           f"{'server tok/s':>12}"
+    head = f"{'row':<10} {'T':>4} {'req':>4} {'tokens':>6} {'tok/s':>7} {'95% interval':>16} {'p50_ms':>9} " \
+           f"{'p95_ms':>9} {'accept':>7} {'server tok/s':>12}"
     lines = [head]
     for r in rows:
         lines.append(f"{r['row']:<10} {r['temperature']:4.2g} {r['requests']:4d} {r['generated']:6d} "
-                     f"{r['tokens_per_s']:7.2f} {_f(r['latency_p50_ms'], '9.1f')} {_f(r['latency_p95_ms'], '9.1f')} "
+                     f"{r['tokens_per_s']:7.2f} {_interval(r['tokens_per_s_lo'], r['tokens_per_s_hi']):>16} "
+                     f"{_f(r['latency_p50_ms'], '9.1f')} {_f(r['latency_p95_ms'], '9.1f')} "
                      f"{_f(r['acceptance'], '7.1%')} {_f(r['server_tokens_per_s'], '12.2f')}")
     return "\n".join(lines)
 
 
-def ratios(rows: list[dict]) -> list[str]:
-    """Per temperature: our cloud-only against llama-server AR (the issue's latency target: p50 within
-    1.2x), and each speculative row against its own side's AR."""
+def ratios(rows: list[dict], records: list[dict]) -> list[str]:
+    """One line per temperature and pair of `records` (ratio_records): tokens/s ratio with its paired
+    95% interval, the 50/50 headline first and then code and prose apart; the sqs-cloud / llama-ar
+    line leads with the issue's latency target (our cloud-only p50 within 1.2x of llama-server's)."""
     by = {(r["row"], r["temperature"]): r for r in rows}
     out = []
-    for t in sorted({r["temperature"] for r in rows}):
-        ar, ours = by.get(("llama-ar", t)), by.get(("sqs-cloud", t))
-        if ar and ours and ar["latency_p50_ms"]:
-            x = ours["latency_p50_ms"] / ar["latency_p50_ms"]
-            out.append(f"T={t:g}: sqs-cloud / llama-ar p50 latency x{x:.2f} (target <= 1.2: "
-                       f"{'met' if x <= 1.2 else 'missed'}), tokens/s x{ours['tokens_per_s'] / max(ar['tokens_per_s'], 1e-12):.2f}")
-        for sd, base in (("llama-sd", "llama-ar"), ("sqs-sd", "sqs-cloud"), ("sqs-sd", "llama-ar")):
-            a, b = by.get((sd, t)), by.get((base, t))
-            if a and b and b["tokens_per_s"]:
-                out.append(f"T={t:g}: {sd} / {base} tokens/s x{a['tokens_per_s'] / b['tokens_per_s']:.2f}")
+    for t in sorted({r["temperature"] for r in records}):
+        for name_a, name_b in PAIRS:
+            recs = [x for x in records if x["temperature"] == t and (x["row_a"], x["row_b"]) == (name_a, name_b)]
+            if not recs:
+                continue
+            parts = [f"x{x['ratio']:.2f} {_interval(x['lo'], x['hi'])}" if x["kind"] == "all" else
+                     f"{x['kind']} x{x['ratio']:.2f} {_interval(x['lo'], x['hi'])}" for x in recs]
+            speed = "tokens/s " + parts[0] + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
+            a, b = by[(name_a, t)], by[(name_b, t)]
+            if (name_a, name_b) == ("sqs-cloud", "llama-ar") and b["latency_p50_ms"]:
+                x = a["latency_p50_ms"] / b["latency_p50_ms"]
+                speed = f"p50 latency x{x:.2f} (target <= 1.2: {'met' if x <= 1.2 else 'missed'}), " + speed
+            out.append(f"T={t:g}: {name_a} / {name_b} {speed}")
     return out
 
 
@@ -299,6 +441,9 @@ def register(subparsers) -> None:
                    help="our cloud's engine (llama: the same GGUF as llama-server, through llama-cpp-python)")
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     p.add_argument("--prompts", type=int, default=4, help="code prompts (bench.prompts.CODE_PROMPTS), each once per row")
+    p.add_argument("--prose-prompts", type=int, default=0, metavar="N",
+                   help="prose prompts (offline Wikipedia summaries) after the code ones, each once per row; "
+                        "results are then also split by kind (issue 20: --prompts 8 --prose-prompts 8)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--draft-n-max", type=int, default=8, help="llama-server --spec-draft-n-max")
     p.add_argument("--draft-len", type=arg_type("draft_len"), default="auto",
@@ -309,7 +454,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0, help="cloud-side threads (default: one per --server-cpus CPU)")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", metavar="DIR", help="write DIR/llama_server.csv")
+    p.add_argument("--out", metavar="DIR",
+                   help="write DIR/llama_server.csv, DIR/llama_server_ratios.csv and DIR/llama_server_samples.csv")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -321,9 +467,11 @@ def _fail(msg: str) -> int:
 def main(args) -> int:
     """sqs-bench llama-server: 0, or 2 with one line on stderr."""
     from bench.machine import cpu_flags, write_csv
-    from bench.prompts import CODE_PROMPTS
+    from bench.prompts import CODE_PROMPTS, wiki_prompts
     from sqs_models.engines import model_gguf
 
+    if args.prompts < 0 or args.prose_prompts < 0 or args.prompts + args.prose_prompts == 0:
+        return _fail("--prompts and --prose-prompts must be >= 0 and give at least one prompt")
     try:
         binary = resolve_binary(args.llama_server)
         server_cpus, edge_cpus = default_cpus()
@@ -347,25 +495,34 @@ def main(args) -> int:
                 missing = target if paths[0] is None else draft
                 return _fail(f"no GGUF for {missing}: sqs-models install {missing}")
             target_gguf, draft_gguf = map(str, paths)
-        cfg = BenchConfig(binary, target, draft, target_gguf, draft_gguf, list(CODE_PROMPTS[:n]),
+        code, prose = list(CODE_PROMPTS[:n]), wiki_prompts(args.prose_prompts)
+        cfg = BenchConfig(binary, target, draft, target_gguf, draft_gguf, code + prose,
                           list(args.temperatures), max_new, server_cpus, edge_cpus, threads, engine=engine,
                           draft_len=args.draft_len, draft_n_max=args.draft_n_max, seed=args.seed, rows=tuple(args.rows),
-                          ignore_eos=args.quick, slot_ctx=256 if args.quick else 1024)
+                          ignore_eos=args.quick, slot_ctx=256 if args.quick else 1024,
+                          kinds=["code"] * len(code) + ["prose"] * len(prose))
         try:
             rows = run(cfg, progress=not args.no_progress)
         except LlamaServerError as exc:
             return _fail(str(exc))
-    print(f"target {target}, draft {draft}; {n} prompt(s) x {max_new} new tokens; cloud side on CPU(s) "
+    print(f"target {target}, draft {draft}; {len(code)} code + {len(prose)} prose prompt(s) x {max_new} new tokens; "
+          f"commit {rows[0]['commit'] if rows else '?'}; cloud side on CPU(s) "
           f"{cpus_text(server_cpus)} with {threads} thread(s), our edge on {cpus_text(edge_cpus)}; our cloud engine {engine}; "
           f"llama-server {server_version(binary) or '?'}; CPU flags [{cpu_flags()}]"
           + "".join(f"; {note}" for note in {r["llama_server_note"] for r in rows} if note))
     print(table(rows))
-    for line in ratios(rows):
+    records = ratio_records(rows)
+    for line in ratios(rows, records):
         print(line)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_csv(rows, out / "llama_server.csv", CSV_COLUMNS)
-        print(f"wrote {out / 'llama_server.csv'}")
+        commit = rows[0]["commit"] if rows else None
+        files = {"llama_server.csv": (rows, CSV_COLUMNS),
+                 "llama_server_ratios.csv": ([{**r, "commit": commit} for r in records], RATIO_COLUMNS),
+                 "llama_server_samples.csv": (sample_records(rows), SAMPLE_COLUMNS)}
+        for name, (recs, columns) in files.items():
+            write_csv(recs, out / name, columns)
+            print(f"wrote {out / name}")
     return 0
 

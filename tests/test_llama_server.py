@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
+import re
 import time
 
 import pytest
@@ -27,7 +29,17 @@ from bench.llama_server import (
     parse_cpus,
     resolve_binary,
 )
-from bench.llama_compare import main, register
+from bench.llama_compare import (
+    PAIRS,
+    BenchConfig,
+    Row,
+    Sample,
+    main,
+    paired_ratio,
+    ratio_records,
+    register,
+    tokens_per_s_ci,
+)
 from tests.conftest import require_tool
 
 PROMPT = "def fibonacci(n):"
@@ -165,16 +177,109 @@ def test_bench_quick_all_four_rows(binary, tmp_path, capsys):
     register(ap.add_subparsers(dest="cmd"))
     cpu = str(max(os.sched_getaffinity(0)))
     args = ap.parse_args(["llama-server", "--quick", "--llama-server", binary, "--server-cpus", cpu,
-                          "--edge-cpus", cpu, "--temperatures", "0", "--out", str(tmp_path), "--no-progress"])
+                          "--edge-cpus", cpu, "--temperatures", "0", "--prose-prompts", "1", "--out", str(tmp_path),
+                          "--no-progress"])
     before = os.sched_getaffinity(0)
     assert main(args) == 0
     assert os.sched_getaffinity(0) == before  # the edge's pinning is undone
     out = capsys.readouterr().out
-    assert "sqs-cloud / llama-ar p50 latency" in out
+    assert "sqs-cloud / llama-ar p50 latency" in out and "2 code + 1 prose prompt(s)" in out
+    assert len(re.findall(r"tokens/s x[\d.]+ \[[\d.]+, [\d.]+\] \(code x[\d.]+ \[[\d.]+, [\d.]+\], prose x", out)) == 4
     rows = list(csv.DictReader((tmp_path / "llama_server.csv").open()))
     assert [r["row"] for r in rows] == ["llama-ar", "llama-sd", "sqs-cloud", "sqs-sd"]
-    assert all(int(r["generated"]) == 2 * 8 and float(r["tokens_per_s"]) > 0 for r in rows)
+    assert all(int(r["generated"]) == 3 * 8 and float(r["tokens_per_s"]) > 0 for r in rows)
     by = {r["row"]: r for r in rows}
     assert int(by["llama-sd"]["drafted"]) > 0  # ours plans per round: on one shared CPU it may not draft
     assert by["llama-ar"]["drafted"] == by["sqs-cloud"]["drafted"] == "0"
     assert all(r["cpu_flags"] and r["server_cpus"] == cpu for r in rows)
+    for r in rows:  # what ran, on every row
+        assert re.fullmatch(r"[0-9a-f]{4,}(-dirty)?", r["commit"]) and float(r["loadavg_1m"]) >= 0
+        assert r["llama_server_version"] == rows[0]["llama_server_version"] and r["engine"]
+        assert (r["prompts_code"], r["prompts_prose"]) == ("2", "1")
+        assert float(r["tokens_per_s_lo"]) <= float(r["tokens_per_s"]) <= float(r["tokens_per_s_hi"])
+        assert float(r["tokens_per_s_code"]) > 0 and float(r["tokens_per_s_prose"]) > 0
+
+    # Every measured request, paired by prompt across rows: the row's tokens/s recomputes from them.
+    samples = list(csv.DictReader((tmp_path / "llama_server_samples.csv").open()))
+    assert len(samples) == 4 * 3
+    for r in rows:
+        mine = [s for s in samples if s["row"] == r["row"]]
+        assert [(s["kind"], s["prompt"], s["seed"]) for s in mine] == [("code", "0", "0"), ("code", "1", "1"),
+                                                                        ("prose", "0", "2")]
+        assert all(int(s["generated"]) == 8 and s["commit"] == r["commit"] for s in mine)
+        tps = sum(int(s["generated"]) for s in mine) / sum(float(s["wall_ms"]) / 1e3 for s in mine)
+        assert tps == pytest.approx(float(r["tokens_per_s"]), rel=1e-4)
+
+    ratios = list(csv.DictReader((tmp_path / "llama_server_ratios.csv").open()))
+    assert [(x["row_a"], x["row_b"], x["kind"]) for x in ratios] == [
+        (a, b, k) for a, b in PAIRS for k in ("all", "code", "prose")]
+    for x in ratios:
+        ratio, lo, hi = float(x["ratio"]), float(x["lo"]), float(x["hi"])
+        if x["kind"] == "all":
+            assert ratio == pytest.approx(float(by[x["row_a"]]["tokens_per_s"]) / float(by[x["row_b"]]["tokens_per_s"]))
+        if x["kind"] == "prose":  # one prompt: nothing to resample
+            assert x["prompts"] == "1" and ratio > 0 and math.isnan(lo) and math.isnan(hi)
+        else:
+            assert 0 < lo <= ratio <= hi
+
+
+# --- the bootstrap of `sqs-bench llama-server`, on fixed numbers --------------------------------------
+
+
+def _samples(ms: list[float], kinds: list[str], tokens: int = 64) -> list[Sample]:
+    seen = {"code": 0, "prose": 0}
+    out = []
+    for wall, kind in zip(ms, kinds):
+        out.append(Sample(wall, tokens, kind=kind, index=seen[kind]))
+        seen[kind] += 1
+    return out
+
+
+# per-prompt times that vary 10x: an unpaired bootstrap of a ratio would be wide
+MS = [200.0, 2000.0, 500.0, 900.0, 1500.0, 300.0, 700.0, 1100.0]
+KINDS8 = ["code"] * 4 + ["prose"] * 4
+
+
+def test_paired_ratio_of_identical_rows_is_one_and_of_a_row_twice_as_fast_is_two():
+    a = _samples(MS, KINDS8)
+    assert paired_ratio(a, a) == (1.0, 1.0, 1.0)
+    ratio, lo, hi = paired_ratio(_samples([m / 2 for m in MS], KINDS8), a)
+    assert ratio == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    # each row's own interval over these prompts is wide; pairing is what makes the ratio's tight
+    row_lo, row_hi = tokens_per_s_ci(a)
+    assert row_hi / row_lo > 1.5
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_ratio(a, a[::-1])
+
+
+def test_ratios_split_by_kind_beside_the_headline():
+    # code prompts run 2x faster in row a, prose prompts at the same speed: the split shows it
+    base = _samples(MS, KINDS8)
+    fast = _samples([m / 2 if k == "code" else m for m, k in zip(MS, KINDS8)], KINDS8)
+    rows = [Row("llama-ar", 0.0, base).summary(), Row("sqs-sd", 0.0, fast).summary()]
+    recs = {x["kind"]: x for x in ratio_records(rows)}
+    assert list(recs) == ["all", "code", "prose"]
+    assert all((x["row_a"], x["row_b"], x["prompts"]) == ("sqs-sd", "llama-ar", 8 if k == "all" else 4)
+               for k, x in recs.items())
+    assert (recs["code"]["ratio"], recs["code"]["lo"], recs["code"]["hi"]) == pytest.approx((2.0, 2.0, 2.0))
+    assert (recs["prose"]["ratio"], recs["prose"]["lo"], recs["prose"]["hi"]) == (1.0, 1.0, 1.0)
+    headline = recs["all"]
+    assert 1.0 <= headline["lo"] < headline["ratio"] < headline["hi"] <= 2.0
+    assert headline["ratio"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    assert ratio_records(rows) == ratio_records(rows)  # fixed seed: the same intervals every time
+
+    # code only (the default): the headline alone, no split
+    code = [Row(r, 0.0, _samples(MS[:4], KINDS8[:4])).summary() for r in ("llama-ar", "sqs-cloud")]
+    assert [x["kind"] for x in ratio_records(code)] == ["all"]
+
+
+def test_every_row_runs_the_prompts_in_one_order_with_one_seed_each():
+    cfg = BenchConfig("llama-server", "t", "d", "t.gguf", "d.gguf", ["c0", "c1", "p0"], [0.0], 8, (0,), (0,), 1,
+                      seed=5, kinds=["code", "code", "prose"])
+    assert [(p.kind, p.index, p.seed, p.text) for p in cfg.plan()] == [
+        ("code", 0, 5, "c0"), ("code", 1, 6, "c1"), ("prose", 0, 7, "p0")]
+    assert cfg.plan() == cfg.plan()
+    cfg.kinds = []
+    assert [p.kind for p in cfg.plan()] == ["code"] * 3
+    r = Row("llama-ar", 0.0, _samples([100.0], ["code"])).summary()
+    assert math.isnan(r["tokens_per_s_lo"]) and r["tokens_per_s"] == pytest.approx(640.0)
