@@ -5,6 +5,10 @@ one port silently split the sessions between them): a second process on a taken 
 with a clear OSError, before any model is loaded. A timer task reaps expired and orphaned sessions
 so the sessions gauge follows them without waiting for a request.
 
+What serves is said once at start, as applied (CloudInfo: the engine loaded, its weight type, dtype and
+threads; cross-session batching on only when the window is open AND the target LM has a batched pass):
+on /metrics as sqs_cloud_info, and on RunningCloud.info for in-process users (the load test's records).
+
 With `tls` the port speaks TLS only (grpc.ssl_server_credentials; with a client CA, mutual TLS:
 the handshake refuses edges without a certificate of that CA). With a token file or a client CA,
 every RPC but health is authenticated first (cloud/auth.py: AuthInterceptor) and the servicer knows
@@ -18,7 +22,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +38,9 @@ from cloud.verifier import Verifier
 from common.lm import LM
 from common.metrics import Metrics
 from sqs_rpc.service import SERVICE_NAME
+
+if TYPE_CHECKING:  # for hints only: the engines module is imported when a model is loaded
+    from sqs_models.engines import Engine
 
 log = logging.getLogger("sqs.cloud")
 
@@ -105,6 +112,74 @@ def time_target_passes(new_lm: Callable[[], LM], vocab_size: int, rows: Sequence
     return time_passes(new_lm(), vocab_size, rows)
 
 
+@dataclass(frozen=True)
+class CloudInfo:
+    """What this cloud runs, as applied at start (exported as sqs_cloud_info, common/metrics.py).
+
+    engine, weight_type, dtype, detail, threads: of the Engine that create_server loaded; None when it
+    was handed a ready Verifier (tests, benchmarks), whose engine it cannot see. batching: the verifier
+    has a pass batcher (window > 0) and its LMs have ``logits_batch`` (cloud/verifier.py shares passes
+    only then); the window and row limit are the verifier's config either way.
+    """
+
+    model: str
+    engine: str | None
+    weight_type: str | None
+    dtype: str | None
+    detail: str | None
+    batching: bool
+    batch_window_ms: float
+    batch_max_rows: int
+    threads: int | None  # llama.cpp threads, or torch's intra-op threads, when this process loaded the engine
+    workers: int  # threads running the target's passes (CloudConfig.workers)
+
+    def labels(self) -> dict[str, str]:
+        """sqs_cloud_info's labels: None as "" (Prometheus' "not known"), numbers as plain text."""
+        def text(v: object) -> str:
+            return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+        return {"model": self.model, "engine": text(self.engine), "weight_type": text(self.weight_type),
+                "dtype": text(self.dtype), "detail": text(self.detail), "batching": "on" if self.batching else "off",
+                "batch_window_ms": text(self.batch_window_ms), "batch_max_rows": text(self.batch_max_rows),
+                "threads": text(self.threads), "workers": text(self.workers)}
+
+
+def _engine_threads(engine: "Engine") -> int | None:
+    """The threads the loaded engine computes with: llama.cpp's (its LlamaModel), else torch's."""
+    if engine.kind == "llama":
+        return getattr(engine.model, "threads", None)
+    import torch  # already imported: the torch engine is loaded
+
+    return torch.get_num_threads()
+
+
+def _batched_lms(verifier: Verifier) -> bool:
+    """Does the verifier's LM factory give LMs with a batched pass? One scratch LM is made and closed
+    to find out (cheap: torch's CachedLM wraps the loaded model; llama's takes a free sequence id),
+    since the verifier decides by the type of its sessions' LMs (Verifier._forward)."""
+    lm = verifier.sessions.new_lm()
+    try:
+        return hasattr(type(lm), "logits_batch")
+    finally:
+        close = getattr(lm, "close", None)
+        if callable(close):
+            close()
+
+
+def cloud_info(verifier: Verifier, engine: "Engine | None", workers: int) -> CloudInfo:
+    """The facts of CloudInfo for a verifier (and the Engine it was built on, None if not known)."""
+    vc = verifier.config
+    batching = verifier.pass_stats() is not None and _batched_lms(verifier)  # pass_stats: None without a batcher
+    return CloudInfo(
+        model=verifier.target.name,
+        engine=engine.kind if engine is not None else None,
+        weight_type=engine.weight_type if engine is not None else None,
+        dtype=engine.dtype if engine is not None else None,
+        detail=engine.detail if engine is not None else None,
+        batching=batching, batch_window_ms=float(vc.batch_window_ms), batch_max_rows=vc.batch_max_rows,
+        threads=_engine_threads(engine) if engine is not None else None, workers=workers)
+
+
 @dataclass
 class RunningCloud:
     server: grpc.aio.Server
@@ -116,6 +191,7 @@ class RunningCloud:
     reaper: asyncio.Task | None = None
     round_executor: ThreadPoolExecutor | None = None  # rounds, with cross-session batching on
     auth: Authenticator | None = None  # its token table is reloaded on SIGHUP (cloud/cli.py)
+    info: CloudInfo | None = None  # what serves, as applied (also sqs_cloud_info on /metrics)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.reaper is not None:
@@ -206,6 +282,9 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
         table = verifier.pass_table()
         log.info("forward pass ms by rows (%s; every pass refines it): %s", how,
                  {r: round(ms, 1) for r, ms in table.items()})
+    # Before serving, so that the first scrape already says what serves (a scratch LM may take a moment).
+    info = await asyncio.get_running_loop().run_in_executor(executor, cloud_info, verifier, engine, config.workers)
+    metrics.set_cloud_info(info.labels())
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -213,9 +292,10 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
         reap_sessions(verifier, metrics, verifier.config.reap_interval_s), name="session-reaper"
     )
     log.info("verifier %s serving on %s:%d; cross-session batching %s", verifier.target.name, config.host, port,
-             f"window {vc.batch_window_ms:g} ms, {vc.batch_max_rows} rows at most" if vc.batch_window_ms > 0 else "off")
+             f"window {vc.batch_window_ms:g} ms, {vc.batch_max_rows} rows at most" if info.batching
+             else "off" if vc.batch_window_ms <= 0 else "off (the target LM has no batched pass)")
     log.info("link: %s; identities: %s; quotas per identity: %s",
              ("mutual TLS" if config.tls.client_ca else "TLS") if config.tls else "PLAINTEXT",
              "bearer tokens" if tokens else "client certificate CN" if auth.mtls else "none (one anonymous client)",
              config.quotas if config.quotas.enabled else "none")
-    return RunningCloud(server, port, verifier, metrics, health, executor, reaper, round_executor, auth)
+    return RunningCloud(server, port, verifier, metrics, health, executor, reaper, round_executor, auth, info)

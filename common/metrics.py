@@ -24,6 +24,9 @@ Series (label `sparsifier`, and `part` or `position` where named: never a sessio
   sqs_auth_failures_total{reason=missing|malformed|invalid|certificate}   (counter, cloud: calls
       refused UNAUTHENTICATED, cloud/auth.py; a refused TLS handshake never reaches the server's code)
   sqs_quota_refusals_total{limit=sessions|rounds|rows}   (counter, cloud: RESOURCE_EXHAUSTED, cloud/quotas.py)
+  sqs_cloud_info{model, engine, weight_type, dtype, detail, batching=on|off, batch_window_ms, batch_max_rows,
+      threads, workers} = 1   (gauge, cloud, one sample set at start: what the verifier runs as applied, so a
+      load test or a dashboard records what served rather than what it asked for; "" = not known)
 
 PromQL for a dashboard:
   acceptance:  sum(rate(sqs_accepted_tokens_total[1m])) / sum(rate(sqs_draft_tokens_total[1m]))
@@ -54,6 +57,9 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 MAX_POSITION = 32  # draft positions 1..32 are labelled one by one; later ones share one label
 _POSITIONS = tuple(str(j) for j in range(1, MAX_POSITION + 1))
 _LATER_POSITIONS = f"{MAX_POSITION + 1}+"
+# The labels of sqs_cloud_info, in order (cloud/server.py: CloudInfo.labels fills them; loadtest reads them back)
+CLOUD_INFO_LABELS = ("model", "engine", "weight_type", "dtype", "detail", "batching", "batch_window_ms",
+                     "batch_max_rows", "threads", "workers")
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,15 @@ class Metrics:
                                      ["reason"], registry=r)
         self.quota_refusals = Counter("sqs_quota_refusals", "Requests refused RESOURCE_EXHAUSTED, by the limit",
                                       ["limit"], registry=r)
+        # Info-style (value 1, the facts in the labels); the edge never sets it, so it exports no sample there.
+        self.cloud_info = Gauge("sqs_cloud_info", "What the cloud verifier runs, as applied at start (value 1)",
+                                CLOUD_INFO_LABELS, registry=r)
+
+    def set_cloud_info(self, labels: Mapping[str, str]) -> None:
+        """The one sqs_cloud_info sample: earlier ones are cleared, so a scrape never sees two
+        (missing labels are exported as "", Prometheus' "not known")."""
+        self.cloud_info.clear()
+        self.cloud_info.labels(**{k: str(labels.get(k, "")) for k in CLOUD_INFO_LABELS}).set(1)
 
     def observe(self, sparsifier: str, s: RoundStats) -> None:
         """Count one verified round (a replayed verdict is not a new round: do not observe it)."""

@@ -35,8 +35,9 @@ cloud shares this process with the edges' drafting, so its figure includes them 
 edges"); an external cloud is --cloud-pid PID ..., or else the processes listening on the
 --cloud-metrics ports, or else on --cloud's port (not Envoy: then the column stays empty and the
 record says why); llama-server is the process it starts. Every record also says what ran: commit,
-CPU flags, load average per level, the cloud's engine and batching (as applied, or as configured
-where the cloud does not report it), the edges' options, llama-server's version and arguments.
+CPU flags, load average per level, the cloud's engine, weight type and batching as the cloud reports
+them (an in-process cloud always; an external one on its --cloud-metrics /metrics: sqs_cloud_info;
+"not reported" without them), the edges' options, llama-server's version and arguments.
 
 The soak (--soak, loadtest/soak.py): --clients N for --soak-minutes against --cloud, or against
 --replicas sqs-cloud processes behind Envoy that it starts itself, a replica killed every

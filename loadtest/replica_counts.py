@@ -9,17 +9,29 @@ import urllib.request
 from collections import defaultdict
 
 
-def scrape(address: str, timeout_s: float = 3.0) -> dict[str, float]:
-    """A /metrics endpoint as {sample name: value summed over labels} (counters' _total included)."""
+def _samples(address: str, timeout_s: float):
+    """Every sample of a /metrics endpoint (prometheus_client's parser); OSError when it does not answer,
+    ValueError when the text is not Prometheus' format."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as r:
         text = r.read().decode()
-    out: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[s.name] += s.value
+        yield from family.samples
+
+
+def scrape(address: str, timeout_s: float = 3.0) -> dict[str, float]:
+    """A /metrics endpoint as {sample name: value summed over labels} (counters' _total included)."""
+    out: dict[str, float] = defaultdict(float)
+    for s in _samples(address, timeout_s):
+        out[s.name] += s.value
     return dict(out)
+
+
+def scrape_labels(address: str, name: str, timeout_s: float = 3.0) -> list[dict[str, str]]:
+    """The label sets of the samples called `name` at a /metrics endpoint (an info gauge such as
+    sqs_cloud_info: the facts are in the labels); [] when it exports none."""
+    return [dict(s.labels) for s in _samples(address, timeout_s) if s.name == name]
 
 
 COUNTERS = {"rounds": "sqs_batches_total", "sessions": "sqs_sessions_opened_total"}

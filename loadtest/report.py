@@ -156,9 +156,10 @@ class RunReport:
     replicas: list[dict] | None = None
     # what ran (loadtest/provenance.py): commit, CPU flags and fingerprint, CPUs
     run: dict = field(default_factory=dict)
-    # our cloud: engine, dtype, workers (with where that knowledge comes from), batching (on,
-    # window_ms, max_rows, source), and "cpu": the processes its CPU column measures (pids, source,
-    # scope, reason)
+    # our cloud: engine, weight_type, dtype, workers (engine_source: "reported by the cloud", "as
+    # configured" or "not reported"), batching (on, window_ms, max_rows, source), cloud_reports (each
+    # --cloud-metrics endpoint's sqs_cloud_info, or why none), and "cpu": the processes its CPU column
+    # measures (pids, source, scope, reason)
     cloud_info: dict = field(default_factory=dict)
     # the edges: draft engine as loaded, the generation options as passed, the plan as applied
     edge: dict = field(default_factory=dict)
@@ -236,7 +237,9 @@ class RunReport:
         if ci.get("engine") is None:
             engine = "engine not reported"
         else:
-            engine = (f"engine {ci['engine']}" + (f" dtype {ci['dtype']}" if ci.get("dtype") else "")
+            weights = ci.get("weight_type")
+            engine = (f"engine {ci['engine']}" + (f" {weights}" if weights else "")
+                      + (f" dtype {ci['dtype']}" if ci.get("dtype") and ci["dtype"] != weights else "")
                       + f" ({ci.get('engine_source') or '?'})")
         return f"sqs-cloud target {self.target_model or '?'}, {engine}, {batching_line(ci.get('batching'))}"
 

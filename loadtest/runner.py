@@ -22,7 +22,8 @@ request of the run uses, and the prompt ``prompts[ticket % len(prompts)]``.
 Per level, the cloud's CPU (utime + stime from /proc of its processes: this one for an in-process
 cloud, edges included; --cloud-pid or the port's listeners for an external one) is read at the
 measured phase's start and end and divided by the committed tokens (loadtest/proc_cpu.py); the
-report says what ran (loadtest/provenance.py: commit, CPU flags, load average, engine, batching).
+report says what ran (loadtest/provenance.py: commit, CPU flags, load average, and the cloud's engine
+and batching as the cloud reports them: RunningCloud.info in-process, sqs_cloud_info on --cloud-metrics).
 
 A failed request is counted by gRPC status name (``CloudError.code``; an exception that is not a
 gRPC failure counts under its class name) and the run goes on. Statistics cover the successful
@@ -43,7 +44,7 @@ from typing import IO
 from loadtest.config import DEFAULT_PROMPTS, LoadTestConfig, check_loopback
 from loadtest.levels import Level, run_level
 from loadtest.proc_cpu import CpuMeter
-from loadtest.provenance import SCOPE_IN_PROCESS, run_info
+from loadtest.provenance import SCOPE_IN_PROCESS, reported_cloud, run_info
 from loadtest.report import CSV_FIELDS, LevelResult, RequestRecord, RunReport
 
 __all__ = ["DEFAULT_PROMPTS", "LoadTestConfig", "check_loopback", "CSV_FIELDS", "LevelResult", "RequestRecord",
@@ -171,34 +172,43 @@ def _batching_delta(before, after) -> dict:
 
 
 def _in_process_cloud_info(cloud, config: LoadTestConfig) -> dict:
-    """The in-process cloud as far as this process can see it: batching as its verifier applied it
-    (a batcher exists exactly when batching is on); engine and weight type as configured, since the
-    cloud reports neither (not at open, not in its health answer)."""
+    """The in-process cloud as it reports itself (RunningCloud.info, what its sqs_cloud_info says):
+    engine, weight type, threads and batching as applied; as configured only if it has no report."""
+    cpu = {"pids": [os.getpid()], "source": "this process", "scope": SCOPE_IN_PROCESS, "reason": ""}
+    info = cloud.running.info
+    if info is not None:
+        return {**reported_cloud(info.labels(), "the in-process cloud's RunningCloud.info"), "cpu": cpu}
     verifier = cloud.running.verifier
     on = verifier.pass_stats() is not None
     vc = verifier.config
     return {
-        "engine": config.engine, "dtype": config.dtype, "workers": config.cloud_workers,
-        "engine_source": "as configured", "engine_note": "the cloud reports no engine or weight type to clients",
+        "engine": config.engine, "weight_type": None, "dtype": config.dtype, "workers": config.cloud_workers,
+        "engine_source": "as configured", "engine_note": "the cloud reported no engine or weight type",
         "batching": {"on": on, "window_ms": vc.batch_window_ms if on else None,
                      "max_rows": vc.batch_max_rows if on else None, "source": "applied: the in-process verifier"},
-        "cpu": {"pids": [os.getpid()], "source": "this process", "scope": SCOPE_IN_PROCESS, "reason": ""},
+        "cpu": cpu,
     }
 
 
 def _external_cloud_info(config: LoadTestConfig, address: str) -> dict:
-    """An external cloud reports neither its engine nor its batching: the record says unknown
-    (this process's --batch-window-ms and --cloud-workers never reached it)."""
-    from loadtest.provenance import external_cloud_pids
+    """An external cloud as its replicas' /metrics report it (--cloud-metrics: sqs_cloud_info); without
+    them, or without a report there, unknown (this process's --batch-window-ms and --cloud-workers
+    never reached it)."""
+    from loadtest.provenance import external_cloud_pids, scrape_cloud_reports
 
     cpu = external_cloud_pids(address, config.cloud_pids, config.cloud_metrics)
-    return {
-        "engine": None, "dtype": None, "workers": None, "engine_source": "not reported",
-        "engine_note": "an external cloud reports no engine or weight type to clients: its command line decides",
+    info = {
+        "engine": None, "weight_type": None, "dtype": None, "workers": None, "engine_source": "not reported",
+        "engine_note": "an external cloud reports its engine and batching on its /metrics: give --cloud-metrics",
         "batching": {"on": None, "window_ms": None, "max_rows": None,
                      "source": "not reported by an external cloud: its command line decides"},
-        "cpu": {**cpu, "scope": "cloud process" + ("es" if len(cpu["pids"]) > 1 else "")},
     }
+    if config.cloud_metrics:
+        labels, reports, note = scrape_cloud_reports(config.cloud_metrics)
+        info = {**info, "engine_note": note, "cloud_reports": reports}
+        if labels is not None:
+            info.update(reported_cloud(labels, note))
+    return {**info, "cpu": {**cpu, "scope": "cloud process" + ("es" if len(cpu["pids"]) > 1 else "")}}
 
 
 def _edge_info(runtime, draft_config, config: LoadTestConfig) -> dict:

@@ -63,12 +63,12 @@ def test_levels_1_and_4_in_process_cloud(tmp_path):
     for lv in data["levels"]:
         _check_level(lv, lv["clients"], 6, 8)
         _check_cpu(lv, "process incl. edges")
-    # what ran: the commit, the CPU, the cloud's batching as applied, the edges' plan
+    # what ran: the commit, the CPU, the cloud's engine and batching as it reports them, the edges' plan
     assert data["run"]["cpu_flags"] and data["run"]["cpu_fingerprint"] and "commit" in data["run"]
     cloud = data["cloud"]
-    assert cloud["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64,
-                                 "source": "applied: the in-process verifier"}
-    assert cloud["engine"] == "auto" and cloud["engine_source"] == "as configured"
+    assert cloud["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64, "source": "reported by the cloud"}
+    assert cloud["engine"] == "torch" and cloud["engine_source"] == "reported by the cloud"  # asked: auto
+    assert cloud["weight_type"] == cloud["dtype"] == "float32" and cloud["workers"] == cfg.cloud_workers
     assert cloud["cpu"]["pids"] == [os.getpid()] and data["config"]["batch_window_ms"] == 2.0
     edge = data["edge"]
     assert edge["engine"] in ("torch", "llama") and edge["options"]["draft_len"] == 4
@@ -86,7 +86,7 @@ def test_levels_1_and_4_in_process_cloud(tmp_path):
             by_level[int(r["clients"])]["cloud_cpu_ms_per_token"], abs=1e-3)
         assert r["cloud_cpu_scope"] == "process incl. edges" and r["cpu_flags"] == data["run"]["cpu_flags"]
         assert r["commit"] == (data["run"]["commit"] or "") and r["loadavg_1m"]
-        assert "batching window 2 ms" in r["server"] and "(as configured)" in r["server"]
+        assert "batching window 2 ms" in r["server"] and "engine torch float32 (reported by the cloud)" in r["server"]
     assert "clients" in report.table() and len(report.table().splitlines()) == 3
     assert "cloud_cpu_ms/tok" in report.table() and "process incl. edges" in report.header()
 
@@ -154,6 +154,29 @@ def test_cli_against_a_running_cloud(cloud, tmp_path, capsys):
     assert "batching unknown" in printed
 
 
+def test_cli_reads_the_external_clouds_engine_and_batching_from_its_metrics(cloud, tmp_path, free_port):
+    """--cloud-metrics: what the cloud runs comes from its sqs_cloud_info, as sqs-cloud --metrics-port serves it."""
+    from prometheus_client import start_http_server
+
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=cloud.running.metrics.registry)
+    try:
+        out = tmp_path / "o.json"
+        assert cli_run(["--cloud", cloud.address, "--cloud-metrics", f"127.0.0.1:{port}", "--clients", "1",
+                        "--requests", "2", "--warmup", "0", "--max-new-tokens", "4", "--no-progress",
+                        "--json-out", str(out), "--csv-out", str(tmp_path / "o.csv")]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    c = json.loads(out.read_text())["cloud"]
+    assert c["engine"] == "torch" and c["engine_source"] == "reported by the cloud" and c["weight_type"]
+    assert c["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64, "source": "reported by the cloud"}
+    assert c["cloud_reports"] == {f"127.0.0.1:{port}": cloud.running.info.labels()}
+    row = next(csv.DictReader((tmp_path / "o.csv").open()))
+    assert "engine torch" in row["server"] and "batching window 2 ms" in row["server"]
+
+
 def test_cli_cloud_pid_is_summed_and_checked(cloud, tmp_path):
     """--cloud-pid names the cloud's processes (here this one, twice over: a set)."""
     out = tmp_path / "o.json"
@@ -167,8 +190,10 @@ def test_cli_cloud_pid_is_summed_and_checked(cloud, tmp_path):
 
 def test_batching_off_is_recorded_as_applied():
     report = run_load_test(LoadTestConfig(clients=(1,), requests=2, warmup=0, batch_window_ms=0, **FAST))
-    b = report.to_dict()["cloud"]["batching"]
+    c = report.to_dict()["cloud"]
+    b = c["batching"]
     assert b["on"] is False and b["window_ms"] is None and b["max_rows"] is None
+    assert b["source"] == c["engine_source"] == "reported by the cloud" and c["engine"] == "torch"
     assert "cloud batching off" in report.header() and report.levels[0].summary()["cloud_batching"] is None
 
 

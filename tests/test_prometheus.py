@@ -198,6 +198,13 @@ def test_prometheus_scrapes_cloud_and_edge_and_dashboard_queries_work(tmp_path, 
                                  + urllib.parse.urlencode({"match[]": 'sqs_batches_total{job="edge"}'}))
         assert status == 200 and {"topk", "conformal"} <= set(body["data"])
         assert any("sparsifier" in json.dumps(v) for v in dashboard["templating"]["list"])
+        # What the cloud runs, as applied: one info sample from the sqs-cloud process (torch for tiny,
+        # batching at the default 2 ms window), none from the edge (it shares the exporter, never sets it).
+        info = query("sqs_cloud_info")
+        assert [r["metric"]["job"] for r in info] == ["cloud"] and info[0]["value"][1] == "1", info
+        labels = info[0]["metric"]
+        assert labels["model"] == "tiny" and labels["engine"] == "torch" and labels["weight_type"], labels
+        assert (labels["batching"], labels["batch_window_ms"], labels["batch_max_rows"]) == ("on", "2", "64"), labels
     finally:
         stop_all(list(procs.values()))
 
