@@ -179,10 +179,13 @@ class CostModel:
                       round_trip_ms: float, uplink_bytes: int, payload_bytes: int) -> None:
         """One verdict: rows = drafts + 1; plain_steps extra one-row passes ran after it."""
         if plain_steps:
-            self.passes.add(1, forward_ms / (1 + plain_steps))  # L = 0 rounds: all passes are steps
+            # L = 0 rounds: all passes are steps, and the cloud's time around them (sampling, sending
+            # each streamed token) is paid per step too, not once per round: a 32-step stream would
+            # otherwise teach a ~100 ms round overhead that every speculative round then pays.
+            self.passes.add(1, max(forward_ms, cloud_ms) / (1 + plain_steps))
         else:
             self.passes.add(rows, forward_ms)
-        self.cloud_overhead.add(max(0.0, cloud_ms - forward_ms))
+            self.cloud_overhead.add(max(0.0, cloud_ms - forward_ms))
         self.framing.add(max(0, uplink_bytes - payload_bytes))
         self.link.add(uplink_bytes, round_trip_ms - cloud_ms)
 

@@ -74,6 +74,9 @@ class PlannerConfig:
     max_plain_steps: int = 16  # most cloud-only steps per round (the plan is revisited after them)
     plain_overhead: float = 0.05  # plain rounds: M large enough that fixed_ms <= 5% of the steps' time
     probe_tokens: int = 32  # while plain decoding wins, one probe draft every this many tokens
+    stream_probe_tokens: int = 8  # streamed plain rounds: the first probe interval (it doubles while plain wins)
+    realized_decay: float = 0.7  # weight of older speculative rounds in the realized rate (Planner.observe)
+    realized_min_rounds: int = 3  # speculative rounds measured before the realized rate may overrule the model
     lattice: bool = True  # lattice-quantized values (else float values: no quantization loss)
 
 
@@ -108,7 +111,48 @@ class Planner:
         self.bits_of = bits_of
         self.tokens_since_draft = 0
         self.streaming = False  # plain rounds come streamed (edge/generate.py says so at open)
-        self.probe_every = config.probe_tokens  # streaming: doubles with each probe while plain wins
+        self._probe_every: int | None = None  # streaming: doubles with each probe while plain wins
+        self._opening_probe = False
+        self._spec_tokens = self._spec_ms = 0.0  # decayed sums over speculative rounds (observe)
+        self._spec_rounds = 0
+
+    def observe(self, tokens: int, ms: float, speculative: bool) -> None:
+        """A round's outcome as the user saw it: tokens committed in `ms` (drafting that outlasted
+        the flight included). Speculative rounds (probes too) feed the realized rate that
+        `_losing` holds the model's prediction to."""
+        if not speculative or not ms > 0:
+            return
+        d = self.config.realized_decay
+        self._spec_tokens = d * self._spec_tokens + tokens
+        self._spec_ms = d * self._spec_ms + ms
+        self._spec_rounds += 1
+
+    def _losing(self, plain_rate: float) -> bool:
+        """Whether the recent speculative rounds committed fewer tokens per ms than plain decoding
+        is predicted to. The model plans long rounds at the acceptance it expects; the stop rule
+        then cuts them where the draft's confidence falls, and short rounds on an engine whose
+        extra row costs half a step do not pay (measured at T = 1: 1-2 draft rounds at 161 ms a
+        token against 158 for plain steps). Measured outcomes overrule the prediction; the probes
+        keep measuring, and a probe that does well lets speculation back in."""
+        if self._spec_rounds < self.config.realized_min_rounds:
+            return False
+        return self._spec_tokens / self._spec_ms < plain_rate
+
+    def probe_first(self) -> None:
+        """The next round probes if plain decoding looks better: a generation's first round, where
+        the acceptance is still the prior's guess and a streamed plain round would hold that guess
+        for many tokens (measured: 32 plain tokens before any draft on a prompt whose drafts were
+        then 92% accepted)."""
+        self.tokens_since_draft = self.probe_every
+        self._opening_probe = True  # does not lengthen the plain stretches: no plain round lost to it yet
+
+    @property
+    def probe_every(self) -> int:
+        """Tokens of plain decoding between probes: short at first when plain rounds stream (a
+        streamed round runs to the next probe, so a plain decision holds that long)."""
+        if self._probe_every is None:
+            return self.config.stream_probe_tokens if self.streaming else self.config.probe_tokens
+        return self._probe_every
 
     def plan(self, costs: Costs, acc: AcceptanceModel, loss: QuantLoss, budget_bits: float,
              remaining_tokens: int, beta: float | None = None) -> RoundPlan:
@@ -131,16 +175,19 @@ class Planner:
             n, e, t = best_length(a, costs, desc.bits, cap, start=(1.0, costs.fixed_ms, 1.0))
             if n >= 1 and (best is None or e / t > best.expected_tokens / best.predicted_ms):
                 best = RoundPlan(True, desc, cap, 0, e, t, a)
-        if best is not None and best.expected_tokens / best.predicted_ms > plain.expected_tokens / plain.predicted_ms:
+        plain_rate = plain.expected_tokens / plain.predicted_ms
+        if best is not None and best.expected_tokens / best.predicted_ms > plain_rate and not self._losing(plain_rate):
             self.tokens_since_draft = 0
-            self.probe_every = cfg.probe_tokens
+            self._probe_every = None
+            self._opening_probe = False
             return best
         if self.tokens_since_draft >= self.probe_every:
             desc = best.description if best else min(self._descriptions(loss, beta), key=lambda d: d.bits)
             if desc.bits <= budget_bits:
                 self.tokens_since_draft = 0
-                if self.streaming:
-                    self.probe_every *= 2
+                if self.streaming and not self._opening_probe:
+                    self._probe_every = 2 * self.probe_every
+                self._opening_probe = False
                 a = max(0.0, a_q - desc.loss)
                 t = costs.fixed_ms + costs.draft_ms + costs.pass_ms(2)
                 return RoundPlan(True, desc, 1, 0, 1.0 + a, t, a, probe=True)

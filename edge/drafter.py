@@ -277,6 +277,7 @@ class Drafter:
             self.controller.settle(record.accepted, len(batch.drafts), carry=carry)
         if batch.drafts:
             self.acceptance.observe(batch.confidences, batch.tv_losses, record.accepted)
+        self.planner.observe(record.accepted + 1 + record.plain, record.total_ms, speculative=record.drafted > 0)
         self.costs.observe_round(
             rows=record.drafted + 1, plain_steps=record.plain, forward_ms=record.forward_ms, cloud_ms=record.verify_ms,
             round_trip_ms=record.uplink_ms + record.verify_ms + record.downlink_ms,

@@ -128,6 +128,7 @@ class Generation:
         # Streamed plain rounds run long (to the next probe): one request for many cloud steps, so a
         # plain token costs a step and its share of one round trip, as in llama-server's own loop.
         drafter.planner.streaming = streaming
+        drafter.planner.probe_first()
         stop_reason = "length"
         ahead: _Ahead | None = None
         pool = ThreadPoolExecutor(1, thread_name_prefix="round") if drafter.config.pipeline else None

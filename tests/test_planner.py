@@ -99,6 +99,42 @@ def test_probe_round_while_plain_decoding_wins():
     assert sum(not x.speculate for x in plans) >= 8
 
 
+def test_a_streamed_generation_probes_first_then_plain_stretches_double_from_eight():
+    """Where plain decoding looks better at the start, the first round is a probe (the acceptance is
+    the prior's guess); streamed plain rounds then run 8, 16, 32 tokens between probes while the
+    probes lose, and the interval falls back to 8 once speculation wins."""
+    p = planner()
+    p.streaming = True
+    p.probe_first()
+    c, acc = costs(ratio9=8.0, rtt=0.0), trained(0.2)
+    plans = [p.plan(c, acc, QuantLoss(), 5000, 1000) for _ in range(6)]
+    shape = [-1 if x.speculate else x.plain_steps + 1 for x in plans]
+    assert shape == [-1, 8, -1, 16, -1, 32]
+    assert all(x.probe for x in plans if x.speculate)
+    good = trained(0.95)
+    win = p.plan(costs(ratio9=1.0, rtt=0.0), good, QuantLoss(), 5000, 1000)
+    assert win.speculate and not win.probe and p.probe_every == 8
+
+
+def test_measured_speculative_rounds_slower_than_plain_steps_overrule_the_model():
+    """The model predicts speculation wins (acceptance 0.9, cheap rows); rounds measured at fewer
+    tokens per ms than a plain step (1.5 tokens in 400 ms against 100 ms a step) switch the plan to
+    plain after realized_min_rounds rounds, and rounds measured fast switch it back."""
+    p = planner()
+    c, acc = costs(ratio9=1.2, rtt=0.0), trained(0.9)
+    assert p.plan(c, acc, QuantLoss(), 5000, 64).speculate
+    for _ in range(p.config.realized_min_rounds - 1):
+        p.observe(2, 400.0, speculative=True)
+        assert p.plan(c, acc, QuantLoss(), 5000, 64).speculate  # too few rounds to overrule
+    p.observe(2, 400.0, speculative=True)
+    assert not p.plan(c, acc, QuantLoss(), 5000, 64).speculate
+    p.observe(30, 10.0, speculative=False)  # plain rounds do not move the realized rate
+    assert not p.plan(c, acc, QuantLoss(), 5000, 64).speculate
+    for _ in range(3):
+        p.observe(6, 150.0, speculative=True)
+    assert p.plan(c, acc, QuantLoss(), 5000, 64).speculate
+
+
 def test_k_and_ell_follow_the_distribution():
     """One-hot q (T = 0): K = 1 describes it exactly and costs least. Flat q: a larger K pays."""
     bits = lambda k, ell: 17.0 * k + 3.0 * ell / 8  # noqa: E731 - synthetic, increasing in both
