@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -132,6 +134,10 @@ class Generation:
         stop_reason = "length"
         ahead: _Ahead | None = None
         pool = ThreadPoolExecutor(1, thread_name_prefix="round") if drafter.config.pipeline else None
+        # The draft's follow-up of streamed rounds runs at the lowest CPU priority: on an edge of its
+        # own it is free, where edges share cores (a load test) it yields to their drafting.
+        follower_pool = ThreadPoolExecutor(1, thread_name_prefix="follow", initializer=_lowest_priority) \
+            if pool is not None and drafter.drafts else None
         try:
             while len(out) < self.max_new_tokens:
                 remaining = self.max_new_tokens - len(out)  # each round commits >= 1 token
@@ -149,7 +155,7 @@ class Generation:
                 shown: list[int] = []  # tokens of this round already yielded as previews
                 if wire.stream:
                     reply = None
-                    follow = _DraftFollower(pool, drafter) if pool is not None and drafter.drafts else None
+                    follow = _DraftFollower(follower_pool, drafter) if follower_pool is not None else None
                     if follow is not None:
                         follow.feed(context)
                     try:
@@ -203,6 +209,8 @@ class Generation:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+            if follower_pool is not None:
+                follower_pool.shutdown(wait=True)
         stats.generated = len(out)
         stats.wall_s = time.perf_counter() - t_start
         stats.reopens = client.reopens
@@ -242,6 +250,14 @@ class Generation:
         reply = future.result()
         overrun = max(0.0, (time.perf_counter() - t_send) * 1e3 - flight_ms())
         return reply, _Ahead(guess, ahead_batch, overrun)
+
+
+def _lowest_priority() -> None:
+    """This thread at nice 19 (Linux: a thread's own priority); elsewhere it stays as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 class _DraftFollower:

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--batch-window-ms", type=float, default=2.0, metavar="MS",
                       help="in-process cloud: cross-session batched verification window (0 disables), as sqs-cloud")
     load.add_argument("--batch-max-rows", type=int, default=64, help="in-process cloud: rows of one batched pass at most")
+    load.add_argument("--edge-batch-window-ms", type=float, default=0.0, metavar="MS",
+                      help="> 0: the simulated edges' draft steps that are ready within MS share one batched pass "
+                           "of the draft model (N edges on one core then step about as fast as one; real edges "
+                           "draft on their own devices); 0: each edge drafts alone")
     load.add_argument("--connect-timeout-s", type=float, default=10.0)
     load.add_argument("--round-timeout-s", type=float, default=60.0)
     load.add_argument("--retries", type=int, default=0, help="client retries per call (0: every failure counts)")
@@ -132,7 +136,7 @@ def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
         cloud_pids=tuple(a.cloud_pid),
         connect_timeout_s=a.connect_timeout_s, round_timeout_s=a.round_timeout_s, retries=a.retries,
         meter=a.meter, cloud_workers=a.cloud_workers,
-        batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows, progress=not a.no_progress,
+        batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows, edge_batch_window_ms=a.edge_batch_window_ms, progress=not a.no_progress,
         llama_server=a.llama_server, llama_server_binary=a.llama_server_binary,
         llama_server_model=a.llama_server_model, llama_server_threads=a.llama_server_threads,
         llama_server_cpus=_cpus(a.llama_server_cpus), cloud_metrics=tuple(a.cloud_metrics),

@@ -70,6 +70,8 @@ class LoadTestConfig(GenerationOptions):
     cloud_workers: int = 2  # torch threads of the in-process cloud
     batch_window_ms: float = 2.0  # in-process cloud: cross-session batched verification window (0 = off)
     batch_max_rows: int = 64  # in-process cloud: rows of one batched forward pass at most
+    # > 0: the simulated edges' draft steps share batched passes of one draft model (loadtest/edge_batching.py)
+    edge_batch_window_ms: float = 0.0
     progress: bool = True  # tqdm bar on stderr
     # llama.cpp's llama-server side by side (loadtest/llama_levels.py): after our levels, one level per
     # N of `clients` against `llama-server --parallel N`, same prompts, max_new_tokens, temperature
@@ -114,6 +116,8 @@ class LoadTestConfig(GenerationOptions):
             raise ValueError("--retries must be >= 0")
         if self.cloud_workers < 1:
             raise ValueError("--cloud-workers must be >= 1")
+        if not self.edge_batch_window_ms >= 0:
+            raise ValueError("--edge-batch-window-ms must be >= 0")
         if self.batch_window_ms < 0 or self.batch_max_rows < 1:
             raise ValueError("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
         if self.cloud is not None:

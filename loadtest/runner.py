@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Callable
 
 from loadtest.config import DEFAULT_PROMPTS, LoadTestConfig, check_loopback
 from loadtest.levels import Level, run_level
@@ -76,6 +76,7 @@ class _Shared:
     draft_config: object  # edge.drafter.DraftConfig
     seeds: _SeedSource
     stop: threading.Event
+    new_lm: Callable[[], object] | None = None  # a client's draft LM (default: the engine's own, unbatched)
 
 
 def _one_request(sh: _Shared, lv: Level, lm, client: int, ticket: int, prompt_index: int) -> RequestRecord | None:
@@ -133,7 +134,7 @@ def _client_loop(sh: _Shared, lv: Level, client: int, barrier: threading.Barrier
     cfg = lv.config
     lm = None
     try:
-        lm = sh.runtime.engine.new_lm()  # this client's own KV cache
+        lm = (sh.new_lm or sh.runtime.engine.new_lm)()  # this client's own KV cache
         for j in range(cfg.warmup):
             if sh.stop.is_set() or time.perf_counter() - level_t0 > cfg.duration_s:
                 break
@@ -286,6 +287,10 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
             if stop.is_set():
                 break
             before = cloud.running.verifier.pass_stats() if cloud is not None else None
+            if config.edge_batch_window_ms > 0:  # this level's N edges share the draft's passes
+                from loadtest.edge_batching import SharedDraftPasses
+
+                sh.new_lm = SharedDraftPasses(model, n, config.edge_batch_window_ms).new_lm
             lv = run_level(sh, config, n, progress_file, _client_loop, cpu=_cpu_meter(cloud_info))
             if lv.target_model and not report.target_model:
                 report.target_model = lv.target_model
