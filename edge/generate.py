@@ -123,7 +123,14 @@ class Generation:
         betas: list[float] = []
         t_start = time.perf_counter()
         wire0 = client.wire_counts()
-        opened = client.open(self._open_request())
+        # The draft prefills the prompt while the cloud prefills it on the target (the open).
+        warming = ThreadPoolExecutor(1, thread_name_prefix="warm")
+        warm = warming.submit(drafter.warm, list(context))
+        try:
+            opened = client.open(self._open_request())
+        finally:
+            warming.shutdown(wait=True)
+        warm.result()
         eos = set(opened.eos_token_ids) | drafter.eos
         drafter.calibrate(context, opened.pass_rows, opened.pass_ms)
         streaming = streams_plain(client)

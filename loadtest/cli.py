@@ -22,6 +22,12 @@ drafting on CPU 0), e.g. N = 8:
       --target-model qwen2.5-coder-1.5b --clients 8 --requests 32 --duration-s 900 \\
       --max-new-tokens 48 --torch-threads 1 --llama-server --llama-server-cpus 1 --llama-server-threads 1
 
+N edges drafting on one core step N times slower than real edges (each on its own device) would;
+--edge-batch-window-ms 5 batches their draft steps into shared passes of one draft model
+(loadtest/edge_batching.py), which brings them much closer. The cloud CPU per committed token
+column (from /proc of the cloud's processes and of llama-server) is the capacity figure that does
+not depend on how many edges this machine can simulate.
+
 (taskset pins a process and the threads it starts; llama-server is pinned to --llama-server-cpus
 whatever this process's own affinity. An in-process cloud is stopped before llama-server's levels;
 an external one idles through them.)

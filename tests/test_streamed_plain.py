@@ -240,6 +240,30 @@ def test_the_draft_follows_a_streamed_plain_round_so_the_next_drafts_start_at_on
         cloud.stop()
 
 
+def test_the_draft_prefills_the_prompt_while_the_cloud_opens_the_session():
+    """The edge's draft prefill and timed step run during the open (where the cloud prefills the
+    same prompt on the target), not after it: with every target step taking 0.4 s, the draft's first
+    call starts long before the open can have returned."""
+    cloud = slow_cloud(0.4)
+    try:
+        rt = runtime(cloud.address)
+        g = rt.start(rt.encode(PROMPT), plain_config(draft_len=2), max_new_tokens=2)
+        first: list[float] = []
+        inner = g.drafter.lm
+
+        class Recorder:
+            def logits(self, context, want):
+                first.append(time.perf_counter())
+                return inner.logits(context, want)
+
+        g.drafter.lm = Recorder()
+        t0 = time.perf_counter()
+        list(g)
+        assert first and first[0] - t0 < 0.2
+    finally:
+        cloud.stop()
+
+
 def test_tokens_arrive_long_before_the_request_ends():
     cloud = slow_cloud(0.03)
     try:
