@@ -171,7 +171,10 @@ class Generation:
                                 continue
                             so_far = _committed(batch, reply.verdict, len(context))
                             if follow is not None:
-                                follow.feed(context + so_far)
+                                if len(so_far) == batch.plain_steps:  # the round's last token is next
+                                    follow.step_past(context + so_far)
+                                else:
+                                    follow.feed(context + so_far)
                             if self.previews:
                                 keep = _shown(shown, _cut(so_far, remaining, eos)[0])
                                 if len(keep) > len(shown):
@@ -276,8 +279,12 @@ class _DraftFollower:
     rows it later returns may differ from a one-piece prefill by float rounding only."""
 
     def __init__(self, pool: ThreadPoolExecutor, drafter: Drafter) -> None:
-        self.pool, self.lm = pool, drafter.lm
+        self.pool, self.drafter, self.lm = pool, drafter, drafter.lm
         self.job: Future | None = None
+
+    def step_past(self, context: Sequence[int]) -> None:
+        """Queued behind any feed: guess the round's last token and draft the row after it."""
+        self.job = self.pool.submit(self.drafter.step_past, list(context))
 
     def feed(self, context: Sequence[int]) -> None:
         if self.job is None or self.job.done():

@@ -148,3 +148,36 @@ def test_learn_refuses_a_record_of_another_batch():
     batch = d.draft([0, 1], max_drafts=3)
     with pytest.raises(ValueError):
         d.learn(batch, _record(len(batch.drafts) + 1, 0, 0, 80, 15_000), carry=False)
+
+
+def test_a_row_drafted_past_a_streamed_round_serves_the_next_draft_only_on_its_exact_context():
+    """Drafter.step_past(ctx) guesses the cloud's next token and drafts the row after it; the next
+    draft() starting at exactly ctx + [guess] uses that row instead of a pass of its own, and draws
+    the same batch as without it (same rng keys, same row); any other context is drafted as usual."""
+    calls: list[tuple[int, ...]] = []
+
+    class Counting(_TableLM):
+        def logits(self, context, want):
+            calls.append(tuple(context))
+            return super().logits(context, want)
+
+    def drafter() -> Drafter:
+        cfg = DraftConfig(SchemeConfig("topk", 6, k=3, ell=20), temperature=1.0, seed=3, max_draft_len=3)
+        return Drafter(Counting(_TABLE), cfg)
+
+    ctx = [0, 1, 2]
+    d = drafter()
+    d.step_past(ctx)
+    guess = d.guess_bonus(ctx, d.config.scheme)
+    start = ctx + [guess]
+    calls.clear()
+    with_memo = d.draft(start, max_drafts=3)
+    assert tuple(start) not in calls  # the first position came from the memo
+    plain = drafter().draft(start, max_drafts=3)
+    assert [x.token for x in with_memo.drafts] == [x.token for x in plain.drafts]
+    assert all(np.array_equal(a.probs, b.probs) for a, b in zip(with_memo.drafts, plain.drafts))
+    other = drafter()
+    other.step_past(ctx)
+    calls.clear()
+    other.draft(ctx + [(guess + 1) % 6], max_drafts=1)
+    assert tuple(ctx + [(guess + 1) % 6]) in calls  # a wrong guess: drafted as usual
