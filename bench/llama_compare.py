@@ -265,7 +265,7 @@ def _pct(values: Sequence[float], q: float) -> float | None:
 
 def _loadavg_1m() -> float | None:
     """The 1-minute load average now: other work on this machine (and this run's earlier rows) shows here."""
-    from loadtest.provenance import loadavg
+    from bench.machine import loadavg
 
     la = loadavg()
     return la[0] if la else None
@@ -338,7 +338,7 @@ def run(cfg: BenchConfig, *, pin_edge: bool = True, progress: bool = True) -> li
     from tqdm import tqdm
 
     from bench.machine import cpu_flags
-    from loadtest.provenance import code_commit
+    from bench.machine import code_commit
 
     commit = code_commit()  # before the run: the code that runs, not what may be edited meanwhile
     bar = tqdm(total=len(cfg.rows) * len(cfg.temperatures) * len(cfg.prompts), disable=not progress,

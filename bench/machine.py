@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_flags() -> str:
@@ -25,3 +29,28 @@ def write_csv(rows: Iterable[dict], path: Path, columns: list[str]) -> None:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+
+def code_commit(root: Path = ROOT) -> str | None:
+    """`git rev-parse --short HEAD`, with "-dirty" when `git status --porcelain` lists anything
+    (uncommitted or untracked files: the run may not be that commit's code); None outside a git tree."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head or not head.strip():
+        return None
+    status = git("status", "--porcelain")
+    return head.strip() + ("-dirty" if status is None or status.strip() else "")
+
+
+def loadavg() -> list[float] | None:
+    """os.getloadavg() (1, 5, 15 min): other work on the machine shows here; None where unsupported."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

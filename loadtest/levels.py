@@ -14,7 +14,7 @@ from typing import IO
 
 from loadtest.config import LoadTestConfig
 from loadtest.proc_cpu import CpuMeter
-from loadtest.provenance import loadavg
+from bench.machine import loadavg
 from loadtest.report import RequestRecord
 
 

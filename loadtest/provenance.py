@@ -7,34 +7,14 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
-from pathlib import Path
 from typing import Mapping, Sequence
 
+from bench.machine import code_commit
 from loadtest.proc_cpu import listener_pids, read_times
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCOPE_IN_PROCESS = "process incl. edges"  # the in-process cloud shares this process with the edges' drafting
 CLOUD_INFO = "sqs_cloud_info"  # the cloud's info gauge (common/metrics.py)
 REPORTED = "reported by the cloud"
-
-
-def code_commit(root: Path = ROOT) -> str | None:
-    """`git rev-parse --short HEAD`, with "-dirty" when `git status --porcelain` lists anything
-    (uncommitted or untracked files: the run may not be that commit's code); None outside a git tree."""
-    def git(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return proc.stdout if proc.returncode == 0 else None
-
-    head = git("rev-parse", "--short", "HEAD")
-    if not head or not head.strip():
-        return None
-    status = git("status", "--porcelain")
-    return head.strip() + ("-dirty" if status is None or status.strip() else "")
 
 
 def machine() -> dict:
@@ -50,14 +30,6 @@ def machine() -> dict:
 def run_info() -> dict:
     """Run-level "what ran": commit and machine."""
     return {"commit": code_commit(), **machine()}
-
-
-def loadavg() -> list[float] | None:
-    """os.getloadavg() (1, 5, 15 min): other work on the machine shows here; None where unsupported."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _port(address: str) -> int:

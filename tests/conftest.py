@@ -45,6 +45,17 @@ def docker_compose() -> str:
 
 
 @pytest.fixture(scope="session")
+def llama_server_binary() -> str:
+    """llama.cpp's llama-server as `make llama-server` built it for this CPU."""
+    from bench.llama_server import built_binary
+
+    path = built_binary()
+    if path is None:
+        require_tool("llama-server is not built (make llama-server: ~11 min on 2 cores)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def prometheus() -> str:
     """A real Prometheus server binary."""
     exe = shutil.which("prometheus") or "/usr/bin/prometheus"

@@ -24,7 +24,6 @@ from bench.llama_server import (
     LlamaServer,
     LlamaServerError,
     ServerConfig,
-    built_binary,
     complete,
     parse_cpus,
     resolve_binary,
@@ -40,17 +39,13 @@ from bench.llama_compare import (
     register,
     tokens_per_s_ci,
 )
-from tests.conftest import require_tool
 
 PROMPT = "def fibonacci(n):"
 
 
 @pytest.fixture(scope="module")
-def binary() -> str:
-    path = built_binary()
-    if path is None:
-        require_tool("llama-server is not built (make llama-server: ~11 min on 2 cores)")
-    return path
+def binary(llama_server_binary: str) -> str:
+    return llama_server_binary
 
 
 @pytest.fixture(scope="module")

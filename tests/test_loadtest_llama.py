@@ -9,16 +9,10 @@ import json
 
 import pytest
 
-from bench.llama_server import built_binary
-from tests.conftest import require_tool
-
 
 @pytest.fixture(scope="module")
-def binary() -> str:
-    path = built_binary()
-    if path is None:
-        require_tool("llama-server is not built (make llama-server: ~11 min on 2 cores)")
-    return path
+def binary(llama_server_binary: str) -> str:
+    return llama_server_binary
 
 
 def test_llama_server_rows_charge_its_process_cpu_to_tokens(binary, tmp_path):

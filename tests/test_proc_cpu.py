@@ -15,7 +15,8 @@ import pytest
 
 from loadtest import proc_cpu
 from loadtest.proc_cpu import CpuMeter, cpu_seconds, listener_pids, listening_inodes, read_times
-from loadtest.provenance import code_commit, external_cloud_pids
+from bench.machine import code_commit
+from loadtest.provenance import external_cloud_pids
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux /proc")
 
