@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bench.cloudproc import cloud_engine, free_port, pin_edge, split_cpus, start_cloud, stop_process
-from bench.machine import cpu_flags
+from bench.machine import code_commit, cpu_flags, loadavg
 
 AUTO = "auto"
 
@@ -177,6 +177,8 @@ def make_record(ctx: RunContext, st: BenchSetting, p: Prompt, g, engines: dict, 
                   for r in recs],
         "verify_step_ratio": ratio, "vocab_size": engines["vocab_size"], "draft_engine_detail": engines["draft"], "target_engine_detail": engines["target"],
         "cpu_flags": flags, "finished_unix": time.time(),
+        # what ran and beside what: a record says its commit and the machine's load when it finished
+        "commit": engines.get("commit"), "loadavg_1m": (loadavg() or [None])[0],
     }
 
 
@@ -206,7 +208,7 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
         log_path = records_path.with_name("cloud.log")
         cloud = start_cloud(ctx.target_model, port, cloud_cpus, engine=ctx.target_engine, log_path=log_path)
         engines = {"draft": f"{draft.kind}: {draft.detail}", "target": cloud_engine(log_path),
-                   "vocab_size": draft.vocab_size}
+                   "vocab_size": draft.vocab_size, "commit": code_commit()}
         flags = cpu_flags()
         planned_link = LinkModel(ctx.link_rate_bps, ctx.link_rate_bps, ctx.link_rtt_ms)
         measured = EdgeRuntime(draft, ClientConfig(f"127.0.0.1:{port}"))

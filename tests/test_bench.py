@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -25,6 +26,8 @@ def test_quick_run_writes_results_and_plots_and_resumes(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert set(DESIGN_COLUMNS) <= set(rows[0])
+    records = [json.loads(line) for line in open(tmp_path / "runs.jsonl")]
+    assert all(r["commit"] and r["loadavg_1m"] is not None and r["cpu_flags"] for r in records)
     # 2 temperatures x (cloud-only + 4 baselines + 2 K-SQS + 1 C-SQS + invariant + the planner on K-SQS and on invariant)
     assert len(rows) == 22
     schemes = {r["scheme"] for r in rows}
