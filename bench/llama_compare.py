@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from bench.machine import loadavg_1m
 from bench.llama_server import (LlamaServer, LlamaServerError, ServerConfig, complete, default_cpus, parse_cpus,
                                 repack_args, resolve_binary, server_version)
 
@@ -263,21 +264,13 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if values else None
 
 
-def _loadavg_1m() -> float | None:
-    """The 1-minute load average now: other work on this machine (and this run's earlier rows) shows here."""
-    from bench.machine import loadavg
-
-    la = loadavg()
-    return la[0] if la else None
-
-
 def _llama_rows(cfg: BenchConfig, name: str, draft: str | None, progress) -> list[Row]:
     server = ServerConfig(cfg.binary, cfg.target_gguf, draft_model=draft, draft_n_max=cfg.draft_n_max,
                           threads=cfg.threads, cpus=cfg.server_cpus, slot_ctx=cfg.slot_ctx)
     rows = []
     with LlamaServer(server) as srv:
         for temperature in cfg.temperatures:
-            row = Row(name, temperature, loadavg_1m=_loadavg_1m())
+            row = Row(name, temperature, loadavg_1m=loadavg_1m())
             complete(srv.address, cfg.prompts[0], n_predict=cfg.max_new_tokens, temperature=temperature,
                      seed=cfg.seed, ignore_eos=cfg.ignore_eos, timeout_s=cfg.request_timeout_s)  # warm-up
             for p in cfg.plan():
@@ -301,7 +294,7 @@ def _sqs_rows(cfg: BenchConfig, wanted: Sequence[str], progress) -> list[Row]:
         for name in wanted:
             draft_len = 0 if name == "sqs-cloud" else cfg.draft_len
             for temperature in cfg.temperatures:
-                row = Row(name, temperature, loadavg_1m=_loadavg_1m())
+                row = Row(name, temperature, loadavg_1m=loadavg_1m())
                 sqs_generate(runtime, cfg.prompts[0], draft_len=draft_len, max_new_tokens=cfg.max_new_tokens,
                              temperature=temperature, seed=cfg.seed)  # warm-up
                 for p in cfg.plan():

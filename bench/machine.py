@@ -54,3 +54,9 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def loadavg_1m() -> float | None:
+    """The 1-minute load average now (other work on the machine, and a run's own earlier rows)."""
+    la = loadavg()
+    return la[0] if la else None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bench.cloudproc import cloud_engine, free_port, pin_edge, split_cpus, start_cloud, stop_process
-from bench.machine import code_commit, cpu_flags, loadavg
+from bench.machine import code_commit, cpu_flags, loadavg_1m
 
 AUTO = "auto"
 
@@ -148,7 +148,8 @@ def _options(st: BenchSetting, seed: int) -> dict:
     }
 
 
-def make_record(ctx: RunContext, st: BenchSetting, p: Prompt, g, engines: dict, ratio: float, flags: str) -> dict:
+def make_record(ctx: RunContext, st: BenchSetting, p: Prompt, g, engines: dict, ratio: float, flags: str,
+                commit: str | None = None) -> dict:
     """One generation as a JSON-able record: identity, totals, and per round the few numbers the
     link model needs (compute and network split, wire bytes, drafts)."""
     s = g.stats
@@ -178,7 +179,7 @@ def make_record(ctx: RunContext, st: BenchSetting, p: Prompt, g, engines: dict, 
         "verify_step_ratio": ratio, "vocab_size": engines["vocab_size"], "draft_engine_detail": engines["draft"], "target_engine_detail": engines["target"],
         "cpu_flags": flags, "finished_unix": time.time(),
         # what ran and beside what: a record says its commit and the machine's load when it finished
-        "commit": engines.get("commit"), "loadavg_1m": (loadavg() or [None])[0],
+        "commit": commit, "loadavg_1m": loadavg_1m(),
     }
 
 
@@ -208,7 +209,8 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
         log_path = records_path.with_name("cloud.log")
         cloud = start_cloud(ctx.target_model, port, cloud_cpus, engine=ctx.target_engine, log_path=log_path)
         engines = {"draft": f"{draft.kind}: {draft.detail}", "target": cloud_engine(log_path),
-                   "vocab_size": draft.vocab_size, "commit": code_commit()}
+                   "vocab_size": draft.vocab_size}
+        commit = code_commit()
         flags = cpu_flags()
         planned_link = LinkModel(ctx.link_rate_bps, ctx.link_rate_bps, ctx.link_rtt_ms)
         measured = EdgeRuntime(draft, ClientConfig(f"127.0.0.1:{port}"))
@@ -226,7 +228,7 @@ def run(settings: list[BenchSetting], prompts: list[Prompt], ctx: RunContext, re
                     drafter = gen.drafter
                     passes = drafter.costs.passes
                     ratio = passes.predict(9) / max(passes.predict(1), 1e-9) if passes else float("nan")
-                    rec = make_record(ctx, st, p, g, engines, ratio, flags)
+                    rec = make_record(ctx, st, p, g, engines, ratio, flags, commit)
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
                     os.fsync(out.fileno())

@@ -279,7 +279,7 @@ class _DraftFollower:
     rows it later returns may differ from a one-piece prefill by float rounding only."""
 
     def __init__(self, pool: ThreadPoolExecutor, drafter: Drafter) -> None:
-        self.pool, self.drafter, self.lm = pool, drafter, drafter.lm
+        self.pool, self.drafter = pool, drafter
         self.job: Future | None = None
 
     def step_past(self, context: Sequence[int]) -> None:
@@ -287,18 +287,15 @@ class _DraftFollower:
         self.job = self.pool.submit(self.drafter.step_past, list(context))
 
     def feed(self, context: Sequence[int]) -> None:
+        """Feed `context` to the draft unless a feed is still running (the next one catches up)."""
         if self.job is None or self.job.done():
-            self._check()
-            self.job = self.pool.submit(self.lm.logits, list(context), 1)
+            self.job = self.pool.submit(self.drafter.lm.logits, list(context), 1)
 
     def wait(self) -> None:
         if self.job is not None:
-            self.job.exception()  # waits; a failed feed is the next draft's to meet
+            if self.job.exception() is not None:  # waits; a failed feed is the next draft's to meet
+                log.debug("draft follow-up failed: %s", self.job.exception())
             self.job = None
-
-    def _check(self) -> None:
-        if self.job is not None and self.job.exception() is not None:
-            log.debug("draft follow-up failed: %s", self.job.exception())
 
 
 def generate(prompt_ids: Sequence[int], drafter: Drafter, client: Cloud, *, max_new_tokens: int,
