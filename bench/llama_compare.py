@@ -253,7 +253,7 @@ def ratio_records(rows: list[dict]) -> list[dict]:
 def sample_records(rows: list[dict]) -> list[dict]:
     """SAMPLE_COLUMNS: one per measured request, so the intervals can be recomputed."""
     return [{"row": r["row"], "temperature": r["temperature"], "kind": s.kind, "prompt": s.index, "seed": s.seed,
-             "generated": s.generated, "wall_ms": round(s.wall_ms, 3), "drafted": s.drafted, "accepted": s.accepted,
+             "generated": s.generated, "wall_ms": round(s.wall_ms, 6), "drafted": s.drafted, "accepted": s.accepted,
              "server_tokens_per_s": s.server_tokens_per_s, "commit": r.get("commit")}
             for r in rows for s in r["samples"]]
 
