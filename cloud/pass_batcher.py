@@ -24,6 +24,16 @@ and wakes the next leader. Consequences, by design:
     beyond the window.
   - window_s == 0 never waits (items that queued during a running pass still share the next one).
 
+Streaming lanes. A session that streams plain steps submits one item per step, each right after the
+last one's result (`with batcher.lane(session_id):` around its steps, `submit(lane=session_id)`).
+Such an item is not late, it is a few ms of sampling behind the pass that just ended; without lanes
+the next leader (queued during that pass, its window long past) goes without it, the lane's item
+leads the pass after, and the sessions split into two groups that alternate, each pass half full
+(measured: N = 8 edges on torch bf16, passes of ~2.5 sessions while ~4.5 waited in the cloud). So a
+leader also waits for every open lane that is not queued yet, at most `comeback` of the last pass's
+duration after it ended (window_s at least): a stopped or ended lane closes (`lane` exits), so the
+wait normally ends when the last streaming session is back.
+
 `run` returns one outcome per item, a result or an exception instance (that item's own failure);
 if `run` raises, every item of the pass gets that exception.
 
@@ -38,12 +48,13 @@ plain arrival order.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 FAIR_KEY: contextvars.ContextVar[Hashable] = contextvars.ContextVar("sqs_fair_key", default=None)
 
@@ -63,6 +74,7 @@ class _Ticket:
     rows: int
     arrived: float
     key: Hashable = None  # whose item: the pass takes keys round-robin
+    lane: Hashable = None  # the streaming lane it came from (None: not streaming)
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -84,9 +96,10 @@ class PassStats:
 
 class PassBatcher:
     def __init__(self, run: Callable[[list[Any]], Sequence[Any]], window_s: float, max_rows: int,
-                 expected: Callable[[], int] = lambda: 1, clock: Callable[[], float] = time.monotonic) -> None:
-        if window_s < 0 or max_rows < 1:
-            raise ValueError("window_s must be >= 0 and max_rows >= 1")
+                 expected: Callable[[], int] = lambda: 1, clock: Callable[[], float] = time.monotonic,
+                 comeback: float = 0.2) -> None:
+        if window_s < 0 or max_rows < 1 or comeback < 0:
+            raise ValueError("window_s and comeback must be >= 0 and max_rows >= 1")
         self._run = run
         self.window_s = window_s
         self.max_rows = max_rows
@@ -96,11 +109,30 @@ class PassBatcher:
         self._queue: deque[_Ticket] = deque()
         self._busy = False  # a pass is running
         self._stats = PassStats()
+        self.comeback = comeback  # a leader waits for open lanes at most this share of the last pass
+        self._lanes: dict[Hashable, int] = {}  # open streaming lanes -> how many times opened
+        self._last_end = 0.0  # clock() when the last pass ended
+        self._last_s = 0.0  # and how long it ran
 
-    def submit(self, item: Any, rows: int, key: Hashable = None) -> Any:
+    @contextlib.contextmanager
+    def lane(self, lane: Hashable) -> Iterator[None]:
+        """While open, `lane`'s next item is expected right after each result (a streaming loop)."""
+        with self._cv:
+            self._lanes[lane] = self._lanes.get(lane, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                left = self._lanes.pop(lane) - 1
+                if left:
+                    self._lanes[lane] = left
+                self._cv.notify_all()  # a leader may be waiting for this lane
+
+    def submit(self, item: Any, rows: int, key: Hashable = None, lane: Hashable = None) -> Any:
         """Block until `item` has been run in some pass; its result, or raise its error. `key`
-        (default: this thread's FAIR_KEY) is whose item it is, for the round-robin."""
-        ticket = _Ticket(item, max(1, rows), self._clock(), FAIR_KEY.get() if key is None else key)
+        (default: this thread's FAIR_KEY) is whose item it is, for the round-robin; `lane` the open
+        streaming lane it comes from, if any."""
+        ticket = _Ticket(item, max(1, rows), self._clock(), FAIR_KEY.get() if key is None else key, lane)
         with self._cv:
             self._queue.append(ticket)
             self._cv.notify_all()  # a waiting leader may now have its full pass
@@ -111,6 +143,7 @@ class PassBatcher:
                 self._cv.wait()
             else:
                 return self._outcome(ticket)
+        started = self._clock()
         try:
             outcomes = list(self._run([t.item for t in shared]))
             if len(outcomes) != len(shared):
@@ -130,6 +163,8 @@ class PassBatcher:
             s.rows += sum(t.rows for t in shared)
             s.max_items = max(s.max_items, len(shared))
             s.by_items[len(shared)] = s.by_items.get(len(shared), 0) + 1
+            end = self._clock()
+            self._last_s, self._last_end = max(0.0, end - started), end
             self._busy = False
             self._cv.notify_all()
         return self._outcome(ticket)
@@ -138,12 +173,18 @@ class PassBatcher:
         """Wait (bounded by the window) for more items, then take the pass's items off the queue."""
         self._busy = True
         deadline = leader.arrived + self.window_s
+        lanes_by = self._last_end + max(self.window_s, self.comeback * self._last_s)
         while True:
             queued_rows = sum(t.rows for t in self._queue)
-            left = deadline - self._clock()
-            if queued_rows >= self.max_rows or len(self._queue) >= max(1, self._expected()) or left <= 0:
+            now = self._clock()
+            if queued_rows >= self.max_rows:
                 break
-            self._cv.wait(left)
+            coming = now < lanes_by and any(lane not in {t.lane for t in self._queue} for lane in self._lanes)
+            ready = len(self._queue) >= max(1, self._expected()) or now >= deadline
+            if ready and not coming:
+                break
+            wake = min(([lanes_by] if coming else []) + ([] if ready else [deadline]))
+            self._cv.wait(max(0.0, wake - now))
         shared = _round_robin(list(self._queue), self.max_rows)
         taken = {id(t) for t in shared}
         self._queue = deque(t for t in self._queue if id(t) not in taken)

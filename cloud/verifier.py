@@ -32,6 +32,7 @@ refined by every pass here; whoever loads the engine seeds it at start (cloud/se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -268,22 +269,25 @@ class Verifier:
         eos = set(self.target.eos_token_ids)
         if emit is not None:
             emit(result)
-        while owed and token not in eos and len(session.context) + 1 < self.config.max_context:
-            if stop is not None and stop():
-                break
-            row, step_ms = self._forward(session, session.context, 1)  # [1, V]
-            if s.temperature == 0:  # the one-hot's token, without building a [V] one-hot per step
-                token = int(np.argmax(row[0]))
-            else:
-                p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
-                token = gumbel_token(p1[0], s.seed, len(session.context))  # a zero-draft round's draw here
-            session.context.append(token)
-            plain.append(token)
-            owed -= 1
-            result = replace(result, position=len(session.context), plain_tokens=tuple(plain),
-                             forward_ms=result.forward_ms + step_ms)
-            if emit is not None:
-                emit(result)
+        # While it steps, the session is a streaming lane: the next shared pass waits the few ms
+        # between its result and its next step instead of leaving it to the pass after.
+        with self._batcher.lane(session.id) if self._batcher is not None else contextlib.nullcontext():
+            while owed and token not in eos and len(session.context) + 1 < self.config.max_context:
+                if stop is not None and stop():
+                    break
+                row, step_ms = self._forward(session, session.context, 1, lane=session.id)  # [1, V]
+                if s.temperature == 0:  # the one-hot's token, without building a [V] one-hot per step
+                    token = int(np.argmax(row[0]))
+                else:
+                    p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
+                    token = gumbel_token(p1[0], s.seed, len(session.context))  # a zero-draft round's draw
+                session.context.append(token)
+                plain.append(token)
+                owed -= 1
+                result = replace(result, position=len(session.context), plain_tokens=tuple(plain),
+                                 forward_ms=result.forward_ms + step_ms)
+                if emit is not None:
+                    emit(result)
         if token in eos or len(session.context) + 1 >= self.config.max_context:
             owed = 0  # what stopped the steps stops them on a resend too
         result = replace(result, verify_ms=(time.perf_counter() - t0) * 1e3, replayed=resumed,
@@ -292,14 +296,17 @@ class Verifier:
         return result
 
     # -- forward passes ---------------------------------------------------------------------
-    def _forward(self, session: Session, context: list[int], want: int) -> tuple[np.ndarray, float]:
+    def _forward(self, session: Session, context: list[int], want: int,
+                 lane: str | None = None) -> tuple[np.ndarray, float]:
         """Target logits [want, V] for the session's context and the ms of the pass that computed them
         (a wait in the batcher's queue is not in it: it shows in RoundResult.verify_ms).
 
         With batching on (and an LM that has a batched pass) the pass is shared with the rounds of
-        other sessions that are ready within the window (cloud/pass_batcher.py). The pass table records,
-        for a batched pass, the time of the whole pass against the rows of THIS session: it is what
-        this session's round costs in latency, which is what the edges plan their draft lengths with.
+        other sessions that are ready within the window (cloud/pass_batcher.py). The pass table records
+        every pass at the rows it scored, all sessions' together (_run_pass): it is the engine's cost,
+        which the row price reads at the current load. (It once recorded a shared pass against each
+        session's own rows: under load its one-row entry became the whole pass and the slopes between
+        entries noise, quoting up to ~960 ms a row on an engine whose extra row costs ~3.)
         """
         if self._batcher is None or not hasattr(type(session.lm), "logits_batch"):
             t_fwd = time.perf_counter()
@@ -308,9 +315,9 @@ class Verifier:
             logits = session.lm.logits(context, want=want)
             ms = (time.perf_counter() - t_fwd) * 1e3
             self.on_pass(1, want)
+            self._record_pass(want, ms)
         else:
-            logits, ms = self._batcher.submit(_Pass(session.lm, context, want), want)
-        self._record_pass(want, ms)
+            logits, ms = self._batcher.submit(_Pass(session.lm, context, want), want, lane=lane)
         return logits, ms
 
     def _run_pass(self, passes: list[_Pass]) -> list[tuple[np.ndarray, float] | BaseException]:
@@ -333,11 +340,13 @@ class Verifier:
                 try:
                     out.append((p.lm.logits(p.context, p.want), (time.perf_counter() - t1) * 1e3))
                     self.on_pass(1, p.want)
+                    self._record_pass(p.want, out[-1][1])
                 except Exception as one:
                     out.append(one)
             return out
         ms = (time.perf_counter() - t_fwd) * 1e3
         self.on_pass(len(passes), sum(p.want for p in passes))
+        self._record_pass(sum(p.want for p in passes), ms)
         return [(r, ms) for r in rows]
 
     def pass_stats(self) -> PassStats | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -119,3 +120,55 @@ def test_bad_settings_are_refused():
         PassBatcher(Recorder(), window_s=-1, max_rows=4)
     with pytest.raises(ValueError):
         PassBatcher(Recorder(), window_s=0.01, max_rows=0)
+    with pytest.raises(ValueError):
+        PassBatcher(Recorder(), window_s=0.01, max_rows=4, comeback=-0.1)
+
+
+def stream_lanes(b: PassBatcher, lanes: dict[str, tuple[int, float]], use_lanes: bool) -> None:
+    """Each lane submits `steps` one-row items, each `sample_s` after the last one's result (the
+    sampling between two streamed steps), inside `b.lane(name)` when use_lanes."""
+
+    def one(name: str, steps: int, sample_s: float) -> None:
+        with b.lane(name) if use_lanes else contextlib.nullcontext():
+            for i in range(steps):
+                b.submit(f"{name}{i}", 1, lane=name if use_lanes else None)
+                time.sleep(sample_s)
+
+    threads = [threading.Thread(target=one, args=(n, *spec)) for n, spec in lanes.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
+class Names(Recorder):
+    def __call__(self, items):
+        with self.lock:
+            self.passes.append(list(items))
+        time.sleep(self.delay_s)
+        return list(items)
+
+
+def test_streaming_lanes_share_every_pass_instead_of_alternating():
+    """Four sessions stream steps; one samples at once, three take 20 ms. Without lanes the quick
+    one leads alone once its 2 ms window is out, the others queue behind that pass, and the two
+    groups alternate (half-full passes). With lanes the leader waits for the lanes still sampling."""
+    lanes = {"a": (6, 0.0), "b": (6, 0.02), "c": (6, 0.02), "d": (6, 0.02)}
+    split = Names(delay_s=0.1)
+    stream_lanes(PassBatcher(split, window_s=0.002, max_rows=64, expected=lambda: 4, comeback=1.0), lanes, False)
+    assert min(len(p) for p in split.passes) < 4  # the control: the groups split
+    shared = Names(delay_s=0.1)
+    stream_lanes(PassBatcher(shared, window_s=0.002, max_rows=64, expected=lambda: 4, comeback=1.0), lanes, True)
+    assert [len(p) for p in shared.passes] == [4] * 6
+
+
+def test_a_lane_that_ends_holds_no_later_pass():
+    """A lane that closes after two steps is not waited for: the three that go on run at the pace
+    of their passes, not one comeback wait (here a whole pass) later each time."""
+    run = Names(delay_s=0.15)
+    b = PassBatcher(run, window_s=0.002, max_rows=64, expected=lambda: 4, comeback=1.0)
+    t0 = time.monotonic()
+    stream_lanes(b, {"x": (2, 0.0), "a": (8, 0.0), "b": (8, 0.0), "c": (8, 0.0)}, True)
+    wall = time.monotonic() - t0
+    assert [len(p) for p in run.passes] == [4, 4] + [3] * 6
+    assert wall < 8 * 0.15 + 0.5  # waiting for x after it left would add ~0.15 s to each of 6 passes
