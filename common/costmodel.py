@@ -109,11 +109,17 @@ class PassTimes:
 
 def row_price(pass_ms: Callable[[int], float], rows: float, sessions: float) -> float:
     """The price (ms) of one more row in a pass that carries `rows` rows of `sessions` sessions:
-    what the row adds to the pass, pass_ms(R + 1) - pass_ms(R), paid by every session the pass
-    serves (each waits for it). An idle cloud (one session, a flat table) quotes the row's own
-    marginal time; a saturated one (full passes, many sessions) a multiple of it."""
+    what a row adds to the pass near R rows, paid by every session the pass serves (each waits for
+    it). An idle cloud (one session, a flat table) quotes the row's own marginal time; a saturated
+    one (full passes, many sessions) a multiple of it.
+
+    What a row adds is the secant of the table from R/2 to 2R + 1 rows, not pass_ms(R + 1) -
+    pass_ms(R): the table's entries are medians of passes run beside other work (prefills, the
+    edges' sampling), and the difference of two neighbours was noise that quoted up to ~600 ms a
+    row for an engine whose calibrated extra row costs ~3 ms (torch bf16 on AMX, 8 edges)."""
     r = max(1, int(round(rows)))
-    return max(0.0, pass_ms(r + 1) - pass_ms(r)) * max(1.0, sessions)
+    lo, hi = max(1, r // 2), 2 * r + 1
+    return max(0.0, (pass_ms(hi) - pass_ms(lo)) / (hi - lo)) * max(1.0, sessions)
 
 
 @dataclass(frozen=True)

@@ -128,10 +128,23 @@ def test_measured_speculative_rounds_slower_than_plain_steps_overrule_the_model(
         assert p.plan(c, acc, QuantLoss(), 5000, 64).speculate  # too few rounds to overrule
     p.observe(2, 400.0, speculative=True)
     assert not p.plan(c, acc, QuantLoss(), 5000, 64).speculate
-    p.observe(30, 10.0, speculative=False)  # plain rounds do not move the realized rate
+    p.observe(10, 1000.0, speculative=False)  # plain rounds measured as the model says: plain stays
     assert not p.plan(c, acc, QuantLoss(), 5000, 64).speculate
     for _ in range(3):
         p.observe(6, 150.0, speculative=True)
+    assert p.plan(c, acc, QuantLoss(), 5000, 64).speculate
+
+
+def test_slow_speculative_rounds_are_held_against_measured_plain_rounds_not_the_model():
+    """Under load a plain step waits for the shared pass too: speculative rounds that realize
+    less than the model's plain step (1.5 tokens in 400 ms against 100 ms a step) but more than the
+    plain rounds measured beside them (10 tokens in 4 s) are not overruled."""
+    p = planner()
+    c, acc = costs(ratio9=1.2, rtt=0.0), trained(0.9)
+    for _ in range(p.config.realized_min_rounds):
+        p.observe(2, 400.0, speculative=True)
+    assert not p.plan(c, acc, QuantLoss(), 5000, 64).speculate  # no plain round measured: the model's rate
+    p.observe(10, 4000.0, speculative=False)
     assert p.plan(c, acc, QuantLoss(), 5000, 64).speculate
 
 
