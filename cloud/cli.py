@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
     ap.add_argument("--engine", default=env("SQS_ENGINE", "auto"), choices=ENGINES,
                     help="auto (default): the engine and weight type (torch bf16/fp32, llama.cpp per GGUF type) "
                          "whose pass table, measured once per machine, predicts the most committed tokens/s")
+    ap.add_argument("--expect-sessions", type=int, default=int(env("SQS_EXPECT_SESSIONS", "1")), metavar="N",
+                    help="auto predicts for N edges served at once (their rounds share passes): 1 (default) keeps "
+                         "the fastest single client; a busy cloud may keep an engine whose wide passes are cheap")
     ap.add_argument("--host", default=env("SQS_HOST", "0.0.0.0"))
     ap.add_argument("--port", type=int, default=int(env("SQS_PORT", "50051")))
     ap.add_argument("--metrics-port", type=int, default=int(env("SQS_METRICS_PORT", "9101")), help="0 disables")
@@ -78,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
     tls, quotas = _link_config(ap, a)
     if a.batch_window_ms < 0 or a.batch_max_rows < 1:
         ap.error("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
+    if a.expect_sessions < 1:
+        ap.error("--expect-sessions must be >= 1")
     if a.engine == "llama" and a.dtype:
         ap.error("--dtype applies to the torch engine; llama.cpp runs the GGUF's own quantization")
     setup_logging(a.log_level, a.log_format)
@@ -86,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
 
         torch.set_num_threads(a.torch_threads)
     return CloudConfig(
-        model=a.model, dtype=a.dtype, engine=a.engine, threads=max(a.torch_threads, 0), host=a.host, port=a.port,
+        model=a.model, dtype=a.dtype, engine=a.engine, expect_sessions=a.expect_sessions,
+        threads=max(a.torch_threads, 0), host=a.host, port=a.port,
         metrics_port=a.metrics_port, workers=a.workers,
         verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl,
                                 batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows),

@@ -50,6 +50,7 @@ class CloudConfig:
     model: str = "tiny"
     dtype: str | None = None  # torch engine: None = measured (bf16 vs fp32) for the Qwen pair, fp32 for tiny
     engine: str = "auto"  # auto | torch | llama (auto: the most committed tok/s predicted by pass tables)
+    expect_sessions: int = 1  # auto predicts for this many concurrent sessions sharing passes
     threads: int = 0  # llama.cpp threads (0 = all CPUs this process may use)
     host: str = "0.0.0.0"
     port: int = 50051  # 0 = any free port (tests)
@@ -76,13 +77,15 @@ def load_target(model: str, dtype: str | None = None, engine: str = "auto", thre
 
 
 def load_target_engine(model: str, dtype: str | None = None, engine: str = "auto", threads: int = 0,
-                       pass_rows: Sequence[int] | None = None, table_cache: Path | None = None):
+                       pass_rows: Sequence[int] | None = None, table_cache: Path | None = None,
+                       expect_sessions: int = 1):
     """(TargetInfo, sqs_models.engines.Engine): ``engine="auto"`` keeps the engine and weight type whose
-    pass table (rows ``pass_rows``) predicts the most committed tokens per second."""
+    pass table (rows ``pass_rows``) predicts the most committed tokens per second for
+    ``expect_sessions`` concurrent sessions."""
     from sqs_models.engines import load_engine
 
     eng = load_engine(model, "target", engine=engine, dtype=dtype, threads=threads, pass_rows=pass_rows,
-                      table_cache=table_cache)
+                      table_cache=table_cache, sessions=expect_sessions)
     log.info("target %s: %s", eng.name, eng.detail)
     info = TargetInfo(eng.name, eng.vocab_size, eng.fingerprint, tuple(eng.eos_token_ids))
     return info, eng
@@ -252,7 +255,7 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
     if verifier is None:
         vc = config.verifier
         info, engine = load_target_engine(config.model, config.dtype, config.engine, config.threads,
-                                          calibration_rows(vc), config.pass_table_cache)
+                                          calibration_rows(vc), config.pass_table_cache, config.expect_sessions)
         verifier = Verifier(info, engine.lm_factory(vc.max_sessions if vc.batch_window_ms > 0 else 0), vc)
     verifier.on_pass = metrics.observe_pass
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")

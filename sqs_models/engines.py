@@ -32,6 +32,8 @@ Choosing (``engine``):
   ``ACCEPTANCE_RANGE``, ``DRAFT_STEP_PRIOR``) is kept and the choice is logged with every figure. On a CPU
   where llama.cpp's step is far cheaper and its multi-row passes cost about one step per row, that
   is llama.cpp; where torch's multi-row pass is nearly free (AMX, a GPU), torch may win. The
+  prediction is for ``sessions`` concurrent sessions sharing passes (the cloud's --expect-sessions,
+  default 1): on the AMX machine of issue 20 llama Q4_K_M wins for one, torch bf16 for eight. The
   ``tiny`` pair has no GGUF: always torch.
 
 Weight types: ``weight_type="Q4_0"`` asks the llama engine for that type (made once if missing);
@@ -169,6 +171,7 @@ def load_engine(
     pass_rows: Sequence[int] | None = None,
     table_cache: Path | None = None,
     acceptance: float | Sequence[float] = ACCEPTANCE_RANGE,
+    sessions: int = 1,
 ) -> Engine:
     """Load ``model`` for ``role`` behind the engine ``engine`` picks (see the module docstring).
 
@@ -179,13 +182,14 @@ def load_engine(
     pass_rows, table_cache, acceptance: auto on the target: the rows of the pass tables (default
         ``pass_table.GRID``), their cache file (default ``state_dir()/pass-tables.json``), and the
         acceptance per drafted position of the prediction (several: the worst case over them).
+    sessions: auto on the target: the concurrent sessions it predicts for (pass_table module doc).
     """
     kind = resolve_engine(engine, model, dtype, cache_dir)
     if weight_type is not None and kind != "llama":
         raise ValueError(f"weight type {weight_type} applies to the llama engine; torch takes --dtype")
     t0 = time.perf_counter()
     if kind == "llama" and engine == "auto" and role == "target" and measure and weight_type is None:
-        eng = _auto_target(model, threads, cache_dir, tuple(pass_rows or GRID), table_cache, acceptance)
+        eng = _auto_target(model, threads, cache_dir, tuple(pass_rows or GRID), table_cache, acceptance, sessions)
     else:
         eng = _load_llama(model, role, threads, cache_dir, weight_type) if kind == "llama" else _load_torch(
             model, role, dtype, cache_dir, measure)
@@ -239,7 +243,7 @@ class Candidate:
 
 
 def pick_by_tables(candidates: Sequence[Candidate], rows: Sequence[int], cache: Path | None,
-                   acceptance: float | Sequence[float] = ACCEPTANCE_RANGE
+                   acceptance: float | Sequence[float] = ACCEPTANCE_RANGE, sessions: int = 1
                    ) -> tuple[Candidate, dict[str, dict[int, float]], list]:
     """(the candidate predicting the most committed tok/s, every table, every prediction best first).
     A candidate whose measurement fails is left out with a warning."""
@@ -254,12 +258,12 @@ def pick_by_tables(candidates: Sequence[Candidate], rows: Sequence[int], cache: 
                  {r: round(ms, 1) for r, ms in tables[c.name].items()})
     if not tables:
         raise EngineUnavailable("no engine could be measured")
-    best, preds = choose(tables, acceptance)
+    best, preds = choose(tables, acceptance, sessions=sessions)
     return next(c for c in candidates if c.name == best), tables, preds
 
 
 def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[int, ...], cache: Path | None,
-                 acceptance: float | Sequence[float]) -> Engine:
+                 acceptance: float | Sequence[float], sessions: int = 1) -> Engine:
     """Every engine the target can load, by predicted committed tokens per second (module doc)."""
     from .llama_probe import extra_bufts_ok
     from .quantize import MADE_TYPES, QualityRefused, source_type
@@ -317,7 +321,7 @@ def _auto_target(model: str, threads: int, cache_dir: Path | None, rows: tuple[i
         candidates.append(Candidate(f"torch {dtype}", _torch_key(name, dtype, weights),
                                     lambda missing, dtype=dtype: _time_engine(torch_engine(dtype), missing),
                                     lambda dtype=dtype: torch_engine(dtype)))
-    best, tables, preds = pick_by_tables(candidates, rows, cache, acceptance)
+    best, tables, preds = pick_by_tables(candidates, rows, cache, acceptance, sessions)
     eng = best.load()
     torch_loaded.clear()  # a torch model loaded only to be measured is released with the list
     eng.pass_table, eng.table_key = dict(tables[best.name]), best.key

@@ -136,6 +136,13 @@ def test_cloud_cli_engine_flag(monkeypatch):
         parse_args(local + ["--engine", "llama", "--dtype", "float32"])
     with pytest.raises(SystemExit):
         parse_args(local + ["--engine", "onnx"])
+    monkeypatch.delenv("SQS_EXPECT_SESSIONS", raising=False)
+    assert parse_args(local).expect_sessions == 1
+    assert parse_args(local + ["--expect-sessions", "8"]).expect_sessions == 8
+    monkeypatch.setenv("SQS_EXPECT_SESSIONS", "4")
+    assert parse_args(local).expect_sessions == 4
+    with pytest.raises(SystemExit):
+        parse_args(local + ["--expect-sessions", "0"])
 
 
 def test_edge_and_loadtest_parsers_take_the_engine_flag():

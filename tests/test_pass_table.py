@@ -111,6 +111,31 @@ def test_a_multi_row_pass_cheaper_than_the_step_is_used_as_measured():
     assert p.spec_tok_s == pytest.approx(1e3 * expected_tokens(9, 0.7) / 333.75)
 
 
+# This AMX Xeon's cached tables (ms by rows, one thread): llama Q4_K_M and torch bf16.
+AMX_Q4_K_M = {1: 146.1, 2: 215.5, 3: 280.5, 5: 366.7, 9: 527.5, 17: 719.5, 33: 940.7, 64: 1221.0}
+AMX_BF16 = {1: 341.7, 2: 329.4, 3: 329.1, 5: 338.7, 9: 339.7, 17: 366.1, 33: 474.9, 64: 600.9}
+
+
+def test_a_busy_cloud_keeps_the_engine_whose_wide_passes_are_cheap():
+    """One session: llama.cpp's cheaper step wins (torch's 342 ms step cannot be bought back by
+    drafts at acceptance 0.5). Eight sessions sharing passes: torch's 64-row pass costs 1.8 of its
+    step while llama.cpp's costs 8.4, and torch wins; the rates are the eight sessions' sum."""
+    tables = {"llama Q4_K_M": AMX_Q4_K_M, "torch bfloat16": AMX_BF16}
+    assert choose(tables)[0] == "llama Q4_K_M"
+    best, preds = choose(tables, sessions=8)
+    assert best == "torch bfloat16" and all(p.sessions == 8 for p in preds)
+    by = {p.name: p for p in preds}
+    assert by["llama Q4_K_M"].plain_tok_s == pytest.approx(8e3 / pass_ms(AMX_Q4_K_M, 8))
+    d = 0.4 * 146.1
+    assert by["torch bfloat16"].spec_tok_s == pytest.approx(max(
+        8e3 * expected_tokens(n, 0.5) / (n * d + pass_ms(AMX_BF16, 8 * (n + 1))) for n in range(1, 17)))
+    assert "8 sessions" in str(by["torch bfloat16"])
+    # A compute-bound engine gains nothing from sharing: eight sessions together commit what one does.
+    one = predict("llama", linear(50.0), 0.7)
+    many = predict("llama", linear(50.0), 0.7, sessions=8)
+    assert many.best_tok_s == pytest.approx(one.best_tok_s)
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError):
         predict("x", {})
@@ -120,6 +145,8 @@ def test_bad_inputs_are_refused():
         choose({})
     with pytest.raises(ValueError):
         predict("x", {1: 10.0}, draft_ms=-1.0)
+    with pytest.raises(ValueError):
+        predict("x", {1: 10.0}, sessions=0)
 
 
 def test_pass_grid_stops_at_the_batch_limit():
