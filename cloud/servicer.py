@@ -136,7 +136,9 @@ class VerifierServicer:
             session = await self._run(self._open, request, auth.identity())
             self.metrics.sessions.set(self.verifier.active_sessions)
             self.metrics.sessions_opened.labels("reopen" if request.client_session_id else "open").inc()
-            while not await self._run(self.verifier.prefill_step, session):
+            # A prefill that shares the passes waits in the batcher like a round: the rounds' pool.
+            pool = self.round_executor if self.verifier.prefills_in_passes(session) else None
+            while not await self._run(served_as, auth.identity(), self.verifier.prefill_step, session, executor=pool):
                 pass
         except SessionError as exc:
             await self._abort(context, exc)

@@ -195,19 +195,23 @@ class SessionTable:
         live.last_used = self._clock()
         return live
 
-    def prefill_step(self, session: Session) -> bool:
+    def prefill_step(self, session: Session, feed: Callable[[list[int], int], object] | None = None) -> bool:
         """Feed the next prefill_chunk tokens of the opened context to the LM; True when done.
 
         Bounds the work of one call (a worker is held one chunk at a time, the LM's logits rows one
         chunk wide); everything but the last context token is fed, which the first round feeds
-        with its drafts.
+        with its drafts. feed(prefix, new_tokens) feeds them (default: the session's LM alone; the
+        verifier may hand them to a shared pass).
         """
         with session.lock:
             target = len(session.context) - 1
             if session.rounds or session.prefilled >= target:
                 return True
             end = min(session.prefilled + self.config.prefill_chunk, target)
-            session.lm.logits(session.context[:end], want=1)
+            if feed is None:
+                session.lm.logits(session.context[:end], want=1)
+            else:
+                feed(session.context[:end], end - session.prefilled)
             session.prefilled = end
             return end >= target
 

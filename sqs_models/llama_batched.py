@@ -240,6 +240,10 @@ class _SharedContext:
 class BatchedLlamaLM:
     """One session's sequence in a shared llama_context; same contract as LlamaLM.logits."""
 
+    # logits_batch feeds each session its own new tokens, unpadded: a prompt's prefill can share
+    # a pass with other sessions' one-row steps (cloud/verifier.py prefills_in_passes).
+    ragged_batch = True
+
     def __init__(self, shared: _SharedContext, seq: int) -> None:
         self._shared = shared
         self.seq = seq

@@ -123,6 +123,42 @@ def test_a_failing_item_fails_only_its_own_session(meta, model):
         assert s.context[len(prompt):] == greedy(model, prompt, len(s.context) - len(prompt))
 
 
+def test_a_prompt_is_prefilled_in_a_shared_pass_beside_another_sessions_round(meta, model):
+    """llama.cpp feeds each session its own tokens, so an opened prompt's prefill is an item of the
+    shared passes (recorded at the tokens it fed): here it joins the pass of another session's
+    round, and both sessions then decode the greedy tokens. The per-session verifier prefills alone."""
+    v = make_verifier(meta, model, window_ms=500)
+    first, cfg = open_session(v, meta, PROMPTS[0], 0, 0.0)
+    long_prompt = PROMPTS[2]  # 30 tokens: 29 fed by the prefill, the last with the first round
+    opened = v.open(codec.OpenRequest(list(long_prompt), codec.Sampling(0.0, 0, 1.0, 1), cfg, meta.fingerprint, 8))
+    assert v.prefills_in_passes(opened)
+    v.sessions.attach(opened.id)  # two attached: the leader waits (up to the window) for the other
+    barrier = threading.Barrier(2)
+
+    def round_of_first():
+        barrier.wait()
+        return v.verify(first, codec.pack_batch(len(first.context), drafts_for(meta, first.context, cfg, 0, 3, 0.0), cfg))
+
+    def prefill():
+        barrier.wait()
+        while not v.prefill_step(opened):
+            pass
+
+    with ThreadPoolExecutor(2) as pool:
+        futs = [pool.submit(round_of_first), pool.submit(prefill)]
+        [f.result(60) for f in futs]
+    stats = v.pass_stats()
+    assert stats.by_items.get(2, 0) >= 1, stats  # the prefill and the round in one pass
+    assert 29 + 4 in v.pass_table()  # recorded at the rows it fed: 29 prompt tokens + 3 drafts + 1
+    while len(opened.context) - len(long_prompt) < 8:
+        v.verify(opened, codec.pack_batch(len(opened.context), drafts_for(meta, opened.context, cfg, 1, 3, 0.0), cfg))
+    assert opened.context[len(long_prompt):][:8] == greedy(model, long_prompt, 8)
+    assert first.context[len(PROMPTS[0]):] == greedy(model, PROMPTS[0], len(first.context) - len(PROMPTS[0]))
+    alone = make_verifier(meta, model, window_ms=0)
+    assert not alone.prefills_in_passes(alone.open(codec.OpenRequest(list(long_prompt), codec.Sampling(0.0, 0, 1.0, 1),
+                                                                     cfg, meta.fingerprint, 8)))
+
+
 def test_the_llama_engine_gives_batched_lms_when_batching_is_on(model):
     eng = Engine("llama", "tiny-gguf", None, model.vocab_size, (), "fp", model.new_lm, "", model=model)
     assert isinstance(eng.lm_factory(8)(), BatchedLlamaLM)
