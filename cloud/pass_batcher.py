@@ -75,6 +75,7 @@ class _Ticket:
     arrived: float
     key: Hashable = None  # whose item: the pass takes keys round-robin
     lane: Hashable = None  # the streaming lane it came from (None: not streaming)
+    gather: bool = True  # a pass it leads waits for more items (window, lanes); False: goes at once
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -128,11 +129,13 @@ class PassBatcher:
                     self._lanes[lane] = left
                 self._cv.notify_all()  # a leader may be waiting for this lane
 
-    def submit(self, item: Any, rows: int, key: Hashable = None, lane: Hashable = None) -> Any:
+    def submit(self, item: Any, rows: int, key: Hashable = None, lane: Hashable = None, gather: bool = True) -> Any:
         """Block until `item` has been run in some pass; its result, or raise its error. `key`
         (default: this thread's FAIR_KEY) is whose item it is, for the round-robin; `lane` the open
-        streaming lane it comes from, if any."""
-        ticket = _Ticket(item, max(1, rows), self._clock(), FAIR_KEY.get() if key is None else key, lane)
+        streaming lane it comes from, if any. gather=False: a pass this item leads takes what is
+        queued and goes, waiting for nobody (a prefill: the sessions attached are not waiting on
+        it, and its session's first token is)."""
+        ticket = _Ticket(item, max(1, rows), self._clock(), FAIR_KEY.get() if key is None else key, lane, gather)
         with self._cv:
             self._queue.append(ticket)
             self._cv.notify_all()  # a waiting leader may now have its full pass
@@ -174,7 +177,7 @@ class PassBatcher:
         self._busy = True
         deadline = leader.arrived + self.window_s
         lanes_by = self._last_end + max(self.window_s, self.comeback * self._last_s)
-        while True:
+        while leader.gather:
             queued_rows = sum(t.rows for t in self._queue)
             now = self._clock()
             if queued_rows >= self.max_rows:

@@ -118,7 +118,8 @@ class Verifier:
             return self.sessions.prefill_step(session)
 
         def feed(prefix: list[int], new_tokens: int) -> None:
-            self._batcher.submit(_Pass(session.lm, prefix, 1, fed=new_tokens), new_tokens)  # type: ignore[union-attr]
+            self._batcher.submit(_Pass(session.lm, prefix, 1, fed=new_tokens), new_tokens,  # type: ignore[union-attr]
+                                 gather=False)
 
         return self.sessions.prefill_step(session, feed)
 

@@ -172,3 +172,27 @@ def test_a_lane_that_ends_holds_no_later_pass():
     wall = time.monotonic() - t0
     assert [len(p) for p in run.passes] == [4, 4] + [3] * 6
     assert wall < 8 * 0.15 + 0.5  # waiting for x after it left would add ~0.15 s to each of 6 passes
+
+
+def test_an_item_that_does_not_gather_leads_a_pass_at_once_with_what_is_queued():
+    """A prefill (gather=False) never waits for the window or the attached sessions: alone it runs
+    at once; queued behind a running pass it takes the items queued with it and goes."""
+    run = Recorder()
+    b = PassBatcher(run, window_s=5.0, max_rows=64, expected=lambda: 4)
+    t0 = time.monotonic()
+    assert b.submit(7, rows=6, gather=False) == 70
+    assert time.monotonic() - t0 < 1.0 and run.passes == [[7]]
+    slow = Recorder(delay_s=0.3)
+    b = PassBatcher(slow, window_s=5.0, max_rows=64, expected=lambda: 4)  # a gathering leader waits 5 s
+    t1 = time.monotonic()
+    first = threading.Thread(target=b.submit, args=(1, 1), kwargs={"gather": False})
+    first.start()
+    time.sleep(0.1)  # 1 runs; 3 (not gathering) then 2 queue behind it
+    rest = [threading.Thread(target=b.submit, args=(3, 1), kwargs={"gather": False}),
+            threading.Thread(target=b.submit, args=(2, 1))]
+    for t in rest:
+        t.start()
+        time.sleep(0.02)
+    for t in [first, *rest]:
+        t.join(10)
+    assert slow.passes == [[1], [3, 2]] and time.monotonic() - t1 < 2.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -95,7 +96,7 @@ def test_t1_first_token_through_batched_llama_is_distributed_as_the_target(meta,
             futs = [pool.submit(generate, v, meta, context, seed, 1.0, 1, barrier) for seed in range(start, start + width)]
             for f in futs:
                 counts[f.result(60)[0]] += 1
-    assert v.pass_stats().mean_items() > 4
+    assert v.pass_stats().by_items.get(width, 0) >= n // width // 2  # the rounds of a group shared a pass
     assert pooled_chisquare_pvalue(counts, p) > 1e-3
 
 
@@ -125,22 +126,21 @@ def test_a_failing_item_fails_only_its_own_session(meta, model):
 
 def test_a_prompt_is_prefilled_in_a_shared_pass_beside_another_sessions_round(meta, model):
     """llama.cpp feeds each session its own tokens, so an opened prompt's prefill is an item of the
-    shared passes (recorded at the tokens it fed): here it joins the pass of another session's
-    round, and both sessions then decode the greedy tokens. The per-session verifier prefills alone."""
-    v = make_verifier(meta, model, window_ms=500)
+    shared passes (recorded at the tokens it fed): here it joins the pass another session's round
+    is gathering, and both sessions then decode the greedy tokens. The per-session verifier
+    prefills alone."""
+    v = make_verifier(meta, model, window_ms=2000)
     first, cfg = open_session(v, meta, PROMPTS[0], 0, 0.0)
     long_prompt = PROMPTS[2]  # 30 tokens: 29 fed by the prefill, the last with the first round
     opened = v.open(codec.OpenRequest(list(long_prompt), codec.Sampling(0.0, 0, 1.0, 1), cfg, meta.fingerprint, 8))
     assert v.prefills_in_passes(opened)
-    v.sessions.attach(opened.id)  # two attached: the leader waits (up to the window) for the other
-    barrier = threading.Barrier(2)
+    v.sessions.attach(opened.id)  # two attached: the round's pass waits (up to the window) for one more item
 
     def round_of_first():
-        barrier.wait()
         return v.verify(first, codec.pack_batch(len(first.context), drafts_for(meta, first.context, cfg, 0, 3, 0.0), cfg))
 
     def prefill():
-        barrier.wait()
+        time.sleep(0.2)  # the round leads and gathers; the prefill comes during its window
         while not v.prefill_step(opened):
             pass
 
