@@ -182,7 +182,7 @@ class PassBatcher:
             now = self._clock()
             if queued_rows >= self.max_rows:
                 break
-            coming = now < lanes_by and any(lane not in {t.lane for t in self._queue} for lane in self._lanes)
+            coming = now < lanes_by and not self._lanes.keys() <= {t.lane for t in self._queue}
             ready = len(self._queue) >= max(1, self._expected()) or now >= deadline
             if ready and not coming:
                 break

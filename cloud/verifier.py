@@ -332,8 +332,7 @@ class Verifier:
             # last round's rejected drafts) and feeds the rest (the LM contract, common/lm.py).
             logits = session.lm.logits(context, want=want)
             ms = (time.perf_counter() - t_fwd) * 1e3
-            self.on_pass(1, want)
-            self._record_pass(want, ms)
+            self._passed([_Pass(session.lm, context, want)], ms)
         else:
             logits, ms = self._batcher.submit(_Pass(session.lm, context, want), want, lane=lane)
         return logits, ms
@@ -357,20 +356,23 @@ class Verifier:
                 t1 = time.perf_counter()
                 try:
                     out.append((p.lm.logits(p.context, p.want), (time.perf_counter() - t1) * 1e3))
-                    self.on_pass(1, p.rows)
-                    if p.fed <= p.want:
-                        self._record_pass(p.rows, out[-1][1])
+                    self._passed([p], out[-1][1])
                 except Exception as one:
                     out.append(one)
             return out
         ms = (time.perf_counter() - t_fwd) * 1e3
-        self.on_pass(len(passes), sum(p.rows for p in passes))
-        if not any(p.fed > p.want for p in passes):
-            # A prefill feeds many tokens for one row of logits (no output layer on the rest), so
-            # a pass with one is cheaper than a verify pass of as many rows: kept out of the table
-            # the edges plan verify rounds with.
-            self._record_pass(sum(p.rows for p in passes), ms)
+        self._passed(passes, ms)
         return [(r, ms) for r in rows]
+
+    def _passed(self, passes: list[_Pass], ms: float) -> None:
+        """One forward pass ran over `passes` in `ms`: the metrics count it, the pass table records it
+        at all its rows, unless it carried a prefill: a prefill feeds many tokens for one row of
+        logits (no output layer on the rest), so such a pass is cheaper than a verify pass of as many
+        rows and is kept out of the table the edges plan verify rounds with."""
+        rows = sum(p.rows for p in passes)
+        self.on_pass(len(passes), rows)
+        if not any(p.prefill for p in passes):
+            self._record_pass(rows, ms)
 
     def pass_stats(self) -> PassStats | None:
         """Counters of the shared passes (None with cross-session batching off)."""
@@ -403,3 +405,7 @@ class _Pass:
     def rows(self) -> int:
         """What the item adds to the pass: the tokens it feeds."""
         return max(self.want, self.fed)
+
+    @property
+    def prefill(self) -> bool:
+        return self.fed > self.want
