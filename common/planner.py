@@ -64,6 +64,7 @@ class RoundPlan:
     predicted_ms: float
     acceptance: float  # typical acceptance of one draft under this description
     probe: bool = False  # a one-draft round to keep learning acceptance while plain decoding wins
+    ready: int = 0  # leading draft rows computed before the round (no draft time on its critical path)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class PlannerConfig:
     plain_overhead: float = 0.05  # plain rounds: M large enough that fixed_ms <= 5% of the steps' time
     probe_tokens: int = 32  # while plain decoding wins, one probe draft every this many tokens
     stream_probe_tokens: int = 8  # streamed plain rounds: the first probe interval (it doubles while plain wins)
+    skip_tokens: int = 4  # streamed plain tokens after a round whose first draft was not worth sending
     realized_decay: float = 0.7  # weight of older speculative rounds in the realized rate (Planner.observe)
     realized_min_rounds: int = 3  # speculative rounds measured before the realized rate may overrule the model
     lattice: bool = True  # lattice-quantized values (else float values: no quantization loss)
@@ -86,18 +88,20 @@ def expected_tokens(acc: Sequence[float]) -> float:
 
 
 def best_length(a: float, costs: Costs, bits: float, limit: int, first: int = 0,
-                start: tuple[float, float, float] = (1.0, 0.0, 1.0)) -> tuple[int, float, float]:
+                start: tuple[float, float, float] = (1.0, 0.0, 1.0), ready: int = 0) -> tuple[int, float, float]:
     """Best total L in [first, limit] with constant acceptance a after `first` drafts already in.
 
-    start = (E, T without the pass, P) after the first drafts. Returns (L, E, T) at the best E/T.
+    start = (E, T without the pass, P) after the first drafts. ready: the first `ready` positions'
+    draft rows are computed already (Drafter.ready), so they cost no draft time. Returns (L, E, T)
+    at the best E/T.
     """
     e, t, p = start
     best = (first, e, t + costs.pass_ms(first + 1))
-    per_draft = costs.draft_ms + costs.ms_per_byte * bits / 8.0
+    wire = costs.ms_per_byte * bits / 8.0
     for n in range(first + 1, limit + 1):
         p *= a
         e += p
-        t += per_draft
+        t += wire + (costs.draft_ms if n > ready else 0.0)
         total = t + costs.pass_ms(n + 1)
         if e / total > best[1] / best[2]:
             best = (n, e, total)
@@ -152,6 +156,14 @@ class Planner:
             plain_rate = self._plain_tokens / self._plain_ms
         return self._spec_tokens / self._spec_ms < plain_rate
 
+    def snapshot(self) -> tuple[int, int | None, bool]:
+        """What plan() changes (the probe schedule): a plan made ahead, for a context the round in
+        flight may not lead to, is undone with restore() when its batch is not adopted."""
+        return self.tokens_since_draft, self._probe_every, self._opening_probe
+
+    def restore(self, state: tuple[int, int | None, bool]) -> None:
+        self.tokens_since_draft, self._probe_every, self._opening_probe = state
+
     def probe_first(self) -> None:
         """The next round probes if plain decoding looks better: a generation's first round, where
         the acceptance is still the prior's guess and a streamed plain round would hold that guess
@@ -169,8 +181,9 @@ class Planner:
         return self._probe_every
 
     def plan(self, costs: Costs, acc: AcceptanceModel, loss: QuantLoss, budget_bits: float,
-             remaining_tokens: int, beta: float | None = None) -> RoundPlan:
-        """The round's plan; remaining_tokens bounds drafts (each round commits >= 1 token)."""
+             remaining_tokens: int, beta: float | None = None, ready: int = 0) -> RoundPlan:
+        """The round's plan; remaining_tokens bounds drafts (each round commits >= 1 token).
+        ready: how many of the round's first draft rows are computed already (no draft time)."""
         cfg = self.config
         plain = self.plain(costs, remaining_tokens)
         m = plain.plain_steps + 1
@@ -186,9 +199,9 @@ class Planner:
             cap = min(limit, int(budget_bits // desc.bits) if desc.bits > 0 else limit)
             if cap < 1:
                 continue
-            n, e, t = best_length(a, costs, desc.bits, cap, start=(1.0, costs.fixed_ms, 1.0))
+            n, e, t = best_length(a, costs, desc.bits, cap, start=(1.0, costs.fixed_ms, 1.0), ready=ready)
             if n >= 1 and (best is None or e / t > best.expected_tokens / best.predicted_ms):
-                best = RoundPlan(True, desc, cap, 0, e, t, a)
+                best = RoundPlan(True, desc, cap, 0, e, t, a, ready=ready)
         plain_rate = plain.expected_tokens / plain.predicted_ms
         if best is not None and best.expected_tokens / best.predicted_ms > plain_rate and not self._losing(plain_rate):
             self.tokens_since_draft = 0
@@ -203,12 +216,20 @@ class Planner:
                     self._probe_every = 2 * self.probe_every
                 self._opening_probe = False
                 a = max(0.0, a_q - desc.loss)
-                t = costs.fixed_ms + costs.draft_ms + costs.pass_ms(2)
-                return RoundPlan(True, desc, 1, 0, 1.0 + a, t, a, probe=True)
+                t = costs.fixed_ms + (0.0 if ready else costs.draft_ms) + costs.pass_ms(2)
+                return RoundPlan(True, desc, 1, 0, 1.0 + a, t, a, probe=True, ready=ready)
         if self.streaming:  # a streamed round runs to the next probe
             plain = self.plain(costs, remaining_tokens, horizon=self.probe_every - self.tokens_since_draft)
             m = plain.plain_steps + 1
         self.tokens_since_draft += m
+        return plain
+
+    def skip(self, costs: Costs, remaining_tokens: int, horizon: int) -> RoundPlan:
+        """Plain decoding instead of the round the plan chose (the drafter found its first draft not
+        worth its row, or a probe's row not computed ahead): streamed for `horizon` tokens, after
+        which the plan may draft again (a probe is due)."""
+        plain = self.plain(costs, remaining_tokens, horizon=horizon)
+        self.tokens_since_draft = self.probe_every
         return plain
 
     def plain(self, costs: Costs, remaining_tokens: int, horizon: int | None = None) -> RoundPlan:

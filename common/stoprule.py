@@ -32,27 +32,33 @@ class StopRule:
     def total_ms(self) -> float:
         return self.t + self.costs.pass_ms(self.n + 1)
 
-    def keep(self, a: float, bits: float) -> bool:
+    def _draft_ms(self) -> float:
+        """Draft time of the position being drafted: none for a row computed before the round."""
+        return 0.0 if self.n < self.plan.ready else self.costs.draft_ms
+
+    def keep(self, a: float, bits: float, first: bool = False) -> bool:
+        """Whether the position just drafted is worth its bits and the larger pass. A probe keeps
+        its later positions whatever they are worth, but not a first one that is not (first)."""
         c = self.costs
-        drafted = self.t + c.draft_ms
+        drafted = self.t + self._draft_ms()
         without = self.e / (drafted + c.pass_ms(self.n + 1))
         with_it = (self.e + self.p * a) / (drafted + c.ms_per_byte * bits / 8.0 + c.pass_ms(self.n + 2))
-        return with_it > without or self.plan.probe
+        return with_it > without or (self.plan.probe and not first)
 
     def add(self, a: float, bits: float) -> None:
         self.p *= a
         self.e += self.p
-        self.t += self.costs.draft_ms + self.costs.ms_per_byte * bits / 8.0
+        self.t += self._draft_ms() + self.costs.ms_per_byte * bits / 8.0
         self.n += 1
 
     def drafted_only(self) -> None:
         """A drafted position that was not kept: its draft time is spent."""
-        self.t += self.costs.draft_ms
+        self.t += self._draft_ms()
 
     def more(self) -> bool:
         if self.n >= self.plan.max_drafts or self.plan.description is None:
             return False
         d = self.plan.description
         n, _, _ = best_length(self.plan.acceptance, self.costs, d.bits, self.plan.max_drafts, first=self.n,
-                              start=(self.e, self.t, self.p))
+                              start=(self.e, self.t, self.p), ready=self.plan.ready)
         return n > self.n

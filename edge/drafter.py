@@ -17,7 +17,9 @@ continues (sqs_models/cached_lm.py), so rejected drafts leave it there.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -105,6 +107,16 @@ class DraftedBatch:
     predicted_tokens: float = 1.0
     confidences: list[float] = field(default_factory=list)  # per draft, for the acceptance model
     tv_losses: list[float] = field(default_factory=list)  # per draft: TV(q, q_hat)
+    accept_probs: list[float] = field(default_factory=list)  # per draft: its predicted acceptance
+    runners_up: list[int] = field(default_factory=list)  # per draft: the draft's likeliest other token
+
+
+# Draft rows kept by context (Drafter.remember): the opening chain, step_past, the hedges drafted
+# during a flight. A row is ~0.6 MB (V = 151,936 float32).
+KEPT_ROWS = 16
+# Rows the edge computes ahead while the cloud prefills the prompt (Drafter.warm): the first
+# round's drafts, where they follow the draft's likeliest tokens.
+OPENING_CHAIN = 8
 
 
 class Drafter:
@@ -118,7 +130,7 @@ class Drafter:
         )
         self.costs = CostModel()
         self._warmed = -1  # context length warm() ran for (-1: not yet)
-        self._memo: tuple[tuple[int, ...], np.ndarray] | None = None  # step_past's (context, row)
+        self._rows: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()  # draft rows computed ahead, by context
         self.acceptance = AcceptanceModel()
         self.loss = NoQuantLoss() if s.scheme == Scheme.INVARIANT else QuantLoss()
         self.planner = Planner(
@@ -152,43 +164,106 @@ class Drafter:
         if self._warmed != len(context):
             self.warm(context)
 
-    def warm(self, context: Sequence[int]) -> None:
+    def warm(self, context: Sequence[int], until: threading.Event | None = None) -> None:
         """Prefill the draft on the prompt and time one draft step. The edge runs it while the
         cloud prefills the same prompt on the target (edge/generate.py): in line, a 30-token
-        prompt cost ~0.6 s of 0.5B prefill before the first round."""
+        prompt cost ~0.6 s of 0.5B prefill before the first round.
+
+        The rows it computes are kept (remember), and until `until` is set (the open is back) it
+        goes on along the draft's likeliest tokens, up to OPENING_CHAIN rows: the first round's
+        drafts, where they are those tokens (always at T = 0), then cost no draft time on the
+        critical path (measured: 0.5B on one core, ~75 ms a row, each first round paid 1-2)."""
         self._warmed = len(context)
         if self.config.scheme.scheme == Scheme.NONE:
             return
         ctx = list(context)
         row = self.lm.logits(ctx, want=1)[0]  # prefill (needed for the first draft anyway)
+        self.remember(ctx, row)
         cfg = self.config
         self.acceptance.seen(confidence(target_probs(row.astype(np.float64), cfg.temperature or 1.0, cfg.top_k, cfg.top_p)))
-        t0 = time.perf_counter()
-        self.lm.logits(ctx + [int(np.argmax(row))], want=1)  # one step; the cache crops it next call
-        self.costs.draft.add((time.perf_counter() - t0) * 1e3)
+        for n in range(OPENING_CHAIN):
+            if n and until is not None and until.is_set():
+                break
+            ctx.append(int(np.argmax(row)))
+            t0 = time.perf_counter()
+            row = self.lm.logits(ctx, want=1)[0]
+            self.costs.draft.add((time.perf_counter() - t0) * 1e3)
+            self.remember(ctx, row)
+            if until is None or ctx[-1] in self.eos:
+                break
+
+    # -- draft rows computed ahead --------------------------------------------------------------
+    def remember(self, context: Sequence[int], row: np.ndarray) -> None:
+        """Keep the draft's row after `context` for a later draft() at exactly that context."""
+        key = tuple(int(t) for t in context)
+        self._rows[key] = row
+        self._rows.move_to_end(key)
+        while len(self._rows) > KEPT_ROWS:
+            self._rows.popitem(last=False)
+
+    def ready(self, context: Sequence[int]) -> int:
+        """How many of the next draft rows after `context` are kept: the first, and at T = 0 (where
+        each draft is the row's argmax) the chain of rows that follows it."""
+        ctx, n = tuple(int(t) for t in context), 0
+        while (row := self._rows.get(ctx)) is not None:  # get: a follow-up thread may be adding rows
+            n += 1
+            if self.config.temperature > 0:
+                break
+            ctx += (int(np.argmax(row)),)
+        return n
+
+    def prepare(self, context: Sequence[int]) -> None:
+        """Compute and keep the row after `context` (a guessed continuation) unless it is kept."""
+        if tuple(int(t) for t in context) not in self._rows:
+            self.remember(context, self.lm.logits(list(context), want=1)[0])
+
+    def hedge(self, context: Sequence[int], batch: DraftedBatch) -> None:
+        """While `batch` (drafted at `context`) is in flight: keep the row the next round needs if
+        the cloud rejects the draft it is likeliest to reject and commits that draft's runner-up
+        instead (at T = 0 the target's argmax, when it is not the draft's, is often the draft's
+        second choice). One draft step, spent only where the rejection is likelier than not."""
+        p_before, best, at = 1.0, 0.0, -1
+        for j, a in enumerate(batch.accept_probs):
+            if p_before * (1.0 - a) > best:
+                best, at = p_before * (1.0 - a), j
+            p_before *= a
+        if at < 0 or best < 0.5 or at >= len(batch.runners_up):
+            return
+        self.prepare(list(context) + [d.token for d in batch.drafts[:at]] + [batch.runners_up[at]])
 
     # -- one round ----------------------------------------------------------------------------
-    def plan(self, costs: Costs, remaining_tokens: int) -> RoundPlan:
+    def plan(self, costs: Costs, remaining_tokens: int, ready: int = 0) -> RoundPlan:
         cfg, s = self.config, self.config.scheme
         if s.scheme == Scheme.NONE:
             return self.planner.plain(costs, remaining_tokens)
         if cfg.adaptive:
             return self.planner.plan(costs, self.acceptance, self.loss, cfg.budget_bits, remaining_tokens,
-                                     beta=self.controller.beta if self.controller else None)
+                                     beta=self.controller.beta if self.controller else None, ready=ready)
         return RoundPlan(True, Description(s.k, s.ell, 0.0, 0.0), cfg.max_draft_len, 0, 0.0, 0.0,
                          self.acceptance.typical())
 
-    def draft(self, context: Sequence[int], max_drafts: int, should_stop: Callable[[], bool] | None = None) -> DraftedBatch:
+    def draft(self, context: Sequence[int], max_drafts: int, should_stop: Callable[[], bool] | None = None,
+              before_drafting: Callable[[], None] | None = None) -> DraftedBatch:
         """Plan and draft the next batch continuing `context`; at most max_drafts drafts.
 
         should_stop (drafting ahead while a batch is in flight): checked before each position.
+        before_drafting: called once the plan speculates, before the draft LM is used (waits for
+        work of another thread on it: a streamed round's follow-up).
         """
         t0 = time.perf_counter()
         costs = self.costs.costs()
-        plan = self.plan(costs, max_drafts + 1)
+        ready = self.ready(context)
+        plan = self.plan(costs, max_drafts + 1, ready=ready)
+        if plan.probe and not ready:
+            # A probe is a bet that loses ~0.4 of a step when rejected; with its first row not
+            # computed ahead (the follow-up guessed the stream's last token wrong, or is still at
+            # it) it would also wait for and pay a draft step on the critical path: not this time.
+            plan = self.planner.skip(costs, max_drafts + 1, horizon=self.planner.probe_every)
         if not plan.speculate:
             return DraftedBatch([], self.config.scheme, 0.0, plan.plain_steps, plan,
                                 predicted_ms=plan.predicted_ms, predicted_tokens=plan.expected_tokens)
+        if before_drafting is not None:
+            before_drafting()
         cfg = self.config
         d0 = plan.description
         scheme = self._scheme_for(d0.k, d0.ell)
@@ -202,7 +277,8 @@ class Drafter:
             t_pos = time.perf_counter()
             # KV-cache rollback at the batch's first position: logits() crops the cache to the prefix it
             # shares with ctx (accepted, or a guessed continuation), dropping rejected drafts, then feeds the rest.
-            logits = self._next_row(ctx).astype(np.float64)  # [V]
+            row, kept_row = self._next_row(ctx)
+            logits = row.astype(np.float64)  # [V]
             q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # [V]
             feature_q = q if cfg.temperature > 0 else target_probs(logits, 1.0, cfg.top_k, cfg.top_p)
             c = confidence(feature_q)
@@ -219,9 +295,19 @@ class Drafter:
             a = max(0.0, self.acceptance.predict(c) - tv)
             self.loss.seen(q)
             self.acceptance.seen(c)
+            if cfg.adaptive and not batch.drafts and not rule.keep(a, cost, first=True):
+                # Not even the first draft is worth its row (a probe included: on an engine whose
+                # second row costs 0.6 of a step, a probe below ~60% acceptance loses time; prose
+                # probes were accepted 40-60%): plain decoding for a few tokens, then plan again.
+                if not kept_row:
+                    self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
+                plain = self.planner.skip(costs, max_drafts + 1, horizon=self.planner.config.skip_tokens)
+                return DraftedBatch([], self.config.scheme, (time.perf_counter() - t0) * 1e3, plain.plain_steps,
+                                    plain, predicted_ms=plain.predicted_ms, predicted_tokens=plain.expected_tokens)
             if cfg.adaptive and batch.drafts and not rule.keep(a, cost):
                 rule.drafted_only()
-                self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
+                if not kept_row:
+                    self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
                 break
             spent += cost
             if scheme.scheme != Scheme.INVARIANT:
@@ -231,9 +317,12 @@ class Drafter:
             batch.drafts.append(d)
             batch.confidences.append(c)
             batch.tv_losses.append(tv)
+            batch.accept_probs.append(a)
+            batch.runners_up.append(_runner_up(logits, d.token))
             rule.add(a, cost)
             ctx.append(d.token)
-            self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
+            if not kept_row:  # the draft time a plan charges is a row's pass, not a kept row's lookup
+                self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
             if d.token in self.eos or (cfg.adaptive and not rule.more()):
                 break
         batch.bits = batch_bits(scheme, (d.support.size for d in batch.drafts))
@@ -241,13 +330,13 @@ class Drafter:
         batch.predicted_ms, batch.predicted_tokens = rule.total_ms(), rule.e
         return batch
 
-    def _next_row(self, ctx: list[int]) -> np.ndarray:
-        """The draft's logits [V] after `ctx`: the row `step_past` prepared for exactly this
-        context, else a pass of the draft (the memo is used once, and only on an exact match)."""
-        memo, self._memo = self._memo, None
-        if memo is not None and memo[0] == tuple(ctx):
-            return memo[1]
-        return self.lm.logits(ctx, want=1)[0]
+    def _next_row(self, ctx: list[int]) -> tuple[np.ndarray, bool]:
+        """The draft's logits [V] after `ctx`, and whether they were kept (computed ahead for
+        exactly this context: warm, step_past, prepare, hedge) rather than a pass of the draft."""
+        row = self._rows.get(tuple(ctx))
+        if row is not None:
+            return row, True
+        return self.lm.logits(ctx, want=1)[0], False
 
     def step_past(self, context: Sequence[int]) -> None:
         """Draft the cloud's next token (the same draw as guess_bonus) and the draft's row after it,
@@ -255,9 +344,8 @@ class Drafter:
         last token is still being computed by the cloud: when the guess is right, the next round's
         first draft needs no pass of its own (one 0.5B step, ~68 ms, off the critical path)."""
         ctx = list(context)
-        guess = self.guess_bonus(ctx, self.config.scheme)
-        ctx.append(guess)
-        self._memo = (tuple(ctx), self.lm.logits(ctx, want=1)[0])
+        ctx.append(self.guess_bonus(ctx, self.config.scheme))
+        self.prepare(ctx)
 
     def guess_bonus(self, context: Sequence[int], scheme: SchemeConfig) -> int:
         """The edge's guess of the token the cloud will sample after a fully accepted batch ending
@@ -265,7 +353,7 @@ class Drafter:
         so the guess is the same draw on the draft's q (right whenever q's and p's draws agree). The
         guess only decides whether a batch drafted ahead is adopted, never what is committed."""
         cfg = self.config
-        logits = self.lm.logits(list(context), want=1)[0].astype(np.float64)
+        logits = self._next_row(list(context))[0].astype(np.float64)
         return gumbel_token(target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed, len(context))
 
     def _describe(self, q: np.ndarray, scheme: SchemeConfig, left_bits: float) -> tuple[Draft | None, float, float, bool]:
@@ -321,3 +409,10 @@ class Drafter:
     @property
     def beta(self) -> float | None:
         return self.controller.beta if self.controller else None
+
+
+def _runner_up(logits: np.ndarray, token: int) -> int:
+    """The likeliest token of `logits` [V] other than `token`."""
+    top = np.argpartition(logits, -2)[-2:]
+    top = top[np.argsort(logits[top])[::-1]]
+    return int(top[1] if int(top[0]) == token else top[0])

@@ -87,6 +87,7 @@ class _Ahead:
     guess: int
     batch: DraftedBatch
     overrun_ms: float  # drafting that outlasted the flight
+    planner_state: tuple  # Planner.snapshot() before the ahead batch was planned
     adopted: bool = False
 
 
@@ -123,12 +124,15 @@ class Generation:
         betas: list[float] = []
         t_start = time.perf_counter()
         wire0 = client.wire_counts()
-        # The draft prefills the prompt while the cloud prefills it on the target (the open).
+        # The draft prefills the prompt while the cloud prefills it on the target (the open), then
+        # computes the first round's likeliest draft rows until the open is back.
         warming = ThreadPoolExecutor(1, thread_name_prefix="warm")
-        warm = warming.submit(drafter.warm, list(context))
+        opened_event = threading.Event()
+        warm = warming.submit(drafter.warm, list(context), opened_event)
         try:
             opened = client.open(self._open_request())
         finally:
+            opened_event.set()
             warming.shutdown(wait=True)
         warm.result()
         eos = set(opened.eos_token_ids) | drafter.eos
@@ -140,6 +144,7 @@ class Generation:
         drafter.planner.probe_first()
         stop_reason = "length"
         ahead: _Ahead | None = None
+        following: _DraftFollower | None = None  # the last streamed round's follow-up, maybe still running
         pool = ThreadPoolExecutor(1, thread_name_prefix="round") if drafter.config.pipeline else None
         # The draft's follow-up of streamed rounds runs at the lowest CPU priority: on an edge of its
         # own it is free, where edges share cores (a load test) it yields to their drafting.
@@ -153,7 +158,10 @@ class Generation:
                     batch = ahead.batch
                     batch.draft_ms = ahead.overrun_ms  # only what outlasted the flight costs time
                 else:
-                    batch = drafter.draft(context, max_drafts=remaining - 1)
+                    # Plain next: it may start while the follow-up still computes; drafts wait for it.
+                    batch = drafter.draft(context, max_drafts=remaining - 1,
+                                          before_drafting=following.wait if following is not None else None)
+                following = None
                 wire = codec.pack_batch(len(context), batch.drafts, batch.scheme, batch.plain_steps,
                                         stream=streaming and batch.plain_steps > 0)
                 # send
@@ -180,9 +188,13 @@ class Generation:
                                 if len(keep) > len(shown):
                                     yield RoundOutput(keep[len(shown):], None)
                                     shown = keep
-                    finally:
+                    except BaseException:
                         if follow is not None:
                             follow.wait()
+                        raise
+                    # Not waited for here: measured, the follow-up's last rows outlasted the
+                    # stream by ~70 ms a round, paid even when the next round is plain.
+                    following = follow
                     if reply is None or reply.verdict.more:
                         raise RuntimeError("a streamed round ended without its final verdict")
                 elif pool is not None and n and remaining - n - 1 >= 2 and batch.drafts[-1].token not in eos:
@@ -195,6 +207,8 @@ class Generation:
                     v = reply.verdict
                     ahead.adopted = (v.accepted == n and not v.plain_tokens and v.token == ahead.guess
                                      and bool(ahead.batch.drafts))
+                    if not ahead.adopted:  # its plan was for a context that did not come
+                        drafter.planner.restore(ahead.planner_state)
                 # settle: the drafter learns from the round (threshold rollback, acceptance, costs)
                 rec = _record(batch, wire, reply, ahead)
                 drafter.learn(batch, rec, carry=ahead is not None and ahead.adopted)
@@ -256,10 +270,23 @@ class Generation:
             v = future.result().verdict
             return not (v.accepted == n and not v.plain_tokens and v.token == guess)
 
+        planner_state = self.drafter.planner.snapshot()
         ahead_batch = self.drafter.draft(guessed + [guess], max_drafts=max_drafts, should_stop=invalidated)
+        # What is left of the flight goes to rows the next round may start from: after the guessed
+        # bonus when the plan ahead was plain (a probe may follow it), and the likeliest rejection.
+        costs = self.drafter.costs.costs()
+        flight_due = costs.fixed_ms + costs.pass_ms(n + 1)
+
+        def time_for_a_row() -> bool:
+            return not future.done() and (time.perf_counter() - t_send) * 1e3 + costs.draft_ms <= flight_due
+
+        if not ahead_batch.drafts and time_for_a_row():
+            self.drafter.prepare(guessed + [guess])
+        if time_for_a_row():
+            self.drafter.hedge(self.context, batch)
         reply = future.result()
         overrun = max(0.0, (time.perf_counter() - t_send) * 1e3 - flight_ms())
-        return reply, _Ahead(guess, ahead_batch, overrun)
+        return reply, _Ahead(guess, ahead_batch, overrun, planner_state)
 
 
 def _lowest_priority() -> None:
