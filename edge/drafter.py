@@ -164,15 +164,10 @@ class Drafter:
         if self._warmed != len(context):
             self.warm(context)
 
-    def warm(self, context: Sequence[int], until: threading.Event | None = None) -> None:
+    def warm(self, context: Sequence[int]) -> None:
         """Prefill the draft on the prompt and time one draft step. The edge runs it while the
         cloud prefills the same prompt on the target (edge/generate.py): in line, a 30-token
-        prompt cost ~0.6 s of 0.5B prefill before the first round.
-
-        The rows it computes are kept (remember), and until `until` is set (the open is back) it
-        goes on along the draft's likeliest tokens, up to OPENING_CHAIN rows: the first round's
-        drafts, where they are those tokens (always at T = 0), then cost no draft time on the
-        critical path (measured: 0.5B on one core, ~75 ms a row, each first round paid 1-2)."""
+        prompt cost ~0.6 s of 0.5B prefill before the first round. Both rows are kept (remember)."""
         self._warmed = len(context)
         if self.config.scheme.scheme == Scheme.NONE:
             return
@@ -181,16 +176,32 @@ class Drafter:
         self.remember(ctx, row)
         cfg = self.config
         self.acceptance.seen(confidence(target_probs(row.astype(np.float64), cfg.temperature or 1.0, cfg.top_k, cfg.top_p)))
-        for n in range(OPENING_CHAIN):
-            if n and until is not None and until.is_set():
-                break
+        ctx.append(int(np.argmax(row)))
+        t0 = time.perf_counter()
+        row = self.lm.logits(ctx, want=1)[0]  # one step: the likeliest first draft's row
+        self.costs.draft.add((time.perf_counter() - t0) * 1e3)
+        self.remember(ctx, row)
+
+    def chain(self, context: Sequence[int], until: threading.Event, rows: int = OPENING_CHAIN) -> None:
+        """From the rows kept after `context` on, along the draft's likeliest tokens: compute and
+        keep rows until `until` is set (the open is back) or `rows` are kept. The first round's
+        drafts, where they are those tokens (always at T = 0), then cost no draft time on the
+        critical path (measured: 0.5B on one core, ~75 ms a row; each first round paid 1-2)."""
+        if self.config.scheme.scheme == Scheme.NONE:
+            return
+        ctx = [int(t) for t in context]
+        for _ in range(rows):
+            row = self._rows.get(tuple(ctx))
+            if row is None:
+                if until.is_set():
+                    return
+                t0 = time.perf_counter()
+                row = self.lm.logits(ctx, want=1)[0]
+                self.costs.draft.add((time.perf_counter() - t0) * 1e3)
+                self.remember(ctx, row)
+            if ctx and ctx[-1] in self.eos and len(ctx) > len(context):
+                return
             ctx.append(int(np.argmax(row)))
-            t0 = time.perf_counter()
-            row = self.lm.logits(ctx, want=1)[0]
-            self.costs.draft.add((time.perf_counter() - t0) * 1e3)
-            self.remember(ctx, row)
-            if until is None or ctx[-1] in self.eos:
-                break
 
     # -- draft rows computed ahead --------------------------------------------------------------
     def remember(self, context: Sequence[int], row: np.ndarray) -> None:

@@ -128,7 +128,7 @@ class Generation:
         # computes the first round's likeliest draft rows until the open is back.
         warming = ThreadPoolExecutor(1, thread_name_prefix="warm")
         opened_event = threading.Event()
-        warm = warming.submit(drafter.warm, list(context), opened_event)
+        warm = warming.submit(_warm_then_chain, drafter, list(context), opened_event)
         try:
             opened = client.open(self._open_request())
         finally:
@@ -181,7 +181,9 @@ class Generation:
                             if follow is not None:
                                 if len(so_far) == batch.plain_steps:  # the round's last token is next
                                     follow.step_past(context + so_far)
-                                else:
+                                elif len(so_far) < batch.plain_steps:
+                                    # (Not after the last token: that feed, ~75 ms of a draft pass,
+                                    # was what the next round's drafting waited for.)
                                     follow.feed(context + so_far)
                             if self.previews:
                                 keep = _shown(shown, _cut(so_far, remaining, eos)[0])
@@ -287,6 +289,14 @@ class Generation:
         reply = future.result()
         overrun = max(0.0, (time.perf_counter() - t_send) * 1e3 - flight_ms())
         return reply, _Ahead(guess, ahead_batch, overrun, planner_state)
+
+
+def _warm_then_chain(drafter: Drafter, context: list[int], opened: threading.Event) -> None:
+    """The draft's prefill and timed step, then (at the lowest CPU priority: where edges share
+    cores, a load test, it yields to their drafting) the opening chain until the open is back."""
+    drafter.warm(context)
+    _lowest_priority()
+    drafter.chain(context, opened)
 
 
 def _lowest_priority() -> None:

@@ -49,13 +49,15 @@ def _greedy_chain(start: list[int], n: int) -> list[int]:
     return ctx
 
 
-def test_warm_keeps_the_opening_chain_until_the_open_is_back_and_the_first_draft_uses_it():
+def test_warm_then_chain_keeps_the_opening_rows_until_the_open_is_back_and_the_first_draft_uses_them():
     prompt = [0, 1, 2]
     d = _drafter()
-    d.warm(prompt, until=threading.Event())  # never set: the whole chain
-    chain = _greedy_chain(prompt, OPENING_CHAIN)
+    d.warm(prompt)  # the prefill row and the timed step's row
+    assert len(d.lm.calls) == 2 and d.ready(prompt) == 2
+    d.chain(prompt, until=threading.Event())  # never set: the whole chain
+    chain = _greedy_chain(prompt, OPENING_CHAIN - 1)
     assert d.lm.calls == [tuple(chain[:n]) for n in range(len(prompt), len(chain) + 1)]
-    assert d.ready(prompt) == OPENING_CHAIN + 1  # the prompt's row, then one per chain token
+    assert d.ready(prompt) == OPENING_CHAIN
     d.lm.calls.clear()
     batch = d.draft(prompt, max_drafts=3)
     assert d.lm.calls == []  # at T = 0 every draft is the row's argmax: all three rows were kept
@@ -64,20 +66,19 @@ def test_warm_keeps_the_opening_chain_until_the_open_is_back_and_the_first_draft
     assert all(np.array_equal(a.probs, b.probs) for a, b in zip(batch.drafts, fresh.drafts))
 
     stopped = threading.Event()
-    stopped.set()  # the open is back at once: the prefill row and the timing step only
+    stopped.set()  # the open is back: no row beyond warm's
     e = _drafter()
-    e.warm(prompt, until=stopped)
+    e.warm(prompt)
+    e.chain(prompt, until=stopped)
     assert len(e.lm.calls) == 2 and e.ready(prompt) == 2
-    f = _drafter()
-    f.warm(prompt)  # no open to wait for (calibrate's own warm): the timing step only
-    assert len(f.lm.calls) == 2
 
 
 def test_ready_counts_the_chain_only_at_t0_and_nothing_for_another_context():
     prompt = [3, 4]
-    for temperature, want in ((0.0, OPENING_CHAIN + 1), (1.0, 1)):
+    for temperature, want in ((0.0, OPENING_CHAIN), (1.0, 1)):
         d = _drafter(temperature)
-        d.warm(prompt, until=threading.Event())
+        d.warm(prompt)
+        d.chain(prompt, until=threading.Event())
         assert d.ready(prompt) == want
         assert d.ready([4, 3]) == 0
 
