@@ -265,10 +265,12 @@ class Drafter:
         costs = self.costs.costs()
         ready = self.ready(context)
         plan = self.plan(costs, max_drafts + 1, ready=ready)
-        if plan.probe and not ready:
+        if plan.probe and not ready and self.planner.streaming:
             # A probe is a bet that loses ~0.4 of a step when rejected; with its first row not
             # computed ahead (the follow-up guessed the stream's last token wrong, or is still at
             # it) it would also wait for and pay a draft step on the critical path: not this time.
+            # (Only where rounds stream: the follow-up that computes probe rows runs beside streams,
+            # so without them every probe would be skipped and speculation never come back.)
             plan = self.planner.skip(costs, max_drafts + 1, horizon=self.planner.probe_every)
         if not plan.speculate:
             return DraftedBatch([], self.config.scheme, 0.0, plan.plain_steps, plan,
@@ -312,6 +314,7 @@ class Drafter:
                 # probes were accepted 40-60%): plain decoding for a few tokens, then plan again.
                 if not kept_row:
                     self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
+                    self.remember(ctx, row)  # the next plan at this context reads it, not a pass
                 plain = self.planner.skip(costs, max_drafts + 1, horizon=self.planner.config.skip_tokens)
                 return DraftedBatch([], self.config.scheme, (time.perf_counter() - t0) * 1e3, plain.plain_steps,
                                     plain, predicted_ms=plain.predicted_ms, predicted_tokens=plain.expected_tokens)

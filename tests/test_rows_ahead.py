@@ -14,7 +14,7 @@ import numpy as np
 
 from common.acceptance import AcceptanceModel, QuantLoss
 from common.costmodel import Costs
-from common.planner import Planner, PlannerConfig, RoundPlan, best_length
+from common.planner import Description, Planner, PlannerConfig, RoundPlan, best_length
 from common.schemes import SchemeConfig
 from common.stoprule import StopRule
 from edge.drafter import OPENING_CHAIN, DraftConfig, Drafter
@@ -127,6 +127,28 @@ def test_a_probe_without_its_row_ready_is_plain_decoding_without_a_draft_pass():
     batch = d.draft([0, 1, 2], max_drafts=40)
     assert batch.drafts == [] and batch.plain_steps >= 1
     assert d.lm.calls == []  # neither waited for nor computed on the critical path
+
+
+def test_without_streamed_rounds_a_probe_still_drafts_its_row_in_line():
+    """Over the unary transport nothing computes probe rows beside a stream, so a probe without
+    its row drafts it as before; skipping it would keep speculation from ever coming back."""
+    d = _drafter(draft_len=None, costs=_probe_costs())
+    d.acceptance.predict = lambda c: 0.95  # a draft worth its row, once drafted
+    d.planner.probe_first()  # streaming stays False
+    batch = d.draft([0, 1, 2], max_drafts=40)
+    assert len(batch.drafts) == 1 and batch.plan.probe
+    assert (0, 1, 2) in d.lm.calls
+
+
+def test_a_skipped_first_draft_keeps_its_row_for_the_next_plan_at_that_context():
+    ctx = [0, 1, 2]
+    d = _drafter(draft_len=None, costs=_probe_costs())
+    d.acceptance.predict = lambda c: 0.3
+    d.planner.streaming = True
+    d.planner.plan = lambda *a, **k: RoundPlan(True, Description(3, 20, 13.8, 0.0), 8, 0, 1.5, 300.0, 0.5)
+    batch = d.draft(ctx, max_drafts=40)
+    assert batch.drafts == [] and d.lm.calls == [tuple(ctx)]
+    assert d.ready(ctx) == 1  # kept: planning here again costs no draft pass
 
 
 def test_a_first_draft_from_a_ready_row_is_sent_when_likely_and_skipped_for_plain_steps_when_not():
