@@ -36,14 +36,14 @@ class StopRule:
         """Draft time of the position being drafted: none for a row computed before the round."""
         return 0.0 if self.n < self.plan.ready else self.costs.draft_ms
 
-    def keep(self, a: float, bits: float, first: bool = False) -> bool:
+    def keep(self, a: float, bits: float) -> bool:
         """Whether the position just drafted is worth its bits and the larger pass. A probe keeps
-        its later positions whatever they are worth, but not a first one that is not (first)."""
+        its later positions whatever they are worth, but not a first one that is not."""
         c = self.costs
         drafted = self.t + self._draft_ms()
         without = self.e / (drafted + c.pass_ms(self.n + 1))
         with_it = (self.e + self.p * a) / (drafted + c.ms_per_byte * bits / 8.0 + c.pass_ms(self.n + 2))
-        return with_it > without or (self.plan.probe and not first)
+        return with_it > without or (self.plan.probe and self.n > 0)
 
     def add(self, a: float, bits: float) -> None:
         self.p *= a

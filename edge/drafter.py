@@ -308,21 +308,19 @@ class Drafter:
             a = max(0.0, self.acceptance.predict(c) - tv)
             self.loss.seen(q)
             self.acceptance.seen(c)
-            if cfg.adaptive and not batch.drafts and not rule.keep(a, cost, first=True):
+            if cfg.adaptive and not rule.keep(a, cost):
+                if not kept_row:
+                    self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
+                if batch.drafts:
+                    rule.drafted_only()
+                    break
                 # Not even the first draft is worth its row (a probe included: on an engine whose
                 # second row costs 0.6 of a step, a probe below ~60% acceptance loses time; prose
                 # probes were accepted 40-60%): plain decoding for a few tokens, then plan again.
-                if not kept_row:
-                    self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
-                    self.remember(ctx, row)  # the next plan at this context reads it, not a pass
+                self.remember(ctx, row)  # the next plan at this context reads it, not a pass
                 plain = self.planner.skip(costs, max_drafts + 1, horizon=self.planner.config.skip_tokens)
                 return DraftedBatch([], self.config.scheme, (time.perf_counter() - t0) * 1e3, plain.plain_steps,
                                     plain, predicted_ms=plain.predicted_ms, predicted_tokens=plain.expected_tokens)
-            if cfg.adaptive and batch.drafts and not rule.keep(a, cost):
-                rule.drafted_only()
-                if not kept_row:
-                    self.costs.draft.add((time.perf_counter() - t_pos) * 1e3)
-                break
             spent += cost
             if scheme.scheme != Scheme.INVARIANT:
                 d = draw(d, scheme.ell, rng)
