@@ -83,6 +83,9 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)  # held by a round or a prefill step
     rounds: int = 0
     prefilled: int = 0  # tokens of the context fed to lm by prefill_step
+    # The target's logits after the whole prefilled context, float32 [V], from the last prefill
+    # chunk: the first round's first row, which it then takes instead of computing (take_next_row).
+    next_row: Any = None
     last: Any = None  # the verifier's record of the last verified batch (cloud/verifier.py LastRound)
     streams: int = 0  # Verify streams serving it now (guarded by the table's lock)
     orphan: bool = False  # every stream that served it ended without a CloseSession
@@ -195,25 +198,40 @@ class SessionTable:
         live.last_used = self._clock()
         return live
 
-    def prefill_step(self, session: Session, feed: Callable[[list[int], int], object] | None = None) -> bool:
+    def prefill_step(self, session: Session, feed: Callable[[list[int], int], Any] | None = None) -> bool:
         """Feed the next prefill_chunk tokens of the opened context to the LM; True when done.
 
         Bounds the work of one call (a worker is held one chunk at a time, the LM's logits rows one
-        chunk wide); everything but the last context token is fed, which the first round feeds
-        with its drafts. feed(prefix, new_tokens) feeds them (default: the session's LM alone; the
-        verifier may hand them to a shared pass).
+        chunk wide). The whole context is fed, and the last chunk's row (the logits after the last
+        context token) is kept as the first round's first row: fed with the prompt it costs a
+        prefill's share of a token, while the first round feeding it alone costs a pass (measured on
+        llama Q4_K_M, one core: a 30-token prompt 574 ms, then a lone step 147 ms; a plain first
+        token came ~170 ms after llama-server's). feed(prefix, new_tokens) feeds them and returns
+        the logits after the prefix, float32 [1, V] (default: the session's LM alone; the verifier
+        may hand them to a shared pass).
         """
         with session.lock:
-            target = len(session.context) - 1
+            target = len(session.context)
             if session.rounds or session.prefilled >= target:
                 return True
             end = min(session.prefilled + self.config.prefill_chunk, target)
             if feed is None:
-                session.lm.logits(session.context[:end], want=1)
+                row = session.lm.logits(session.context[:end], want=1)
             else:
-                feed(session.context[:end], end - session.prefilled)
+                row = feed(session.context[:end], end - session.prefilled)
             session.prefilled = end
+            if end >= target:
+                session.next_row = (end, row[-1])
             return end >= target
+
+    @staticmethod
+    def take_next_row(session: Session) -> Any:
+        """The prefill's row after the session's whole context (float32 [V]), once, if the context is
+        still what was prefilled and no round ran; else None (the round computes its own rows)."""
+        kept, session.next_row = session.next_row, None
+        if kept is None or session.rounds or kept[0] != len(session.context):
+            return None
+        return kept[1]
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         """The session (owner given: only if `owner` opened it, else PERMISSION_DENIED)."""

@@ -117,9 +117,10 @@ class Verifier:
         if not self.prefills_in_passes(session):
             return self.sessions.prefill_step(session)
 
-        def feed(prefix: list[int], new_tokens: int) -> None:
-            self._batcher.submit(_Pass(session.lm, prefix, 1, fed=new_tokens), new_tokens,  # type: ignore[union-attr]
-                                 gather=False)
+        def feed(prefix: list[int], new_tokens: int) -> np.ndarray:
+            logits, _ = self._batcher.submit(_Pass(session.lm, prefix, 1, fed=new_tokens),  # type: ignore[union-attr]
+                                             new_tokens, gather=False)
+            return logits
 
         return self.sessions.prefill_step(session, feed)
 
@@ -202,7 +203,7 @@ class Verifier:
                 if session.last.owed:  # a streamed round stopped early: replay and go on
                     return self._plain_steps(session, session.last, emit, stop, t0)
                 return prep
-            logits, forward_ms = self._forward(session, prep.context, prep.want)  # [L+1, V]
+            logits, forward_ms = self._round_rows(session, prep)  # [L+1, V]
             return self._finish(session, prep, logits, forward_ms, t0, emit, stop)
 
     def _prepare(self, session: Session, batch: codec.Batch) -> _Prepared | RoundResult:
@@ -314,6 +315,18 @@ class Verifier:
         return result
 
     # -- forward passes ---------------------------------------------------------------------
+    def _round_rows(self, session: Session, prep: _Prepared) -> tuple[np.ndarray, float]:
+        """The round's target logits [L+1, V] and the ms of the pass that computed them. The first
+        round after the prefill takes its first row from it: the pass scores only the L drafts (the
+        KV cache holds the whole context), and a round with no drafts needs no pass at all."""
+        head = self.sessions.take_next_row(session)
+        if head is None:
+            return self._forward(session, prep.context, prep.want)
+        if prep.want == 1:
+            return head[None, :], 0.0
+        rows, ms = self._forward(session, prep.context, prep.want - 1)
+        return np.concatenate([head[None, :], rows]), ms
+
     def _forward(self, session: Session, context: list[int], want: int,
                  lane: str | None = None) -> tuple[np.ndarray, float]:
         """Target logits [want, V] for the session's context and the ms of the pass that computed them

@@ -80,13 +80,19 @@ def test_streams_orphans_and_reaping_on_a_fake_clock():
     assert t.reap() == 1 and t.active == 0  # idle passed the TTL
 
 
-def test_prefill_runs_in_chunks_up_to_the_last_token():
+def test_prefill_runs_in_chunks_through_the_last_token_and_keeps_its_row_for_the_first_round():
     t = table(prefill_chunk=4)
-    s = t.open(open_req(context=list(range(V)) * 2))  # 12 tokens: 11 are prefilled, the last goes with the drafts
+    s = t.open(open_req(context=list(range(V)) * 2))  # 12 tokens, all prefilled
     steps = 1
     while not t.prefill_step(s):
         steps += 1
-    assert s.lm.fed == [4, 8, 11] and steps == 3 and s.prefilled == 11
+    assert s.lm.fed == [4, 8, 12] and steps == 3 and s.prefilled == 12
+    row = t.take_next_row(s)
+    assert row is not None and row.shape == (V,)
+    assert t.take_next_row(s) is None  # once
+    s.next_row = (12, row)
+    s.context.append(3)
+    assert t.take_next_row(s) is None  # not for a context that moved on
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -131,7 +131,7 @@ def test_a_prompt_is_prefilled_in_a_shared_pass_beside_another_sessions_round(me
     prefills alone."""
     v = make_verifier(meta, model, window_ms=2000)
     first, cfg = open_session(v, meta, PROMPTS[0], 0, 0.0)
-    long_prompt = PROMPTS[2]  # 30 tokens: 29 fed by the prefill, the last with the first round
+    long_prompt = PROMPTS[2]  # 30 tokens, all fed by the prefill
     opened = v.open(codec.OpenRequest(list(long_prompt), codec.Sampling(0.0, 0, 1.0, 1), cfg, meta.fingerprint, 8))
     assert v.prefills_in_passes(opened)
     v.sessions.attach(opened.id)  # two attached: the round's pass waits (up to the window) for one more item
@@ -144,12 +144,14 @@ def test_a_prompt_is_prefilled_in_a_shared_pass_beside_another_sessions_round(me
         while not v.prefill_step(opened):
             pass
 
+    before = v.pass_stats()  # first's own 1-token prefill
     with ThreadPoolExecutor(2) as pool:
         futs = [pool.submit(round_of_first), pool.submit(prefill)]
         [f.result(60) for f in futs]
     stats = v.pass_stats()
-    assert (stats.passes, stats.by_items, stats.rows) == (1, {2: 1}, 29 + 4), stats  # one pass: 29 prompt tokens + 3 drafts + 1
-    assert all(r < 29 for r in v.pass_table())  # a pass with a prefill is no verify pass of as many rows: not in the table
+    # One pass: 30 prompt tokens + first's 3 drafts (its first row came with its own prefill).
+    assert (stats.passes - before.passes, stats.by_items[2], stats.rows - before.rows) == (1, 1, 30 + 3), stats
+    assert all(r < 30 for r in v.pass_table())  # a pass with a prefill is no verify pass of as many rows: not in the table
     v.release(first.id)  # alone now: its rounds wait for nobody
     while len(opened.context) - len(long_prompt) < 8:
         v.verify(opened, codec.pack_batch(len(opened.context), drafts_for(meta, opened.context, cfg, 1, 3, 0.0), cfg))

@@ -150,11 +150,34 @@ def test_the_first_prefill_runs_in_chunks_then_a_round_feeds_only_its_drafts():
     steps = 1
     while not v.prefill_step(s):
         steps += 1
-    assert steps == 3 and s.lm.calls == [(4, 1), (8, 1), (10, 1)]  # all but the last context token
+    assert steps == 3 and s.lm.calls == [(4, 1), (8, 1), (11, 1)]  # the whole context
     assert v.prefill_step(s)  # done: nothing more
     msg, _ = batch(s, 2, seed=0)
     v.verify(s, msg)
-    assert s.lm.calls[3] == (13, 3)  # CachedLM feeds only the uncached tail: last token + 2 drafts
+    # The prefill's last row is the round's first: the pass scores the 2 drafts only.
+    assert s.lm.calls[3] == (13, 2)
+
+
+def test_the_first_round_takes_the_prefills_row_and_gives_the_verdicts_of_a_round_that_computes_it():
+    ctx = [i % V for i in range(9)]
+    for drafts, steps in ((0, 3), (2, 0), (3, 2)):
+        for seed in range(6):
+            prefilled, cold = fake_verifier(), fake_verifier()
+            a, b = prefilled.open(open_msg(context=ctx, seed=seed)), cold.open(open_msg(context=ctx, seed=seed))
+            while not prefilled.prefill_step(a):
+                pass
+            fed = len(a.lm.calls)
+            msg, _ = batch(a, drafts, seed=seed)
+            msg = replace(msg, plain_steps=steps)
+            got, want = prefilled.verify(a, msg), cold.verify(b, msg)
+            assert (got.accepted, got.token, got.plain_tokens) == (want.accepted, want.token, want.plain_tokens)
+            assert a.context == b.context
+            # The pass scored the drafts only (none for a plain round), then one step per plain token.
+            assert a.lm.calls[fed:] == ([(len(ctx) + drafts, drafts)] if drafts else []) + [
+                (n, 1) for n in range(len(ctx) + 1 + got.accepted, len(ctx) + 1 + got.accepted + len(got.plain_tokens))]
+            assert b.lm.calls[0] == (len(ctx) + drafts, drafts + 1)  # unprefilled: the last token too
+            nxt, _ = batch(a, 2, seed=seed)
+            assert prefilled.verify(a, nxt).token == cold.verify(b, nxt).token  # later rounds compute all rows
 
 
 def test_expired_and_orphaned_sessions_are_reaped_on_the_injected_clock():
