@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.allocator import keep_freed_memory
+
 if TYPE_CHECKING:  # imported when serving only: `check` needs grpc alone
     from cloud.server import CloudConfig
 
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(main_token(argv[1:]))
     config = parse_args(argv)
+    keep_freed_memory()  # every session's step samples from [V] arrays on the passes' core
     try:
         asyncio.run(serve(config))
     except Exception as exc:  # one line for the operator, not a traceback

@@ -60,12 +60,14 @@ def gumbel_token(probs: np.ndarray, seed: int, position: int) -> int:
 
     A one-token support (T = 0's one-hot) is that token without any noise."""
     p = np.asarray(probs, dtype=np.float64)
-    support = np.flatnonzero(p > 0)
-    if support.size == 0:
+    mass = p > 0
+    n = int(np.count_nonzero(mass))  # the support's size; its ids only when it is small
+    if n == 0:
         raise ValueError("cannot sample from a distribution with no mass")
-    if support.size == 1:
-        return int(support[0])
-    if support.size <= _SPARSE_LIMIT:
+    if n <= _SPARSE_LIMIT:
+        support = np.flatnonzero(mass)
+        if n == 1:
+            return int(support[0])
         e = -np.log1p(-uniforms_at(seed, position, support))  # Exp(1); log1p(-u) keeps u = 0 finite
         return int(support[int(np.argmin(e / p[support]))])
     u = uniforms(seed, position, p.size)

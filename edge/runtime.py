@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from common.allocator import keep_freed_memory
 from common.metrics import Metrics
 from edge.client import ClientConfig, CloudClient
 from edge.drafter import DraftConfig, Drafter
@@ -80,6 +81,7 @@ class EdgeRuntime:
         (one line each) for a model or engine that cannot run here."""
         from sqs_models.engines import load_engine
 
+        keep_freed_memory()  # every draft row is sparsified from [V] arrays
         engine = load_engine(spec.model, "draft", engine=spec.engine, dtype=spec.dtype, threads=spec.threads)
         return cls(engine, client, metrics=metrics)
 
