@@ -157,11 +157,13 @@ class Drafter:
         return s if ell == s.ell else replace(s, ell=ell)
 
     # -- costs measured before the first round ----------------------------------------------
-    def calibrate(self, context: Sequence[int], pass_rows: Sequence[int], pass_ms: Sequence[float]) -> None:
-        """Seed the cost model: the cloud's forward times by rows, and one timed draft step (unless
-        `warm` ran for this context already)."""
+    def calibrate(self, context: Sequence[int], pass_rows: Sequence[int], pass_ms: Sequence[float],
+                  warm: bool = True) -> None:
+        """Seed the cost model: the cloud's forward times by rows, and (warm=True) one timed draft
+        step, unless `warm` ran for this context already. warm=False: the caller warms on a thread
+        of its own (edge/generate.py), which must be the draft LM's only user meanwhile."""
         self.costs.passes.seed(list(pass_rows), list(pass_ms))
-        if self._warmed != len(context):
+        if warm and self._warmed != len(context):
             self.warm(context)
 
     def warm(self, context: Sequence[int]) -> None:
@@ -254,18 +256,21 @@ class Drafter:
                          self.acceptance.typical())
 
     def draft(self, context: Sequence[int], max_drafts: int, should_stop: Callable[[], bool] | None = None,
-              before_drafting: Callable[[], None] | None = None) -> DraftedBatch:
+              before_drafting: Callable[[], None] | None = None, busy: bool = False) -> DraftedBatch:
         """Plan and draft the next batch continuing `context`; at most max_drafts drafts.
 
         should_stop (drafting ahead while a batch is in flight): checked before each position.
         before_drafting: called once the plan speculates, before the draft LM is used (waits for
         work of another thread on it: a streamed round's follow-up).
+        busy: the draft LM is still at work it must finish first (the warm after an open that came
+        back sooner): where rounds stream, a planned round without its first row ready streams
+        plain tokens instead of waiting for the LM and then paying its rows.
         """
         t0 = time.perf_counter()
         costs = self.costs.costs()
         ready = self.ready(context)
         plan = self.plan(costs, max_drafts + 1, ready=ready)
-        if plan.probe and not ready and self.planner.streaming:
+        if (plan.probe or (busy and self.config.adaptive)) and not ready and self.planner.streaming:
             # A probe is a bet that loses ~0.4 of a step when rejected; with its first row not
             # computed ahead (the follow-up guessed the stream's last token wrong, or is still at
             # it) it would also wait for and pay a draft step on the critical path: not this time.

@@ -131,12 +131,19 @@ class Generation:
         warm = warming.submit(_warm_then_chain, drafter, list(context), opened_event)
         try:
             opened = client.open(self._open_request())
-        finally:
+        except BaseException:
             opened_event.set()
             warming.shutdown(wait=True)
-        warm.result()
+            raise
+        opened_event.set()
+        warming.shutdown(wait=False)
+        # The first round does not wait for the warm unless it drafts: where the draft prefills
+        # slower than the cloud (edges sharing a core in a load test: ~2.6 s of warms at N = 16 on
+        # one core, TTFT 4.2 s), it streams plain tokens meanwhile. The draft LM is not ours to use
+        # until the warm is done: drafting waits for it (before_drafting), so does the follow-up.
+        warming_up = _Warming(warm)
         eos = set(opened.eos_token_ids) | drafter.eos
-        drafter.calibrate(context, opened.pass_rows, opened.pass_ms)
+        drafter.calibrate(context, opened.pass_rows, opened.pass_ms, warm=False)
         streaming = streams_plain(client)
         # Streamed plain rounds run long (to the next probe): one request for many cloud steps, so a
         # plain token costs a step and its share of one round trip, as in llama-server's own loop.
@@ -144,12 +151,15 @@ class Generation:
         drafter.planner.probe_first()
         stop_reason = "length"
         ahead: _Ahead | None = None
-        following: _DraftFollower | None = None  # the last streamed round's follow-up, maybe still running
+        # following: the last streamed round's follow-up (or the warm), maybe still running
         pool = ThreadPoolExecutor(1, thread_name_prefix="round") if drafter.config.pipeline else None
         # The draft's follow-up of streamed rounds runs at the lowest CPU priority: on an edge of its
         # own it is free, where edges share cores (a load test) it yields to their drafting.
         follower_pool = ThreadPoolExecutor(1, thread_name_prefix="follow", initializer=_lowest_priority) \
             if pool is not None and drafter.drafts else None
+        if follower_pool is not None:
+            follower_pool.submit(warming_up.settle)  # its feeds queue behind the warm
+        following: _DraftFollower | _Warming | None = warming_up
         try:
             while len(out) < self.max_new_tokens:
                 remaining = self.max_new_tokens - len(out)  # each round commits >= 1 token
@@ -160,8 +170,9 @@ class Generation:
                 else:
                     # Plain next: it may start while the follow-up still computes; drafts wait for it.
                     batch = drafter.draft(context, max_drafts=remaining - 1,
-                                          before_drafting=following.wait if following is not None else None)
-                following = None
+                                          before_drafting=following.wait if following is not None else None,
+                                          busy=following is warming_up and not warm.done())
+                following = warming_up if not warming_up.job.done() else None  # the LM stays the warm's
                 wire = codec.pack_batch(len(context), batch.drafts, batch.scheme, batch.plain_steps,
                                         stream=streaming and batch.plain_steps > 0)
                 # send
@@ -196,7 +207,8 @@ class Generation:
                         raise
                     # Not waited for here: measured, the follow-up's last rows outlasted the
                     # stream by ~70 ms a round, paid even when the next round is plain.
-                    following = follow
+                    if follow is not None:  # (its feeds queued behind the warm)
+                        following = follow
                     if reply is None or reply.verdict.more:
                         raise RuntimeError("a streamed round ended without its final verdict")
                 elif pool is not None and n and remaining - n - 1 >= 2 and batch.drafts[-1].token not in eos:
@@ -237,6 +249,7 @@ class Generation:
                 pool.shutdown(wait=True)
             if follower_pool is not None:
                 follower_pool.shutdown(wait=True)
+            warming_up.settle()  # the draft LM is free for the next generation
         stats.generated = len(out)
         stats.wall_s = time.perf_counter() - t_start
         stats.reopens = client.reopens
@@ -305,6 +318,24 @@ def _lowest_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):
         pass
+
+
+class _Warming:
+    """The draft's warm (edge/generate.py _warm_then_chain) as the first round's `following`:
+    drafting waits for it (and meets its error), a plain round does not."""
+
+    def __init__(self, job: Future) -> None:
+        self.job = job
+
+    def wait(self) -> None:
+        self.job.result()
+
+    def settle(self) -> None:
+        """Wait without raising: where the generation never drafted, a failed warm only costs
+        the rows it did not keep."""
+        exc = self.job.exception()
+        if exc is not None:
+            log.warning("draft warm-up failed: %s", exc)
 
 
 class _DraftFollower:

@@ -189,3 +189,27 @@ def test_hedge_keeps_the_row_after_the_runner_up_where_a_rejection_is_likelier_t
     d.lm.calls.clear()
     d.hedge(ctx, batch)
     assert d.lm.calls == []
+
+
+def test_a_planned_round_whose_lm_is_still_warming_streams_plain_tokens_instead_of_waiting():
+    """busy (the warm still runs after the open came back): a speculative plan without its first
+    row ready is plain this time where rounds stream; with the row ready, or the LM free, it drafts."""
+    ctx = [0, 1, 2]
+    speculative = RoundPlan(True, Description(3, 20, 13.8, 0.0), 8, 0, 4.0, 300.0, 0.9)  # not a probe
+    for busy, streaming, drafts in ((True, True, False), (False, True, True), (True, False, True)):
+        d = _drafter(draft_len=None, costs=_probe_costs())
+        d.acceptance.predict = lambda c: 0.95
+        d.planner.streaming = streaming
+        d.planner.plan = lambda *a, **k: speculative
+        waited: list[bool] = []
+        batch = d.draft(ctx, max_drafts=40, before_drafting=lambda: waited.append(True), busy=busy)
+        assert bool(batch.drafts) == drafts and bool(waited) == drafts, (busy, streaming)
+        assert (d.lm.calls != []) == drafts
+        if not drafts:
+            assert batch.plain_steps >= 1
+    d = _drafter(draft_len=None, costs=_probe_costs())
+    d.acceptance.predict = lambda c: 0.95
+    d.planner.streaming = True
+    d.planner.plan = lambda *a, **k: speculative
+    d.remember(ctx, _TABLE[ctx[-1]].astype(np.float32))  # the warm got as far as the first row
+    assert d.draft(ctx, max_drafts=40, busy=True).drafts

@@ -305,6 +305,49 @@ def test_the_draft_prefills_the_prompt_while_the_cloud_opens_the_session():
         cloud.stop()
 
 
+def test_the_first_plain_tokens_do_not_wait_for_a_slow_draft_warm_and_the_draft_lm_has_one_user():
+    """Where the draft prefills slower than the cloud (edges sharing a core), the first round streams
+    plain tokens while the warm finishes: the first token comes before the warm's two draft calls
+    could have ended. The warm, the follow-up and the drafting never use the draft LM at once, and
+    the tokens are plain decoding's (T = 0)."""
+    cloud = slow_cloud(0.01)
+    try:
+        rt = runtime(cloud.address)
+        prompt = rt.encode(PROMPT)
+        plain = rt.start(prompt, plain_config(), max_new_tokens=12)
+        list(plain)
+        cfg = replace(plain_config(draft_len=None), pipeline=True)  # planned rounds
+        g = rt.start(prompt, cfg, max_new_tokens=12, previews=True)
+        inner = g.drafter.lm
+        lock = threading.Lock()
+        active, most, calls = [0], [0], [0]
+
+        class Slow:
+            def logits(self, context, want):
+                with lock:
+                    active[0] += 1
+                    most[0] = max(most[0], active[0])
+                    calls[0] += 1
+                try:
+                    time.sleep(0.3)
+                    return inner.logits(context, want)
+                finally:
+                    with lock:
+                        active[0] -= 1
+
+        g.drafter.lm = Slow()
+        t0 = time.perf_counter()
+        first = None
+        for out in g:
+            if out.tokens and first is None:
+                first = time.perf_counter() - t0
+        assert first is not None and first < 0.45, first  # the warm alone is 2 x 0.3 s
+        assert calls[0] >= 2 and most[0] == 1
+        assert g.result.token_ids == plain.result.token_ids
+    finally:
+        cloud.stop()
+
+
 def test_tokens_arrive_long_before_the_request_ends():
     cloud = slow_cloud(0.03)
     try:
