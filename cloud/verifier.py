@@ -244,7 +244,7 @@ class Verifier:
         s = req.sampling
         # A streamed round is bounded by the context limit only: the edge ends it when it wants.
         steps = int(batch.plain_steps) if batch.stream else min(int(batch.plain_steps), self.config.max_plain_steps)
-        p = target_probs(logits.astype(np.float64), s.temperature, s.top_k, s.top_p)  # [L+1, V]
+        p = target_probs(logits, s.temperature, s.top_k, s.top_p)  # [L+1, V] float64
         if req.scheme.scheme == Scheme.INVARIANT:  # token-only drafts, accepted iff equal to p's own draw
             accepted, token = verify_invariant(tokens, p, s.seed, start)
         else:
@@ -298,7 +298,7 @@ class Verifier:
                 if s.temperature == 0:  # the one-hot's token, without building a [V] one-hot per step
                     token = int(np.argmax(row[0]))
                 else:
-                    p1 = target_probs(row.astype(np.float64), s.temperature, s.top_k, s.top_p)
+                    p1 = target_probs(row, s.temperature, s.top_k, s.top_p)
                     token = gumbel_token(p1[0], s.seed, len(session.context))  # a zero-draft round's draw
                 session.context.append(token)
                 plain.append(token)

@@ -26,7 +26,6 @@ def target_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: 
     then top-k (keep the k largest; 0 = off), then top-p (keep the smallest set of most probable
     tokens whose mass reaches top_p; 1 = off), renormalised.
     """
-    x = np.asarray(logits, dtype=np.float64)
     if temperature < 0 or not np.isfinite(temperature):
         raise ValueError("temperature must be finite and >= 0")
     if not 0.0 < top_p <= 1.0:
@@ -34,10 +33,14 @@ def target_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: 
     if top_k < 0:
         raise ValueError("top_k must be >= 0")
     if temperature == 0:
+        x = np.asarray(logits, dtype=np.float64)
         out = np.zeros_like(x)
         np.put_along_axis(out, np.argmax(x, axis=-1)[..., None], 1.0, axis=-1)
         return out
-    p = x / temperature  # then in place: one [.., V] array, the same values as out-of-place steps
+    # One float64 copy, then in place (the same values as out-of-place steps): each pass over a
+    # [V] row after a forward pass reads cold memory (float32 logits in, no separate astype).
+    p = np.array(logits, dtype=np.float64)
+    p /= temperature
     p -= np.max(p, axis=-1, keepdims=True)
     np.exp(p, out=p)
     p /= p.sum(axis=-1, keepdims=True)

@@ -177,7 +177,7 @@ class Drafter:
         row = self.lm.logits(ctx, want=1)[0]  # prefill (needed for the first draft anyway)
         self.remember(ctx, row)
         cfg = self.config
-        self.acceptance.seen(confidence(target_probs(row.astype(np.float64), cfg.temperature or 1.0, cfg.top_k, cfg.top_p)))
+        self.acceptance.seen(confidence(target_probs(row, cfg.temperature or 1.0, cfg.top_k, cfg.top_p)))
         ctx.append(int(np.argmax(row)))
         t0 = time.perf_counter()
         row = self.lm.logits(ctx, want=1)[0]  # one step: the likeliest first draft's row
