@@ -326,15 +326,17 @@ class _Warming:
 
     def __init__(self, job: Future) -> None:
         self.job = job
+        self._told = False
 
     def wait(self) -> None:
         self.job.result()
 
     def settle(self) -> None:
         """Wait without raising: where the generation never drafted, a failed warm only costs
-        the rows it did not keep."""
+        the rows it did not keep (said once, though both the follow-up and the end settle it)."""
         exc = self.job.exception()
-        if exc is not None:
+        if exc is not None and not self._told:
+            self._told = True
             log.warning("draft warm-up failed: %s", exc)
 
 

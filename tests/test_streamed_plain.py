@@ -466,3 +466,24 @@ def test_wire_bytes_per_token_streamed_against_batched(cloud):
     print(f"\nwire bytes per token (uplink, downlink): {per}")
     assert per["streamed"][0] < per["batched"][0]  # one batch up instead of three
     assert per["batched"][1] < per["streamed"][1] < 40  # a message per token: framing + a few fields
+
+
+def test_a_failed_warm_costs_a_plain_generation_nothing_and_is_reported_once(cloud, caplog):
+    """The warm runs beside the open; where it fails and the generation never drafts (a plain
+    plan), the tokens are plain decoding's and the failure is one warning, not an exception."""
+    rt = runtime(cloud.address)
+    prompt = rt.encode(PROMPT)
+    plain = rt.start(prompt, plain_config(), max_new_tokens=6)
+    list(plain)
+    g = rt.start(prompt, replace(plain_config(draft_len=None), pipeline=True), max_new_tokens=6)
+
+    class Broken:
+        def logits(self, context, want):
+            raise RuntimeError("draft LM gone")
+
+    g.drafter.lm = Broken()
+    g.drafter.plan = lambda costs, remaining, ready=0: RoundPlan(False, None, 0, 5, 6.0, 1.0, 0.0)
+    with caplog.at_level("WARNING", logger="edge.generate"):
+        list(g)
+    assert g.result.token_ids == plain.result.token_ids
+    assert [r.message for r in caplog.records].count("draft warm-up failed: draft LM gone") == 1
