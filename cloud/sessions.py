@@ -91,6 +91,14 @@ class Session:
     orphan: bool = False  # every stream that served it ended without a CloseSession
     owner: str = ANONYMOUS  # the identity that opened it (cloud/auth.py); only it may use the session
 
+    def take_next_row(self) -> Any:
+        """The prefill's row after the whole context (float32 [V]), once, if the context is still the
+        one prefilled (a round always extends it); else None (the round computes its own rows)."""
+        kept, self.next_row = self.next_row, None
+        if kept is None or kept[0] != len(self.context):
+            return None
+        return kept[1]
+
 
 class SessionTable:
     """The sessions of one cloud, least recently used first. Thread-safe: one lock guards the
@@ -223,15 +231,6 @@ class SessionTable:
             if end >= target:
                 session.next_row = (end, row[-1])
             return end >= target
-
-    @staticmethod
-    def take_next_row(session: Session) -> Any:
-        """The prefill's row after the session's whole context (float32 [V]), once, if the context is
-        still what was prefilled and no round ran; else None (the round computes its own rows)."""
-        kept, session.next_row = session.next_row, None
-        if kept is None or session.rounds or kept[0] != len(session.context):
-            return None
-        return kept[1]
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         """The session (owner given: only if `owner` opened it, else PERMISSION_DENIED)."""

@@ -319,7 +319,7 @@ class Verifier:
         """The round's target logits [L+1, V] and the ms of the pass that computed them. The first
         round after the prefill takes its first row from it: the pass scores only the L drafts (the
         KV cache holds the whole context), and a round with no drafts needs no pass at all."""
-        head = self.sessions.take_next_row(session)
+        head = session.take_next_row()
         if head is None:
             return self._forward(session, prep.context, prep.want)
         if prep.want == 1:

@@ -129,7 +129,6 @@ class Drafter:
             ConformalController(s.beta0, eta=s.eta, alpha=s.alpha) if s.scheme == Scheme.CONFORMAL else None
         )
         self.costs = CostModel()
-        self._warmed = -1  # context length warm() ran for (-1: not yet)
         self._rows: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()  # draft rows computed ahead, by context
         self.acceptance = AcceptanceModel()
         self.loss = NoQuantLoss() if s.scheme == Scheme.INVARIANT else QuantLoss()
@@ -157,20 +156,15 @@ class Drafter:
         return s if ell == s.ell else replace(s, ell=ell)
 
     # -- costs measured before the first round ----------------------------------------------
-    def calibrate(self, context: Sequence[int], pass_rows: Sequence[int], pass_ms: Sequence[float],
-                  warm: bool = True) -> None:
-        """Seed the cost model: the cloud's forward times by rows, and (warm=True) one timed draft
-        step, unless `warm` ran for this context already. warm=False: the caller warms on a thread
-        of its own (edge/generate.py), which must be the draft LM's only user meanwhile."""
+    def calibrate(self, pass_rows: Sequence[int], pass_ms: Sequence[float]) -> None:
+        """Seed the cost model with the cloud's forward times by rows (the open's pass table); the
+        draft's own step time comes from `warm`, which edge/generate.py runs on a thread of its own."""
         self.costs.passes.seed(list(pass_rows), list(pass_ms))
-        if warm and self._warmed != len(context):
-            self.warm(context)
 
     def warm(self, context: Sequence[int]) -> None:
         """Prefill the draft on the prompt and time one draft step. The edge runs it while the
         cloud prefills the same prompt on the target (edge/generate.py): in line, a 30-token
         prompt cost ~0.6 s of 0.5B prefill before the first round. Both rows are kept (remember)."""
-        self._warmed = len(context)
         if self.config.scheme.scheme == Scheme.NONE:
             return
         ctx = list(context)

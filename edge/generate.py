@@ -143,7 +143,7 @@ class Generation:
         # until the warm is done: drafting waits for it (before_drafting), so does the follow-up.
         warming_up = _Warming(warm)
         eos = set(opened.eos_token_ids) | drafter.eos
-        drafter.calibrate(context, opened.pass_rows, opened.pass_ms, warm=False)
+        drafter.calibrate(opened.pass_rows, opened.pass_ms)
         streaming = streams_plain(client)
         # Streamed plain rounds run long (to the next probe): one request for many cloud steps, so a
         # plain token costs a step and its share of one round trip, as in llama-server's own loop.
@@ -171,8 +171,8 @@ class Generation:
                     # Plain next: it may start while the follow-up still computes; drafts wait for it.
                     batch = drafter.draft(context, max_drafts=remaining - 1,
                                           before_drafting=following.wait if following is not None else None,
-                                          busy=following is warming_up and not warm.done())
-                following = warming_up if not warming_up.job.done() else None  # the LM stays the warm's
+                                          busy=following is warming_up and warming_up.running())
+                following = warming_up if warming_up.running() else None  # the LM stays the warm's
                 wire = codec.pack_batch(len(context), batch.drafts, batch.scheme, batch.plain_steps,
                                         stream=streaming and batch.plain_steps > 0)
                 # send
@@ -327,6 +327,9 @@ class _Warming:
     def __init__(self, job: Future) -> None:
         self.job = job
         self._told = False
+
+    def running(self) -> bool:
+        return not self.job.done()
 
     def wait(self) -> None:
         self.job.result()

@@ -97,7 +97,8 @@ _TABLE = np.random.default_rng(7).normal(0, 1.5, size=(6, 6))
 def _drafter(scheme: str) -> Drafter:
     cfg = DraftConfig(SchemeConfig(scheme, 6, k=3, ell=20), temperature=1.0, seed=3, ell_auto=True)
     d = Drafter(_TableLM(_TABLE), cfg)
-    d.calibrate([0, 1], [1, 2, 9], [10.0, 11.0, 14.0])
+    d.warm([0, 1])
+    d.calibrate([1, 2, 9], [10.0, 11.0, 14.0])
     d.costs.costs = lambda: Costs(1.0, 20.0, 0.0, lambda r: 10.0)  # the plans do not depend on the clock
     return d
 

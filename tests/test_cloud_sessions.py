@@ -87,12 +87,12 @@ def test_prefill_runs_in_chunks_through_the_last_token_and_keeps_its_row_for_the
     while not t.prefill_step(s):
         steps += 1
     assert s.lm.fed == [4, 8, 12] and steps == 3 and s.prefilled == 12
-    row = t.take_next_row(s)
+    row = s.take_next_row()
     assert row is not None and row.shape == (V,)
-    assert t.take_next_row(s) is None  # once
+    assert s.take_next_row() is None  # once
     s.next_row = (12, row)
     s.context.append(3)
-    assert t.take_next_row(s) is None  # not for a context that moved on
+    assert s.take_next_row() is None  # not for a context that moved on
 
 
 def imported_modules(path: Path) -> set[str]:
