@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
                          "to share its forward pass (never when it is the only session attached); 0 disables")
     ap.add_argument("--batch-max-rows", type=int, default=int(env("SQS_BATCH_MAX_ROWS", "64")),
                     help="rows (L+1 per round) of one batched forward pass at most")
+    ap.add_argument("--batch-rejoin", type=float, default=float(env("SQS_BATCH_REJOIN", "1")), metavar="SHARE",
+                    help="a shared pass waits for the sessions the last pass served to send their next round, "
+                         "at most SHARE of that pass's duration (fuller passes: less CPU a token); 0 disables")
     ap.add_argument("--log-level", default=env("SQS_LOG_LEVEL", "INFO"))
     ap.add_argument("--log-format", choices=["text", "json"], default=env("SQS_LOG_FORMAT", "text"))
     t = ap.add_argument_group("the link to the edges (TLS, identities, quotas)")
@@ -81,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
                    help="a rate quota's bucket holds this many seconds of it")
     a = ap.parse_args(argv)
     tls, quotas = _link_config(ap, a)
-    if a.batch_window_ms < 0 or a.batch_max_rows < 1:
-        ap.error("--batch-window-ms must be >= 0 and --batch-max-rows >= 1")
+    if a.batch_window_ms < 0 or a.batch_max_rows < 1 or not a.batch_rejoin >= 0:
+        ap.error("--batch-window-ms and --batch-rejoin must be >= 0 and --batch-max-rows >= 1")
     if a.expect_sessions < 1:
         ap.error("--expect-sessions must be >= 1")
     if a.engine == "llama" and a.dtype:
@@ -97,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> CloudConfig:
         threads=max(a.torch_threads, 0), host=a.host, port=a.port,
         metrics_port=a.metrics_port, workers=a.workers,
         verifier=VerifierConfig(max_sessions=a.max_sessions, session_ttl_s=a.session_ttl,
-                                batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows),
+                                batch_window_ms=a.batch_window_ms, batch_max_rows=a.batch_max_rows,
+                                batch_rejoin=a.batch_rejoin),
         tls=tls, token_file=Path(a.token_file) if a.token_file else None, quotas=quotas,
     )
 

@@ -33,3 +33,6 @@ class VerifierConfig:
     reap_interval_s: float = 5.0  # the server reaps expired and orphaned sessions this often
     batch_window_ms: float = 2.0  # cross-session batched verification: the most a round waits for others; 0 = off
     batch_max_rows: int = 64  # rows (L+1 per round) of one shared forward pass at most
+    # A shared pass waits for the sessions the last pass served, at most this share of that pass
+    # (cloud/pass_batcher.py, rejoining sessions); 0 = not at all.
+    batch_rejoin: float = 1.0

@@ -241,7 +241,7 @@ class VerifierServicer:
     async def CloseSession(self, request, context):
         await self._check(request, context)
         try:
-            closed = self.verifier.sessions.close(request.session_id, owner=auth.identity())
+            closed = self.verifier.close(request.session_id, owner=auth.identity())
         except SessionError as exc:
             await self._abort(context, exc)
         self.metrics.sessions.set(self.verifier.active_sessions)

@@ -105,7 +105,7 @@ class Verifier:
         self.on_pass: Callable[[int, int], None] = lambda sessions, rows: None
         if config.batch_window_ms > 0:
             self._batcher = PassBatcher(self._run_pass, config.batch_window_ms / 1e3, config.batch_max_rows,
-                                        expected=self.sessions.attached)
+                                        expected=self.sessions.attached, rejoin=config.batch_rejoin)
 
     # -- the service's session calls, answered by the table (cloud/sessions.py) ------------------
     def open(self, req: codec.OpenRequest) -> Session:
@@ -119,7 +119,7 @@ class Verifier:
 
         def feed(prefix: list[int], new_tokens: int) -> np.ndarray:
             logits, _ = self._batcher.submit(_Pass(session.lm, prefix, 1, fed=new_tokens),  # type: ignore[union-attr]
-                                             new_tokens, gather=False)
+                                             new_tokens, gather=False, source=session.id)
             return logits
 
         return self.sessions.prefill_step(session, feed)
@@ -141,9 +141,14 @@ class Verifier:
 
     def release(self, session_id: str) -> None:
         self.sessions.release(session_id)
+        if self._batcher is not None:
+            self._batcher.leave(session_id)  # no shared pass waits for a session its stream no longer serves
 
-    def close(self, session_id: str) -> bool:
-        return self.sessions.close(session_id)
+    def close(self, session_id: str, owner: str | None = None) -> bool:
+        closed = self.sessions.close(session_id, owner)  # raises for another's session: nothing left then
+        if self._batcher is not None:
+            self._batcher.leave(session_id)
+        return closed
 
     def reap(self) -> int:
         return self.sessions.reap()
@@ -347,7 +352,7 @@ class Verifier:
             ms = (time.perf_counter() - t_fwd) * 1e3
             self._passed([_Pass(session.lm, context, want)], ms)
         else:
-            logits, ms = self._batcher.submit(_Pass(session.lm, context, want), want, lane=lane)
+            logits, ms = self._batcher.submit(_Pass(session.lm, context, want), want, lane=lane, source=session.id)
         return logits, ms
 
     def _run_pass(self, passes: list[_Pass]) -> list[tuple[np.ndarray, float] | BaseException]:

@@ -196,3 +196,74 @@ def test_an_item_that_does_not_gather_leads_a_pass_at_once_with_what_is_queued()
     for t in [first, *rest]:
         t.join(10)
     assert slow.passes == [[1], [3, 2]] and time.monotonic() - t1 < 2.0
+
+
+def rounds(b: PassBatcher, sessions: dict[str, tuple[int, float]], leave_after: bool = True) -> None:
+    """Each session submits `n` items (source = its name), each `turnaround_s` after the last one's
+    result (the edge reading the verdict and drafting the next round), then leaves."""
+
+    def one(name: str, n: int, turnaround_s: float) -> None:
+        for i in range(n):
+            b.submit(f"{name}{i}", 2, source=name)
+            time.sleep(turnaround_s)
+        if leave_after:
+            b.leave(name)
+
+    threads = [threading.Thread(target=one, args=(n, *spec)) for n, spec in sessions.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
+def test_rejoining_sessions_share_every_pass_instead_of_splitting():
+    """Four sessions send rounds; one turns around at once, three after 30 ms (the window is 2 ms).
+    Without the rejoin wait the quick one's round leads a pass of its own and the sessions split
+    into passes that are not full; with it the leader waits for the sessions the last pass served."""
+    sessions = {"a": (6, 0.0), "b": (6, 0.03), "c": (6, 0.03), "d": (6, 0.03)}
+    split = Names(delay_s=0.1)
+    rounds(PassBatcher(split, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=0.0), sessions)
+    assert min(len(p) for p in split.passes) < 4  # the control: the passes split
+    shared = Names(delay_s=0.1)
+    rounds(PassBatcher(shared, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0), sessions)
+    # (the first pass may go before all four threads have started: a 2 ms window)
+    assert sum(len(p) == 4 for p in shared.passes) >= 5 and len(shared.passes) <= 7
+
+
+class Timed(Names):
+    """Names, plus when each pass started and ended (monotonic s)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.spans: list[tuple[float, float]] = []
+
+    def __call__(self, items):
+        start = time.monotonic()
+        out = super().__call__(items)
+        self.spans.append((start, time.monotonic()))
+        return out
+
+    def idle(self) -> list[float]:
+        """Seconds between each pass's end and the next one's start."""
+        return [b[0] - a[1] for a, b in zip(self.spans, self.spans[1:])]
+
+
+def test_a_slow_session_is_not_waited_for_again_until_it_comes_back_in_time():
+    """A session that comes back 0.15 s after its result, past the rejoin bound (one 0.1 s pass),
+    is waited for once; after that late return it is not waited for (the quick sessions' passes
+    follow each other at once) until it returns in time again."""
+    run = Timed(delay_s=0.1)
+    b = PassBatcher(run, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0)
+    rounds(b, {"slow": (4, 0.15), "a": (14, 0.0), "b": (14, 0.0), "c": (14, 0.0)})
+    waits = [gap for gap in run.idle() if gap > 0.05]
+    assert len(waits) <= 1, run.idle()  # waiting for it after each of its passes: 3-4 waits of 0.1 s
+
+
+def test_a_session_that_leaves_is_not_waited_for():
+    """leave() (its stream ended) ends the wait at once: the next pass does not wait the rejoin
+    bound (here a whole pass) for a session that will not send again."""
+    run = Timed(delay_s=0.3)
+    b = PassBatcher(run, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0)
+    rounds(b, {"x": (1, 0.0), "a": (4, 0.0), "b": (4, 0.0), "c": (4, 0.0)})
+    assert [len(p) for p in run.passes][-3:] == [3] * 3
+    assert max(run.idle()) < 0.15, run.idle()  # a wait for x: 0.3 s
