@@ -105,7 +105,8 @@ class Verifier:
         self.on_pass: Callable[[int, int], None] = lambda sessions, rows: None
         if config.batch_window_ms > 0:
             self._batcher = PassBatcher(self._run_pass, config.batch_window_ms / 1e3, config.batch_max_rows,
-                                        expected=self.sessions.attached, rejoin=config.batch_rejoin)
+                                        expected=self.sessions.attached, rejoin=config.batch_rejoin,
+                                        cost=self._predict_pass)
 
     # -- the service's session calls, answered by the table (cloud/sessions.py) ------------------
     def open(self, req: codec.OpenRequest) -> Session:
@@ -163,6 +164,11 @@ class Verifier:
         warm-cache passes when it loads the engine, so the edges can plan before any round ran."""
         for rows, ms in ms_by_rows.items():
             self._record_pass(rows, ms)
+
+    def _predict_pass(self, rows: int) -> float:
+        """ms of one pass of `rows` rows from this process's table (0 before any pass is known)."""
+        with self._pass_lock:
+            return self._pass_times.predict(rows)
 
     def _record_pass(self, rows: int, ms: float) -> None:
         with self._pass_lock:

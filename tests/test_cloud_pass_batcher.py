@@ -267,3 +267,18 @@ def test_a_session_that_leaves_is_not_waited_for():
     rounds(b, {"x": (1, 0.0), "a": (4, 0.0), "b": (4, 0.0), "c": (4, 0.0)})
     assert [len(p) for p in run.passes][-3:] == [3] * 3
     assert max(run.idle()) < 0.15, run.idle()  # a wait for x: 0.3 s
+
+
+def test_the_rejoin_wait_is_bounded_by_what_the_merge_saves():
+    """Given the pass cost by rows, a leader waits no longer than merging the coming rows saves:
+    on a table where rows add linearly (nothing saved) it does not wait and the passes split as
+    without the rejoin wait; on a flat one (a merged pass costs one pass) it waits as before."""
+    sessions = {"a": (6, 0.0), "b": (6, 0.03), "c": (6, 0.03), "d": (6, 0.03)}
+    linear = Names(delay_s=0.1)
+    rounds(PassBatcher(linear, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0,
+                       cost=lambda rows: 50.0 * rows), sessions)
+    assert min(len(p) for p in linear.passes) < 4
+    flat = Names(delay_s=0.1)
+    rounds(PassBatcher(flat, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0,
+                       cost=lambda rows: 100.0), sessions)
+    assert sum(len(p) == 4 for p in flat.passes) >= 5 and len(flat.passes) <= 7
