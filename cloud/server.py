@@ -133,6 +133,7 @@ class CloudInfo:
     batching: bool
     batch_window_ms: float
     batch_max_rows: int
+    batch_rejoin: float  # a shared pass waits for the last pass's sessions at most this share of it
     threads: int | None  # llama.cpp threads, or torch's intra-op threads, when this process loaded the engine
     workers: int  # threads running the target's passes (CloudConfig.workers)
 
@@ -144,7 +145,7 @@ class CloudInfo:
         return {"model": self.model, "engine": text(self.engine), "weight_type": text(self.weight_type),
                 "dtype": text(self.dtype), "detail": text(self.detail), "batching": "on" if self.batching else "off",
                 "batch_window_ms": text(self.batch_window_ms), "batch_max_rows": text(self.batch_max_rows),
-                "threads": text(self.threads), "workers": text(self.workers)}
+                "batch_rejoin": text(self.batch_rejoin), "threads": text(self.threads), "workers": text(self.workers)}
 
 
 def _engine_threads(engine: "Engine") -> int | None:
@@ -180,7 +181,7 @@ def cloud_info(verifier: Verifier, engine: "Engine | None", workers: int) -> Clo
         dtype=engine.dtype if engine is not None else None,
         detail=engine.detail if engine is not None else None,
         batching=batching, batch_window_ms=float(vc.batch_window_ms), batch_max_rows=vc.batch_max_rows,
-        threads=_engine_threads(engine) if engine is not None else None, workers=workers)
+        batch_rejoin=float(vc.batch_rejoin), threads=_engine_threads(engine) if engine is not None else None, workers=workers)
 
 
 @dataclass
@@ -295,7 +296,8 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
         reap_sessions(verifier, metrics, verifier.config.reap_interval_s), name="session-reaper"
     )
     log.info("verifier %s serving on %s:%d; cross-session batching %s", verifier.target.name, config.host, port,
-             f"window {vc.batch_window_ms:g} ms, {vc.batch_max_rows} rows at most" if info.batching
+             f"window {vc.batch_window_ms:g} ms, {vc.batch_max_rows} rows at most, rejoin {vc.batch_rejoin:g}"
+             if info.batching
              else "off" if vc.batch_window_ms <= 0 else "off (the target LM has no batched pass)")
     log.info("link: %s; identities: %s; quotas per identity: %s",
              ("mutual TLS" if config.tls.client_ca else "TLS") if config.tls else "PLAINTEXT",

@@ -25,7 +25,7 @@ Series (label `sparsifier`, and `part` or `position` where named: never a sessio
       refused UNAUTHENTICATED, cloud/auth.py; a refused TLS handshake never reaches the server's code)
   sqs_quota_refusals_total{limit=sessions|rounds|rows}   (counter, cloud: RESOURCE_EXHAUSTED, cloud/quotas.py)
   sqs_cloud_info{model, engine, weight_type, dtype, detail, batching=on|off, batch_window_ms, batch_max_rows,
-      threads, workers} = 1   (gauge, cloud, one sample set at start: what the verifier runs as applied, so a
+      batch_rejoin, threads, workers} = 1   (gauge, cloud, one sample set at start: what the verifier runs as applied, so a
       load test or a dashboard records what served rather than what it asked for; "" = not known)
 
 PromQL for a dashboard:
@@ -59,7 +59,7 @@ _POSITIONS = tuple(str(j) for j in range(1, MAX_POSITION + 1))
 _LATER_POSITIONS = f"{MAX_POSITION + 1}+"
 # The labels of sqs_cloud_info, in order (cloud/server.py: CloudInfo.labels fills them; loadtest reads them back)
 CLOUD_INFO_LABELS = ("model", "engine", "weight_type", "dtype", "detail", "batching", "batch_window_ms",
-                     "batch_max_rows", "threads", "workers")
+                     "batch_max_rows", "batch_rejoin", "threads", "workers")
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ def reported_cloud(labels: Mapping[str, str], where: str) -> dict:
         "detail": text("detail"), "threads": number("threads", int), "workers": number("workers", int),
         "engine_source": REPORTED, "engine_note": where,
         "batching": {"on": on, "window_ms": number("batch_window_ms", float) if on else None,
-                     "max_rows": number("batch_max_rows", int) if on else None, "source": REPORTED},
+                     "max_rows": number("batch_max_rows", int) if on else None,
+                     "rejoin": number("batch_rejoin", float) if on else None, "source": REPORTED},
     }
 
 

@@ -313,7 +313,8 @@ def batching_line(b: dict | None) -> str:
         return f"batching unknown ({(b or {}).get('source') or 'not reported'})"
     if not b["on"]:
         return f"batching off ({b.get('source') or '?'})"
-    return f"batching window {b['window_ms']:g} ms, {b['max_rows']} rows at most ({b.get('source') or '?'})"
+    rejoin = f", rejoin {b['rejoin']:g}" if b.get("rejoin") is not None else ""
+    return f"batching window {b['window_ms']:g} ms, {b['max_rows']} rows at most{rejoin} ({b.get('source') or '?'})"
 
 
 def cpu_line(cpu: dict | None) -> str:

@@ -186,7 +186,8 @@ def _in_process_cloud_info(cloud, config: LoadTestConfig) -> dict:
         "engine": config.engine, "weight_type": None, "dtype": config.dtype, "workers": config.cloud_workers,
         "engine_source": "as configured", "engine_note": "the cloud reported no engine or weight type",
         "batching": {"on": on, "window_ms": vc.batch_window_ms if on else None,
-                     "max_rows": vc.batch_max_rows if on else None, "source": "applied: the in-process verifier"},
+                     "max_rows": vc.batch_max_rows if on else None, "rejoin": vc.batch_rejoin if on else None,
+                     "source": "applied: the in-process verifier"},
         "cpu": cpu,
     }
 

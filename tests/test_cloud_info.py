@@ -41,6 +41,7 @@ def test_tiny_cloud_reports_its_engine_and_batching(window_ms, batching, free_po
         labels = info.labels()
         assert labels["engine"] == "torch" and labels["batching"] == batching
         assert labels["batch_window_ms"] == f"{window_ms:g}" and labels["batch_max_rows"] == "64"
+        assert labels["batch_rejoin"] == "1"
         registry = cloud.running.metrics.registry
         assert registry.get_sample_value("sqs_cloud_info", labels) == 1.0
         samples = [s for m in registry.collect() for s in m.samples if s.name == "sqs_cloud_info"]
@@ -53,7 +54,8 @@ def test_tiny_cloud_reports_its_engine_and_batching(window_ms, batching, free_po
         record = reported_cloud(got, note)
         assert record["engine"] == "torch" and record["engine_source"] == REPORTED
         assert record["batching"] == {"on": batching == "on", "window_ms": window_ms if batching == "on" else None,
-                                      "max_rows": 64 if batching == "on" else None, "source": REPORTED}
+                                      "max_rows": 64 if batching == "on" else None,
+                                      "rejoin": 1.0 if batching == "on" else None, "source": REPORTED}
 
 
 class _PlainLM:

@@ -66,7 +66,8 @@ def test_levels_1_and_4_in_process_cloud(tmp_path):
     # what ran: the commit, the CPU, the cloud's engine and batching as it reports them, the edges' plan
     assert data["run"]["cpu_flags"] and data["run"]["cpu_fingerprint"] and "commit" in data["run"]
     cloud = data["cloud"]
-    assert cloud["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64, "source": "reported by the cloud"}
+    assert cloud["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64, "rejoin": 1.0,
+                                 "source": "reported by the cloud"}
     assert cloud["engine"] == "torch" and cloud["engine_source"] == "reported by the cloud"  # asked: auto
     assert cloud["weight_type"] == cloud["dtype"] == "float32" and cloud["workers"] == cfg.cloud_workers
     assert cloud["cpu"]["pids"] == [os.getpid()] and data["config"]["batch_window_ms"] == 2.0
@@ -171,7 +172,8 @@ def test_cli_reads_the_external_clouds_engine_and_batching_from_its_metrics(clou
         thread.join(5)
     c = json.loads(out.read_text())["cloud"]
     assert c["engine"] == "torch" and c["engine_source"] == "reported by the cloud" and c["weight_type"]
-    assert c["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64, "source": "reported by the cloud"}
+    assert c["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64, "rejoin": 1.0,
+                                 "source": "reported by the cloud"}
     assert c["cloud_reports"] == {f"127.0.0.1:{port}": cloud.running.info.labels()}
     row = next(csv.DictReader((tmp_path / "o.csv").open()))
     assert "engine torch" in row["server"] and "batching window 2 ms" in row["server"]
