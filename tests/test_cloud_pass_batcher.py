@@ -198,13 +198,14 @@ def test_an_item_that_does_not_gather_leads_a_pass_at_once_with_what_is_queued()
     assert slow.passes == [[1], [3, 2]] and time.monotonic() - t1 < 2.0
 
 
-def rounds(b: PassBatcher, sessions: dict[str, tuple[int, float]], leave_after: bool = True) -> None:
-    """Each session submits `n` items (source = its name), each `turnaround_s` after the last one's
-    result (the edge reading the verdict and drafting the next round), then leaves."""
+def rounds(b: PassBatcher, sessions: dict[str, tuple], leave_after: bool = True) -> None:
+    """Each session (n, turnaround_s[, rows]) submits `n` items of `rows` rows (default 2; source =
+    its name), each `turnaround_s` after the last one's result (the edge reading the verdict and
+    drafting the next round), then leaves."""
 
-    def one(name: str, n: int, turnaround_s: float) -> None:
+    def one(name: str, n: int, turnaround_s: float, rows: int = 2) -> None:
         for i in range(n):
-            b.submit(f"{name}{i}", 2, source=name)
+            b.submit(f"{name}{i}", rows, source=name)
             time.sleep(turnaround_s)
         if leave_after:
             b.leave(name)
@@ -254,7 +255,7 @@ def test_a_slow_session_is_not_waited_for_again_until_it_comes_back_in_time():
     follow each other at once) until it returns in time again."""
     run = Timed(delay_s=0.1)
     b = PassBatcher(run, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0)
-    rounds(b, {"slow": (4, 0.15), "a": (14, 0.0), "b": (14, 0.0), "c": (14, 0.0)})
+    rounds(b, {"slow": (4, 0.15, 8), "a": (14, 0.0), "b": (14, 0.0), "c": (14, 0.0)})
     waits = [gap for gap in run.idle() if gap > 0.05]
     assert len(waits) <= 1, run.idle()  # waiting for it after each of its passes: 3-4 waits of 0.1 s
 
@@ -264,7 +265,7 @@ def test_a_session_that_leaves_is_not_waited_for():
     bound (here a whole pass) for a session that will not send again."""
     run = Timed(delay_s=0.3)
     b = PassBatcher(run, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0)
-    rounds(b, {"x": (1, 0.0), "a": (4, 0.0), "b": (4, 0.0), "c": (4, 0.0)})
+    rounds(b, {"x": (1, 0.0, 8), "a": (4, 0.0), "b": (4, 0.0), "c": (4, 0.0)})
     assert [len(p) for p in run.passes][-3:] == [3] * 3
     assert max(run.idle()) < 0.15, run.idle()  # a wait for x: 0.3 s
 
@@ -282,3 +283,17 @@ def test_the_rejoin_wait_is_bounded_by_what_the_merge_saves():
     rounds(PassBatcher(flat, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0,
                        cost=lambda rows: 100.0), sessions)
     assert sum(len(p) == 4 for p in flat.passes) >= 5 and len(flat.passes) <= 7
+
+
+def test_no_rejoin_wait_when_half_the_pass_is_there():
+    """Three of four sessions come straight back, the fourth (as many rows as one of them) takes
+    60 ms: the pass goes without it (it rides the next one with the three coming back), while a
+    late session carrying more rows than the three is waited for."""
+    small = Timed(delay_s=0.1)
+    rounds(PassBatcher(small, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0),
+           {"late": (3, 0.06), "a": (8, 0.0), "b": (8, 0.0), "c": (8, 0.0)})
+    assert sum(gap > 0.03 for gap in small.idle()) <= 1, small.idle()
+    big = Timed(delay_s=0.1)
+    rounds(PassBatcher(big, window_s=0.002, max_rows=64, expected=lambda: 4, rejoin=1.0),
+           {"late": (3, 0.06, 8), "a": (8, 0.0), "b": (8, 0.0), "c": (8, 0.0)})
+    assert sum(gap > 0.03 for gap in big.idle()) >= 2, big.idle()
