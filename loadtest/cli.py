@@ -45,6 +45,12 @@ CPU flags, load average per level, the cloud's engine, weight type and batching 
 them (an in-process cloud always; an external one on its --cloud-metrics /metrics: sqs_cloud_info;
 "not reported" without them), the edges' options, llama-server's version and arguments.
 
+Which side limits (columns cloud_busy, edge_busy): the cores each side kept busy on average over the
+measured phase (CPU seconds / wall_s). With an external cloud this process holds only the edges, and
+its CPU is measured apart; a one-core side near 1.00 is the one that bounds tokens/s. Per level the
+record also has the cloud's passes (sess/pass: from an external cloud's sqs_pass_* histograms on
+--cloud-metrics) and, with --edge-batch-window-ms, the simulated edges' draft passes.
+
 The soak (--soak, loadtest/soak.py): --clients N for --soak-minutes against --cloud, or against
 --replicas sqs-cloud processes behind Envoy that it starts itself, a replica killed every
 --kill-every-s (by --kill-cmd, or SIGKILL to its own and a restart); latency p50/p95 per --window-s,

@@ -21,7 +21,8 @@ from loadtest.report import RequestRecord
 class Level:
     """Shared state of one concurrency level: its tickets (claim), the measured phase's start, the records."""
 
-    def __init__(self, n: int, config: LoadTestConfig, stop: threading.Event, cpu: CpuMeter | None = None) -> None:
+    def __init__(self, n: int, config: LoadTestConfig, stop: threading.Event, cpu: CpuMeter | None = None,
+                 edge_cpu: CpuMeter | None = None) -> None:
         self.n = n
         self.config = config
         self.stop = stop
@@ -37,11 +38,14 @@ class Level:
         self.target_model = ""
         self.cpu = cpu  # the serving processes' CPU over the measured phase
         self.cpu_result: dict | None = None
+        self.edge_cpu = edge_cpu  # the clients' own process (our edges) over the same phase
+        self.edge_cpu_result: dict | None = None
         self.loadavg: list[float] | None = None  # at the level's start, before its clients run
 
     def start(self) -> None:  # Barrier action: runs once, when the last client arrives
-        if self.cpu is not None:
-            self.cpu.start()  # never raises (an exception here would break the barrier)
+        for meter in (self.cpu, self.edge_cpu):
+            if meter is not None:
+                meter.start()  # never raises (an exception here would break the barrier)
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + self.config.duration_s
 
@@ -62,14 +66,15 @@ class Level:
 
 
 def run_level(sh, config: LoadTestConfig, n: int, progress_file: IO[str] | None, client_loop, *,
-              label: str = "", cpu: CpuMeter | None = None) -> Level:
+              label: str = "", cpu: CpuMeter | None = None, edge_cpu: CpuMeter | None = None) -> Level:
     """One level: n threads running `client_loop(sh, lv, client, barrier, level_t0)` (our edge's:
     loadtest.runner; llama-server's: loadtest.llama_levels); `sh` is the clients' shared state and
     needs a `stop` event. Ctrl-C sets it, and the clients stop at their next ticket. `cpu`: the
-    serving processes, read at the measured phase's start and end (lv.cpu_result)."""
+    serving processes, read at the measured phase's start and end (lv.cpu_result); `edge_cpu` the
+    clients' process, read the same way (lv.edge_cpu_result)."""
     from tqdm import tqdm
 
-    lv = Level(n, config, sh.stop, cpu)
+    lv = Level(n, config, sh.stop, cpu, edge_cpu)
     lv.loadavg = loadavg()
     barrier = threading.Barrier(n, action=lv.start)
     level_t0 = time.perf_counter()
@@ -114,6 +119,8 @@ def run_level(sh, config: LoadTestConfig, n: int, progress_file: IO[str] | None,
         bar.close()
     if cpu is not None:  # every client is done: the measured phase has ended
         lv.cpu_result = cpu.stop()
+    if edge_cpu is not None:
+        lv.edge_cpu_result = edge_cpu.stop()
     if sh.stop.is_set():
         lv.stopped_by = "interrupted"
     return lv

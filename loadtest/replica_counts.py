@@ -35,6 +35,25 @@ def scrape_labels(address: str, name: str, timeout_s: float = 3.0) -> list[dict[
 
 
 COUNTERS = {"rounds": "sqs_batches_total", "sessions": "sqs_sessions_opened_total"}
+# the verification passes' histograms (common/metrics.py): count = passes, sums = sessions and rows
+PASS_SAMPLES = {"passes": "sqs_pass_sessions_count", "rounds": "sqs_pass_sessions_sum", "rows": "sqs_pass_rows_sum"}
+
+
+def pass_totals(addresses: list[str] | tuple[str, ...], timeout_s: float = 3.0) -> dict[str, float] | None:
+    """Verification passes, the rounds they served and their rows so far, summed over the replicas'
+    /metrics; None when one does not answer or exports no pass histogram (a sum over part of the
+    replicas would understate the load they shared)."""
+    out = dict.fromkeys(PASS_SAMPLES, 0.0)
+    for address in addresses:
+        try:
+            now = scrape(address, timeout_s)
+        except (OSError, ValueError):
+            return None
+        if any(name not in now for name in PASS_SAMPLES.values()):
+            return None
+        for key, name in PASS_SAMPLES.items():
+            out[key] += now[name]
+    return out
 
 
 class ReplicaMeter:

@@ -75,6 +75,8 @@ class LevelResult:
     cloud_cpu: dict | None = None
     loadavg: list[float] | None = None  # os.getloadavg() when the level started
     server: dict | None = None  # llama-server rows: the process that served this level (pid, args, note)
+    edge_cpu: dict | None = None  # an external cloud's edges (this process) over the measured phase, as cloud_cpu
+    edge_batching: dict | None = None  # the simulated edges' shared draft passes (--edge-batch-window-ms)
 
     @property
     def wall_s(self) -> float:
@@ -116,8 +118,20 @@ class LevelResult:
             "cloud_batching": self.batching,
             "loadavg_at_start": self.loadavg,
             **_cpu_per_token(self.cloud_cpu, tokens, self.cancelled),
+            # cores kept busy on average: near 1.0 on a one-core side is the side that limits tokens/s
+            "cloud_cpu_cores": _cores(self.cloud_cpu, wall),
+            "edge_cpu": self.edge_cpu,
+            "edge_cpu_cores": _cores(self.edge_cpu, wall),
+            "edge_batching": self.edge_batching,
             **({"server": self.server} if self.server is not None else {}),
         }
+
+
+def _cores(cpu: dict | None, wall_s: float) -> float | None:
+    """CPU seconds of a reading per second of the measured phase (None: no reading or no phase)."""
+    if not cpu or cpu.get("cpu_s") is None or not wall_s > 0:
+        return None
+    return cpu["cpu_s"] / wall_s
 
 
 def _cpu_per_token(cpu: dict | None, tokens: int, cancelled: int) -> dict:
@@ -194,6 +208,13 @@ class RunReport:
                                           "token of the successful measured requests; cloud_cpu.scope says what the "
                                           "processes hold (an in-process cloud shares this process with the edges)",
                 "loadavg_at_start": "os.getloadavg() (1, 5, 15 min) when the level started",
+                "cloud_cpu_cores": "cloud_cpu.cpu_s / wall_s: the serving processes' cores kept busy on average",
+                "edge_cpu_cores": "the same for this process when the cloud is external (the edges' drafting, "
+                                  "sparsifying, packing and gRPC)",
+                "cloud_batching": "the cloud's verification passes during the level, warm-up included: rounds "
+                                  "(one session's rows) and rows per pass; source says where they were read",
+                "edge_batching": "the simulated edges' shared draft passes during the level, warm-up included "
+                                 "(--edge-batch-window-ms): steps (draft LM calls) per pass",
             },
             "levels": [lv.summary() for lv in self.levels],
             **({"replicas": self.replicas} if self.replicas is not None else {}),
@@ -266,6 +287,9 @@ class RunReport:
     def table(self) -> str:
         """Our levels; with --llama-server, a line saying what it ran and its levels below, same columns."""
         out = _table(self.levels)
+        edge = [f"N={lv.clients}: {lv.edge_batching['steps_per_pass']:.2f}" for lv in self.levels if lv.edge_batching]
+        if edge:
+            out += "\nsimulated edges' draft passes (steps per pass, warm-up included): " + ", ".join(edge)
         if self.replicas is not None:
             from loadtest.replica_counts import replica_table
 
@@ -328,7 +352,7 @@ def cpu_line(cpu: dict | None) -> str:
 
 def _table(levels: list[LevelResult]) -> str:
     head = ["clients", "ok", "err", "wall_s", "req/s", "tok/s", "p50_ms", "p95_ms", "p99_ms",
-            "ttft_mean", "ttft_p95", "accept", "sess/pass", "cloud_cpu_ms/tok", "errors"]
+            "ttft_mean", "ttft_p95", "accept", "sess/pass", "cloud_cpu_ms/tok", "cloud_busy", "edge_busy", "errors"]
     rows = []
     for lv in levels:
         s = lv.summary()
@@ -340,7 +364,8 @@ def _table(levels: list[LevelResult]) -> str:
             str(s["clients"]), str(s["ok"]), str(s["errors"]), f"{s['wall_s']:.2f}",
             f"{s['requests_per_s']:.2f}", f"{s['tokens_per_s']:.1f}", _ms(lat["p50"]), _ms(lat["p95"]),
             _ms(lat["p99"]), _ms(ttft["mean"]), _ms(ttft["p95"]), "-" if acc is None else f"{acc:.1%}",
-            "-" if not b else f"{b['sessions_per_pass']:.2f}", _ms(s["cloud_cpu_ms_per_token"], 2), errs,
+            "-" if not b else f"{b['sessions_per_pass']:.2f}", _ms(s["cloud_cpu_ms_per_token"], 2),
+            _ms(s["cloud_cpu_cores"], 2), _ms(s["edge_cpu_cores"], 2), errs,
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) if i < len(head) - 1 else h for i, (h, w) in enumerate(zip(head, widths)))]

@@ -44,6 +44,7 @@ from typing import IO, Callable
 from loadtest.config import DEFAULT_PROMPTS, LoadTestConfig, check_loopback
 from loadtest.levels import Level, run_level
 from loadtest.proc_cpu import CpuMeter
+from loadtest.replica_counts import pass_totals
 from loadtest.provenance import SCOPE_IN_PROCESS, reported_cloud, run_info
 from loadtest.report import CSV_FIELDS, LevelResult, RequestRecord, RunReport
 
@@ -169,7 +170,24 @@ def _batching_delta(before, after) -> dict:
     sizes = {k: v - before.by_items.get(k, 0) for k, v in after.by_items.items() if v > before.by_items.get(k, 0)}
     return {"passes": passes, "rounds": items, "rows": after.rows - before.rows,
             "sessions_per_pass": items / passes if passes else 0.0, "max_sessions_per_pass": max(sizes, default=0),
-            "passes_by_sessions": dict(sorted(sizes.items()))}
+            "passes_by_sessions": dict(sorted(sizes.items())), "source": "the in-process cloud's pass counters"}
+
+
+def _scraped_batching_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict | None:
+    """An external cloud's passes between two loadtest.replica_counts.pass_totals readings; None when
+    either is missing or a counter went back (a replica restarted: the difference would be wrong)."""
+    if before is None or after is None or any(after[k] < before[k] for k in before):
+        return None
+    passes, rounds = int(after["passes"] - before["passes"]), int(after["rounds"] - before["rounds"])
+    return {"passes": passes, "rounds": rounds, "rows": int(after["rows"] - before["rows"]),
+            "sessions_per_pass": rounds / passes if passes else 0.0, "source": "the sqs_pass_* histograms of --cloud-metrics"}
+
+
+def _edge_batching(stats) -> dict:
+    """The simulated edges' shared draft passes of one level (loadtest/edge_batching.py), warm-up included:
+    how far N edges on one core were from drafting alone (steps = draft LM calls, a pass = one forward)."""
+    return {"passes": stats.passes, "steps": stats.items, "steps_per_pass": stats.mean_items(),
+            "max_steps_per_pass": stats.max_items, "passes_by_steps": dict(sorted(stats.by_items.items()))}
 
 
 def _in_process_cloud_info(cloud, config: LoadTestConfig) -> dict:
@@ -288,16 +306,28 @@ def run_load_test(config: LoadTestConfig, *, stop: threading.Event | None = None
             if stop.is_set():
                 break
             before = cloud.running.verifier.pass_stats() if cloud is not None else None
+            scraped = pass_totals(config.cloud_metrics) if cloud is None and config.cloud_metrics else None
+            shared = None
             if config.edge_batch_window_ms > 0:  # this level's N edges share the draft's passes
                 from loadtest.edge_batching import SharedDraftPasses
 
-                sh.new_lm = SharedDraftPasses(model, n, config.edge_batch_window_ms).new_lm
-            lv = run_level(sh, config, n, progress_file, _client_loop, cpu=_cpu_meter(cloud_info))
+                shared = SharedDraftPasses(model, n, config.edge_batch_window_ms)
+                sh.new_lm = shared.new_lm
+            # An external cloud's CPU is measured apart from the edges': this process is the edges' alone.
+            edge_cpu = CpuMeter([os.getpid()], scope="this process (the edges)") if cloud is None else None
+            lv = run_level(sh, config, n, progress_file, _client_loop, cpu=_cpu_meter(cloud_info), edge_cpu=edge_cpu)
             if lv.target_model and not report.target_model:
                 report.target_model = lv.target_model
-            batching = _batching_delta(before, cloud.running.verifier.pass_stats()) if before is not None else None
+            if before is not None:
+                batching = _batching_delta(before, cloud.running.verifier.pass_stats())
+            elif scraped is not None:
+                batching = _scraped_batching_delta(scraped, pass_totals(config.cloud_metrics))
+            else:
+                batching = None
             report.levels.append(LevelResult(n, lv.records, lv.warm_done, lv.warm_errors, lv.cancelled, lv.stopped_by,
-                                             batching, cloud_cpu=lv.cpu_result, loadavg=lv.loadavg))
+                                             batching, cloud_cpu=lv.cpu_result, loadavg=lv.loadavg,
+                                             edge_cpu=lv.edge_cpu_result,
+                                             edge_batching=_edge_batching(shared.stats) if shared else None))
         if config.llama_server and not stop.is_set():
             from loadtest.llama_levels import run_llama_levels
 

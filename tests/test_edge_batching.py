@@ -61,3 +61,10 @@ def test_a_load_test_with_batched_edges_commits_plain_decodings_tokens_at_t0():
     by_prompt = lambda rep: {(r.prompt_index, tuple(r.token_ids)) for r in rep.levels[0].records}  # noqa: E731
     assert all(r.ok for r in shared.levels[0].records) and shared.levels[0].summary()["drafted"] > 0
     assert by_prompt(shared) == by_prompt(alone)
+    # the record says how the edges' steps shared passes
+    e = shared.levels[0].summary()["edge_batching"]
+    assert e["passes"] > 0 and sum(e["passes_by_steps"].values()) == e["passes"]
+    assert e["steps"] == sum(k * v for k, v in e["passes_by_steps"].items()) >= e["passes"]
+    assert e["steps_per_pass"] == pytest.approx(e["steps"] / e["passes"]) and 1 <= e["max_steps_per_pass"] <= 3
+    assert "simulated edges' draft passes (steps per pass, warm-up included): N=3: " in shared.table()
+    assert alone.levels[0].summary()["edge_batching"] is None

@@ -41,6 +41,7 @@ def _check_cpu(s: dict, scope: str, short: bool = False) -> None:
     assert cpu["pids"] == [os.getpid()] and cpu["scope"] == scope and cpu["reason"] == ""
     assert cpu["cpu_s"] >= 0 if short else cpu["cpu_s"] > 0
     assert s["cloud_cpu_ms_per_token"] == pytest.approx(cpu["cpu_s"] * 1e3 / s["tokens"])
+    assert s["cloud_cpu_cores"] == pytest.approx(cpu["cpu_s"] / s["wall_s"])
 
 
 def test_levels_1_and_4_in_process_cloud(tmp_path):
@@ -53,6 +54,8 @@ def test_levels_1_and_4_in_process_cloud(tmp_path):
     for lv in report.levels:
         _check_level(lv.summary(), lv.clients, 6, 8)
         _check_cpu(lv.summary(), "process incl. edges")
+        # in-process, the cloud's figure holds the edges: none of their own
+        assert lv.summary()["edge_cpu"] is None and lv.summary()["edge_cpu_cores"] is None
     assert {r.client for r in report.levels[1].records} <= set(range(4))
 
     report.write_json(tmp_path / "r.json")
@@ -161,16 +164,25 @@ def test_cli_reads_the_external_clouds_engine_and_batching_from_its_metrics(clou
 
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=cloud.running.metrics.registry)
+    before = cloud.running.verifier.pass_stats()
     try:
         out = tmp_path / "o.json"
-        assert cli_run(["--cloud", cloud.address, "--cloud-metrics", f"127.0.0.1:{port}", "--clients", "1",
-                        "--requests", "2", "--warmup", "0", "--max-new-tokens", "4", "--no-progress",
+        assert cli_run(["--cloud", cloud.address, "--cloud-metrics", f"127.0.0.1:{port}", "--clients", "2",
+                        "--requests", "4", "--warmup", "0", "--max-new-tokens", "4", "--no-progress",
                         "--json-out", str(out), "--csv-out", str(tmp_path / "o.csv")]) == 0
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
-    c = json.loads(out.read_text())["cloud"]
+    after = cloud.running.verifier.pass_stats()
+    data = json.loads(out.read_text())
+    # the level's passes, read from the cloud's sqs_pass_* histograms: the verifier's own counts
+    b = data["levels"][0]["cloud_batching"]
+    assert b["source"] == "the sqs_pass_* histograms of --cloud-metrics"
+    assert (b["passes"], b["rounds"], b["rows"]) == (after.passes - before.passes, after.items - before.items,
+                                                      after.rows - before.rows)
+    assert b["passes"] > 0 and b["sessions_per_pass"] == pytest.approx(b["rounds"] / b["passes"])
+    c = data["cloud"]
     assert c["engine"] == "torch" and c["engine_source"] == "reported by the cloud" and c["weight_type"]
     assert c["batching"] == {"on": True, "window_ms": 2.0, "max_rows": 64, "rejoin": 1.0,
                                  "source": "reported by the cloud"}
@@ -188,6 +200,24 @@ def test_cli_cloud_pid_is_summed_and_checked(cloud, tmp_path):
     data = json.loads(out.read_text())
     assert data["cloud"]["cpu"]["source"] == "--cloud-pid" and data["cloud"]["cpu"]["pids"] == [os.getpid()]
     _check_cpu(data["levels"][0], "cloud process", short=True)
+    # an external cloud: the edges (this process) are measured apart, over the same phase
+    s = data["levels"][0]
+    edge = s["edge_cpu"]
+    assert edge["pids"] == [os.getpid()] and edge["scope"] == "this process (the edges)" and edge["reason"] == ""
+    assert s["edge_cpu_cores"] == pytest.approx(edge["cpu_s"] / s["wall_s"])
+
+
+def test_scraped_pass_counts_are_refused_across_a_restart_or_a_silent_replica(free_port):
+    from loadtest.replica_counts import pass_totals
+    from loadtest.runner import _scraped_batching_delta
+
+    before = {"passes": 10.0, "rounds": 30.0, "rows": 90.0}
+    assert _scraped_batching_delta(before, {"passes": 14.0, "rounds": 38.0, "rows": 110.0}) == {
+        "passes": 4, "rounds": 8, "rows": 20, "sessions_per_pass": 2.0,
+        "source": "the sqs_pass_* histograms of --cloud-metrics"}
+    assert _scraped_batching_delta(before, {"passes": 2.0, "rounds": 3.0, "rows": 9.0}) is None  # restarted
+    assert _scraped_batching_delta(None, before) is None and _scraped_batching_delta(before, None) is None
+    assert pass_totals([f"127.0.0.1:{free_port()}"], timeout_s=0.5) is None  # nothing listens there
 
 
 def test_batching_off_is_recorded_as_applied():
