@@ -204,17 +204,51 @@ class VerifierServicer:
         finally:
             stopped.set()  # the stream ended first: the round keeps what it owes for a resend
 
-    async def Verify(self, request_iterator: AsyncIterator, context) -> AsyncIterator[pb.Verdict]:
-        session_id = ""
+    async def _read(self, request_iterator: AsyncIterator, inbox: asyncio.Queue, stream: dict) -> None:
+        """The stream's reader: lookahead batches go to the session at once (its streamed round is
+        stepping: the loop below is inside it), every other request to `inbox`, then _END (or the
+        iterator's exception)."""
         try:
             async for request in request_iterator:
+                session = stream.get("session")
+                if session is not None and getattr(request, "lookahead", False) and not request.session_id:
+                    self.verifier.offer_lookahead(session, codec.batch_from_pb(request))
+                else:
+                    await inbox.put(request)
+        except asyncio.CancelledError:  # the RPC is over (the loop below is cancelled with it)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the stream broke: the loop below ends with it
+            await inbox.put(exc)
+            return
+        await inbox.put(_END)
+
+    async def Verify(self, request_iterator: AsyncIterator, context) -> AsyncIterator[pb.Verdict]:
+        session_id = ""
+        # One request waits at most (as when the loop read the stream itself): a client that sends
+        # batches without reading verdicts is held by the transport's flow control, not our memory.
+        inbox: asyncio.Queue = asyncio.Queue(maxsize=1)
+        stream: dict = {}  # the attached session, once there is one (the reader hands it lookaheads)
+        reader = asyncio.ensure_future(self._read(request_iterator, inbox, stream))
+        try:
+            while True:
+                request = await inbox.get()
+                if request is _END:
+                    break
+                if isinstance(request, BaseException):
+                    raise request
                 await self._check(request, context)
+                if request.lookahead:
+                    # Outside a streamed round (or naming a session): nothing for it to ride.
+                    if not session_id or request.session_id:
+                        await self._refuse(context, Refusal.MALFORMED,
+                                           "a lookahead batch rides a streamed round of this stream's session")
+                    continue
                 if not session_id:
                     if not request.session_id:
                         await self._refuse(context, Refusal.MALFORMED,
                                            "the first batch of a stream must name its session")
                     try:
-                        self.verifier.sessions.attach(request.session_id, owner=auth.identity())
+                        stream["session"] = self.verifier.sessions.attach(request.session_id, owner=auth.identity())
                     except SessionError as exc:
                         await self._abort(context, exc)
                     session_id = request.session_id
@@ -229,6 +263,7 @@ class VerifierServicer:
                 else:
                     yield await self._round(session_id, request, context)
         finally:
+            reader.cancel()
             if session_id:
                 self.verifier.release(session_id)
 
@@ -250,11 +285,15 @@ class VerifierServicer:
         return pb.CloseSessionResponse()
 
 
+_END = object()  # the end of a Verify stream's requests (VerifierServicer._read)
+
+
 def _since(sent: RoundResult | None, v: codec.Verdict, more: bool) -> codec.Verdict:
     """The message of a streamed round after the ones that carried `sent`: the plain tokens since,
     accepted and token only in the first (codec.Verdict.then puts them together again)."""
     if more:
-        v = replace(v, forward_us=0, row_price_ms=None)  # the clocks, the forward time and the price go in the last
+        # the clocks, the forward time, the price and the lookahead counts go in the last
+        v = replace(v, forward_us=0, row_price_ms=None, lookahead_drafted=0, lookahead_accepted=0)
     if sent is None:
         return replace(v, more=more)
     return replace(v, accepted=0, token=0, plain_tokens=v.plain_tokens[len(sent.plain_tokens):], more=more)

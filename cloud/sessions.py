@@ -90,6 +90,21 @@ class Session:
     streams: int = 0  # Verify streams serving it now (guarded by the table's lock)
     orphan: bool = False  # every stream that served it ended without a CloseSession
     owner: str = ANONYMOUS  # the identity that opened it (cloud/auth.py); only it may use the session
+    # The latest lookahead batch (DraftBatch.lookahead), held for the streamed round's next step:
+    # (position, drafts) or (position, refusal reason). Set by the stream's reader while the round
+    # steps under `lock`, so it has its own.
+    lookahead: Any = None
+    lookahead_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hold_lookahead(self, held: Any) -> None:
+        with self.lookahead_lock:
+            self.lookahead = held
+
+    def take_lookahead(self) -> Any:
+        """The held lookahead, once (None: none since the last take)."""
+        with self.lookahead_lock:
+            held, self.lookahead = self.lookahead, None
+            return held
 
     def take_next_row(self) -> Any:
         """The prefill's row after the whole context (float32 [V]), once, if the context is still the

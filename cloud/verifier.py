@@ -73,11 +73,14 @@ class RoundResult:
     plain_tokens: tuple[int, ...] = ()  # tokens of the plain steps after `token`
     replayed: bool = False  # the verdict of an earlier identical batch, sent again (no new work)
     row_price_ms: float | None = None  # the cloud's price of one more row when the round ended
+    lookahead_drafted: int = 0  # drafts of lookahead batches verified in the plain steps
+    lookahead_accepted: int = 0  # of those, accepted (their tokens are in plain_tokens)
 
     def verdict(self, received_unix_us: int, sent_unix_us: int) -> codec.Verdict:
         """What the edge is told, with the wall clock when the batch came in and the verdict went out."""
         return codec.Verdict(self.accepted, self.token, self.position, self.plain_tokens, received_unix_us,
-                             sent_unix_us, round(self.forward_ms * 1e3), row_price_ms=self.row_price_ms)
+                             sent_unix_us, round(self.forward_ms * 1e3), row_price_ms=self.row_price_ms,
+                             lookahead_drafted=self.lookahead_drafted, lookahead_accepted=self.lookahead_accepted)
 
 
 @dataclass(frozen=True)
@@ -256,18 +259,7 @@ class Verifier:
         # A streamed round is bounded by the context limit only: the edge ends it when it wants.
         steps = int(batch.plain_steps) if batch.stream else min(int(batch.plain_steps), self.config.max_plain_steps)
         p = target_probs(logits, s.temperature, s.top_k, s.top_p)  # [L+1, V] float64
-        if req.scheme.scheme == Scheme.INVARIANT:  # token-only drafts, accepted iff equal to p's own draw
-            accepted, token = verify_invariant(tokens, p, s.seed, start)
-        else:
-            accepted, token = len(tokens), -1
-            if tokens:
-                rng = np.random.default_rng([s.seed, start])  # the acceptance uniforms and the resample
-                accepted, token = verify_sparse(tokens, [SparseRow(d.support, d.probs) for d in drafts], p, rng)
-            if accepted == len(tokens):
-                # The bonus token (the round's token when there are no drafts) is a Gumbel-max draw on the
-                # noise of its absolute position: the same token plain decoding samples there, whatever
-                # the plan (independent of the acceptance uniforms and the edge's draws: other keys).
-                token = gumbel_token(p[accepted], s.seed, start + accepted)
+        accepted, token = self._sample(req, tokens, drafts, p, start)
         session.context.extend(tokens[:accepted])
         session.context.append(token)
         session.rounds += 1
@@ -286,6 +278,77 @@ class Verifier:
         )
         return self._plain_steps(session, LastRound(start, prep.digest, result, steps), emit, stop, t0)
 
+    @staticmethod
+    def _sample(req: codec.OpenRequest, tokens: list[int], drafts: list, p: np.ndarray, start: int) -> tuple[int, int]:
+        """(accepted, token) of drafts `tokens` continuing a context of `start` tokens, from the
+        target's rows p [L+1, V]: a round's rejection sampling with the draws of (seed, start)."""
+        s = req.sampling
+        if req.scheme.scheme == Scheme.INVARIANT:  # token-only drafts, accepted iff equal to p's own draw
+            return verify_invariant(tokens, p, s.seed, start)
+        accepted, token = len(tokens), -1
+        if tokens:
+            rng = np.random.default_rng([s.seed, start])  # the acceptance uniforms and the resample
+            accepted, token = verify_sparse(tokens, [SparseRow(d.support, d.probs) for d in drafts], p, rng)
+        if accepted == len(tokens):
+            # The bonus token (the round's token when there are no drafts) is a Gumbel-max draw on the
+            # noise of its absolute position: the same token plain decoding samples there, whatever
+            # the plan (independent of the acceptance uniforms and the edge's draws: other keys).
+            token = gumbel_token(p[accepted], s.seed, start + accepted)
+        return accepted, token
+
+    # -- lookahead: drafts that ride a streamed round -------------------------------------------
+    def offer_lookahead(self, session: Session, batch: codec.Batch) -> None:
+        """Hold a lookahead batch (DraftBatch.lookahead) for the session's streamed round: decoded
+        here, on the stream's reader, while the round steps; the next step takes it
+        (_lookahead_drafts). A malformed one fails the round at that step, as a malformed batch does."""
+        try:
+            if not batch.num_drafts:
+                raise codec.PayloadError("a lookahead batch carries drafts")
+            if batch.plain_steps or batch.stream:
+                raise codec.PayloadError("a lookahead batch asks for no steps of its own")
+            held = (batch.position, codec.unpack_batch(batch, session.request.scheme, session.max_drafts))
+        except codec.PayloadError as exc:
+            held = (batch.position, f"lookahead batch: {exc}")
+        session.hold_lookahead(held)
+
+    def _lookahead_drafts(self, session: Session, owed: int) -> list:
+        """The drafts of the held lookahead that the next step may verify: those past the context
+        when its leading drafts (the edge's guesses) equal the tokens sampled since its position; []
+        when none is held, it is stale or a guess missed. At most owed - 1 (the step then commits
+        at most what the round owes) and what the context limit leaves."""
+        held = session.take_lookahead()
+        if held is None:
+            return []
+        position, drafts = held
+        if isinstance(drafts, str):
+            self.sessions.close(session.id)
+            raise SessionError(Refusal.MALFORMED, drafts)
+        c = len(session.context)
+        guessed = c - position
+        if guessed < 0 or guessed >= len(drafts):
+            return []
+        if [d.token for d in drafts[:guessed]] != session.context[position:]:
+            return []
+        room = min(owed - 1, self.config.max_context - 2 - c)
+        return list(drafts[guessed:guessed + max(0, room)])
+
+    def _lookahead_step(self, session: Session, drafts: list, eos: set[int]) -> tuple[list[int], float]:
+        """One plain step that verifies `drafts` too: ONE pass over [the last token] + drafts, the
+        round's sampling at this position. Returns the tokens it commits (cut after an EOS) and the
+        pass's ms."""
+        s = session.request.sampling
+        tokens = [d.token for d in drafts]
+        start = len(session.context)
+        rows, step_ms = self._forward(session, session.context + tokens, len(tokens) + 1, lane=session.id)
+        p = target_probs(rows, s.temperature, s.top_k, s.top_p)
+        accepted, token = self._sample(session.request, tokens, drafts, p, start)
+        new = tokens[:accepted] + [token]
+        for i, t in enumerate(new):
+            if t in eos:
+                new = new[: i + 1]
+                break
+        return new, step_ms
+
     def _plain_steps(self, session: Session, last: LastRound, emit: Callable[[RoundResult], None] | None,
                      stop: Callable[[], bool] | None, t0: float) -> RoundResult:
         """The cloud-only steps a round owes (last.owed) after its token and plain tokens so far, each
@@ -302,18 +365,25 @@ class Verifier:
         # While it steps, the session is a streaming lane: the next shared pass waits the few ms
         # between its result and its next step instead of leaving it to the pass after.
         with self._batcher.lane(session.id) if self._batcher is not None else contextlib.nullcontext():
-            while owed and token not in eos and len(session.context) + 1 < self.config.max_context:
+            while owed > 0 and token not in eos and len(session.context) + 1 < self.config.max_context:
                 if stop is not None and stop():
                     break
-                row, step_ms = self._forward(session, session.context, 1, lane=session.id)  # [1, V]
-                if s.temperature == 0:  # the one-hot's token, without building a [V] one-hot per step
-                    token = int(np.argmax(row[0]))
+                drafts = self._lookahead_drafts(session, owed)
+                if drafts:  # the edge's drafts for the next positions ride this step
+                    new, step_ms = self._lookahead_step(session, drafts, eos)
+                    result = replace(result, lookahead_drafted=result.lookahead_drafted + len(drafts),
+                                     lookahead_accepted=result.lookahead_accepted + len(new) - 1)
                 else:
-                    p1 = target_probs(row, s.temperature, s.top_k, s.top_p)
-                    token = gumbel_token(p1[0], s.seed, len(session.context))  # a zero-draft round's draw
-                session.context.append(token)
-                plain.append(token)
-                owed -= 1
+                    row, step_ms = self._forward(session, session.context, 1, lane=session.id)  # [1, V]
+                    if s.temperature == 0:  # the one-hot's token, without building a [V] one-hot per step
+                        new = [int(np.argmax(row[0]))]
+                    else:
+                        p1 = target_probs(row, s.temperature, s.top_k, s.top_p)
+                        new = [gumbel_token(p1[0], s.seed, len(session.context))]  # a zero-draft round's draw
+                token = new[-1]
+                session.context.extend(new)
+                plain.extend(new)
+                owed -= len(new)
                 result = replace(result, position=len(session.context), plain_tokens=tuple(plain),
                                  forward_ms=result.forward_ms + step_ms)
                 if emit is not None:

@@ -161,6 +161,7 @@ class Batch:
     ell: int = 0
     plain_steps: int = 0  # plain target steps after the round's token (cloud-only rounds)
     stream: bool = False  # the cloud streams the round's tokens as it samples them (Verify only)
+    lookahead: bool = False  # drafts for a streamed round's next steps, not a round (Verify only)
 
     @property
     def payload_bytes(self) -> int:
@@ -168,29 +169,31 @@ class Batch:
 
     def digest(self) -> bytes:
         """sha256 of every field: equal digests, equal batches (the cloud's idempotent rounds)."""
-        head = struct.pack("<7Q", self.position, self.num_drafts, self.k, self.ell, self.plain_steps, self.stream,
-                           len(self.packed))
+        head = struct.pack("<8Q", self.position, self.num_drafts, self.k, self.ell, self.plain_steps, self.stream,
+                           self.lookahead, len(self.packed))
         return hashlib.sha256(head + self.packed + self.raw).digest()
 
 
 def pack_batch(position: int, drafts: Sequence[Draft], config: SchemeConfig, plain_steps: int = 0,
-               stream: bool = False) -> Batch:
+               stream: bool = False, lookahead: bool = False) -> Batch:
     """`config` is this batch's description (its k and ell travel with the batch)."""
     packed = pack(drafts, config)
-    return Batch(position, len(drafts), packed.payload, packed.raw, config.k, config.ell, plain_steps, stream)
+    return Batch(position, len(drafts), packed.payload, packed.raw, config.k, config.ell, plain_steps, stream,
+                 lookahead)
 
 
 def batch_to_pb(batch: Batch, session_id: str = "") -> pb.DraftBatch:
     return pb.DraftBatch(
         session_id=session_id, position=batch.position, num_drafts=batch.num_drafts, packed=batch.packed,
         raw=batch.raw, k=batch.k, ell=batch.ell, plain_steps=batch.plain_steps, stream=batch.stream,
+        lookahead=batch.lookahead,
     )
 
 
 def batch_from_pb(msg: pb.DraftBatch) -> Batch:
     """The batch of a message (its session_id is the servicer's business); unpack_batch validates it."""
     return Batch(int(msg.position), int(msg.num_drafts), bytes(msg.packed), bytes(msg.raw), int(msg.k),
-                 int(msg.ell), int(msg.plain_steps), bool(msg.stream))
+                 int(msg.ell), int(msg.plain_steps), bool(msg.stream), bool(msg.lookahead))
 
 
 def encode_batch(
@@ -249,6 +252,8 @@ class Verdict:
     forward_us: int = 0  # the target forward passes alone
     more: bool = False  # a streamed round's verdict so far: more of its tokens follow
     row_price_ms: float | None = None  # the cloud's price of one more row in its passes now (None: not quoted)
+    lookahead_drafted: int = 0  # lookahead drafts the round's steps verified (the last message has them)
+    lookahead_accepted: int = 0
 
     def then(self, part: "Verdict") -> "Verdict":
         """This verdict so far followed by the next message `part` of the same streamed round (see
@@ -261,11 +266,12 @@ def verdict_to_pb(v: Verdict) -> pb.Verdict:
     return pb.Verdict(
         accepted=v.accepted, token=v.token, position=v.position, received_unix_us=v.received_unix_us,
         sent_unix_us=v.sent_unix_us, forward_us=v.forward_us, plain_tokens=list(v.plain_tokens), more=v.more,
-        row_price_ms=v.row_price_ms,
+        row_price_ms=v.row_price_ms, lookahead_drafted=v.lookahead_drafted, lookahead_accepted=v.lookahead_accepted,
     )
 
 
 def verdict_from_pb(msg: pb.Verdict) -> Verdict:
     return Verdict(int(msg.accepted), int(msg.token), int(msg.position), tuple(msg.plain_tokens),
                    int(msg.received_unix_us), int(msg.sent_unix_us), int(msg.forward_us), bool(msg.more),
-                   float(msg.row_price_ms) if msg.HasField("row_price_ms") else None)
+                   float(msg.row_price_ms) if msg.HasField("row_price_ms") else None,
+                   int(msg.lookahead_drafted), int(msg.lookahead_accepted))

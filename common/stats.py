@@ -50,6 +50,8 @@ class RoundRecord:
     predicted_tokens: float = 1.0  # the plan's expected committed tokens
     ahead_drafts: int = 0  # drafts of the next batch drafted while this one was in flight
     ahead_adopted: bool = False  # ... and sent next (all accepted, bonus = the edge's guess)
+    lookahead_drafted: int = 0  # drafts sent ahead of this streamed round that its steps verified
+    lookahead_accepted: int = 0  # ... and accepted (their tokens are among the plain tokens)
 
     @property
     def committed(self) -> int:
@@ -64,7 +66,9 @@ class GenerationStats:
     accepted: int = 0
     resampled: int = 0
     bonus: int = 0
-    plain: int = 0  # tokens from plain target steps (cloud-only rounds)
+    plain: int = 0  # tokens from plain target steps (cloud-only rounds), lookahead ones included
+    lookahead_drafted: int = 0  # drafts sent ahead of streamed rounds that the cloud verified
+    lookahead_accepted: int = 0
     generated: int = 0
     formula_bits: float = 0.0
     honest_bits: float = 0.0
@@ -95,6 +99,8 @@ class GenerationStats:
         self.drafted += r.drafted
         self.accepted += r.accepted
         self.plain += r.plain
+        self.lookahead_drafted += r.lookahead_drafted
+        self.lookahead_accepted += r.lookahead_accepted
         if ends_in_resample(r.drafted, r.accepted):
             self.resampled += 1
         else:

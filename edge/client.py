@@ -416,6 +416,16 @@ class CloudClient:
                 self._drop_stream()
             raise
 
+    def send_lookahead(self, batch: codec.Batch) -> bool:
+        """Send a lookahead batch (DraftBatch.lookahead) on the stream of the round in flight, from
+        any thread; False when there is none (unary transport, a stream not started or dropped):
+        then it is lost, as one that comes too late is. It needs no verdict of its own."""
+        stream = self._stream
+        if stream is None or stream.fresh or self.config.transport != "stream":
+            return False
+        stream.send(codec.batch_to_pb(batch))
+        return True
+
     def _unary(self, msg: pb.DraftBatch) -> pb.Verdict:
         future = self._stub.VerifyBatch.future(msg, timeout=self.config.round_timeout_s, metadata=self._metadata)
         while True:

@@ -53,6 +53,7 @@ class DraftConfig:
     ell_auto: bool = False  # lattice schemes: the planner picks ell per round
     auto_max_draft_len: int = 32
     pipeline: bool = True  # draft the next batch while one is in flight (edge/generate.py)
+    lookahead: int = 0  # drafts sent ahead of a streamed round's tokens (DraftBatch.lookahead); 0 = none
 
     @classmethod
     def from_options(cls, source, vocab_size: int, **overrides) -> "DraftConfig":
@@ -74,7 +75,7 @@ class DraftConfig:
             max_draft_len=draft_len, budget_bits=o.budget_bits, budget_accounting=o.budget_accounting,
             temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
             k_auto=k is None and scheme in (Scheme.TOPK, Scheme.FP16_TOPK), ell_auto=ell is None and scheme.lattice,
-            pipeline=not o.no_pipeline,
+            pipeline=not o.no_pipeline, lookahead=0 if scheme == Scheme.NONE else o.lookahead,
         )
 
     def __post_init__(self) -> None:
@@ -357,6 +358,47 @@ class Drafter:
         ctx = list(context)
         ctx.append(self.guess_bonus(ctx, self.config.scheme))
         self.prepare(ctx)
+
+    def lookahead(self, context: Sequence[int], n: int,
+                  each: Callable[[list[Draft], SchemeConfig], None] | None = None,
+                  stop: Callable[[], bool] | None = None) -> tuple[list[Draft], SchemeConfig]:
+        """Up to n drafts continuing `context` for a lookahead batch (DraftBatch.lookahead), sent while
+        the cloud streams plain tokens: the first ones are guesses of the tokens it samples meanwhile
+        (it verifies only the drafts past the tokens it has, and only when the guesses before them
+        hold), the rest the drafts its next step verifies. Each is described with the session's
+        description and drawn on the key a round's first draft at its position draws on; the rows
+        are kept for a round that starts there. Not a round: the acceptance, loss and threshold
+        models learn nothing from it. Stops at an EOS draft and before the budget B is exceeded.
+        each(drafts so far, scheme): called after every draft from the second on, so that a lookahead
+        goes out as soon as it can ride a step (a first draft alone only guesses the token being sampled).
+        stop(): checked before each draft row that is not kept (newer tokens came: drafting from them
+        draws the same drafts where the guesses held, from the rows kept here)."""
+        cfg, scheme = self.config, self.config.scheme
+        ctx, drafts, spent = [int(t) for t in context], [], 0.0
+        for _ in range(n):
+            if stop is not None and tuple(ctx) not in self._rows and stop():
+                break
+            row, kept = self._next_row(ctx)
+            if not kept:
+                self.remember(ctx, row)
+            q = target_probs(row.astype(np.float64), cfg.temperature, cfg.top_k, cfg.top_p)
+            if scheme.scheme == Scheme.INVARIANT:
+                d, honest, formula = draw_invariant(q, cfg.seed, len(ctx)), *draft_bits(scheme, 1)
+            else:
+                d, honest, formula, _ = self._describe(q, scheme, cfg.budget_bits - spent)
+                if d is None:
+                    break
+                d = draw(d, scheme.ell, np.random.default_rng([cfg.seed, len(ctx), 0xED6E]))
+            spent += self._cost(honest, formula)
+            if spent > cfg.budget_bits:
+                break
+            drafts.append(d)
+            ctx.append(d.token)
+            if each is not None and len(drafts) >= 2:
+                each(list(drafts), scheme)
+            if d.token in self.eos:
+                break
+        return drafts, scheme
 
     def guess_bonus(self, context: Sequence[int], scheme: SchemeConfig) -> int:
         """The edge's guess of the token the cloud will sample after a fully accepted batch ending

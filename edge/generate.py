@@ -182,6 +182,8 @@ class Generation:
                 if wire.stream:
                     reply = None
                     follow = _DraftFollower(follower_pool, drafter) if follower_pool is not None else None
+                    # Drafts sent ahead of the stream ride its next steps (DraftBatch.lookahead).
+                    send = getattr(client, "send_lookahead", None) if drafter.config.lookahead else None
                     if follow is not None:
                         follow.feed(context)
                     try:
@@ -195,7 +197,11 @@ class Generation:
                                 elif len(so_far) < batch.plain_steps:
                                     # (Not after the last token: that feed, ~75 ms of a draft pass,
                                     # was what the next round's drafting waited for.)
-                                    follow.feed(context + so_far)
+                                    if send is not None:  # at most what the round still owes
+                                        n = min(drafter.config.lookahead, batch.plain_steps + 1 - len(so_far))
+                                        follow.lookahead(context + so_far, n, send)
+                                    else:
+                                        follow.feed(context + so_far)
                             if self.previews:
                                 keep = _shown(shown, _cut(so_far, remaining, eos)[0])
                                 if len(keep) > len(shown):
@@ -354,6 +360,9 @@ class _DraftFollower:
     def __init__(self, pool: ThreadPoolExecutor, drafter: Drafter) -> None:
         self.pool, self.drafter = pool, drafter
         self.job: Future | None = None
+        self._lock = threading.Lock()
+        self._latest: tuple | None = None  # the newest lookahead asked for, not started yet
+        self._looking = False  # a lookahead job runs (it takes _latest until there is none)
 
     def step_past(self, context: Sequence[int]) -> None:
         """Queued behind any feed: guess the round's last token and draft the row after it."""
@@ -363,6 +372,37 @@ class _DraftFollower:
         """Feed `context` to the draft unless a feed is still running (the next one catches up)."""
         if self.job is None or self.job.done():
             self.job = self.pool.submit(self.drafter.lm.logits, list(context), 1)
+
+    def lookahead(self, context: Sequence[int], n: int, send: Callable[[codec.Batch], bool]) -> None:
+        """Draft n tokens past `context` (feeding it on the way) and send them as a lookahead batch
+        (a late one is dropped by the cloud, a wrong guess too). A job already drafting from an
+        older context stops at its next draft row and drafts from this one: where its guesses held,
+        the rows it kept give the same drafts at once (measured at N = 8: a job per other token
+        while a job ran to its end left half the cloud's steps with no lookahead)."""
+        with self._lock:
+            self._latest = (list(context), n, send)
+            if self._looking:
+                return
+            self._looking = True
+        self.job = self.pool.submit(self._lookaheads)
+
+    def _lookaheads(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    latest, self._latest = self._latest, None
+                    if latest is None:
+                        self._looking = False
+                        return
+                context, n, send = latest
+                # Each longer lookahead replaces the last at the cloud: the first that can ride goes out early.
+                self.drafter.lookahead(context, n, lambda drafts, scheme: send(
+                    codec.pack_batch(len(context), drafts, scheme, lookahead=True)),
+                    stop=lambda: self._latest is not None)
+        except BaseException:  # the draft LM failed: no lookahead from here (the next draft meets the error)
+            with self._lock:
+                self._latest, self._looking = None, False
+            raise
 
     def wait(self) -> None:
         if self.job is not None:
@@ -444,6 +484,8 @@ def _record(batch: DraftedBatch, wire: codec.Batch, reply: RoundReply, ahead: _A
         downlink_ms=downlink_ms,
         total_ms=batch.draft_ms + round_trip_ms,
         plain=len(v.plain_tokens),
+        lookahead_drafted=v.lookahead_drafted,
+        lookahead_accepted=v.lookahead_accepted,
         k=batch.scheme.k if batch.drafts else 0,
         ell=batch.scheme.ell if batch.drafts else 0,
         forward_ms=v.forward_us / 1e3,

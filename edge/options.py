@@ -87,6 +87,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("reproducible", bool, False, "the seed fixes the tokens whatever the plan, engine or load: drafts use "
            "the invariant scheme (token ids verified by Gumbel-max agreement) in place of --sparsifier; plain "
            "steps and bonus tokens are Gumbel-max draws at their positions"),
+    Option("lookahead", int, 3, "while the cloud streams plain tokens, drafts the edge sends ahead of them (the "
+           "first ones guess the tokens the cloud is sampling, the rest continue them) for its next steps to verify "
+           "without ending the stream; 0 = off", 0, 16),
     Option("no_pipeline", bool, False, "do not draft the next batch while one is in flight (with it off, a seed "
            "fixes the tokens of a fixed plan at T > 0 either way; the auto plan depends on measured costs)"),
 )

@@ -33,6 +33,8 @@ class RequestRecord:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    lookahead_drafted: int = 0  # drafts sent ahead of streamed rounds that the cloud verified
+    lookahead_accepted: int = 0
     stop_reason: str = ""
     uplink_payload_bytes: int = 0
     reopens: int = 0
@@ -47,7 +49,8 @@ class RequestRecord:
 
 CSV_FIELDS = [
     "clients", "client", "request", "seed", "prompt_index", "status", "ok", "start_s", "end_s", "latency_ms",
-    "ttft_ms", "tokens", "rounds", "drafted", "accepted", "acceptance_rate", "stop_reason",
+    "ttft_ms", "tokens", "rounds", "drafted", "accepted", "acceptance_rate", "lookahead_drafted", "lookahead_accepted",
+    "stop_reason",
     "uplink_payload_bytes", "reopens", "max_gap_ms", "error", "system",
     # what ran, repeated on every row so that a row read alone says it (run- and level-wide values)
     "server", "commit", "cpu_flags", "loadavg_1m", "cloud_cpu_s", "cloud_ms_cpu_per_token", "cloud_cpu_scope",
@@ -113,6 +116,9 @@ class LevelResult:
             "accepted": accepted,
             "acceptance_rate": accepted / drafted if drafted else None,
             "acceptance_rate_definition": "accepted drafts / drafted tokens, successful measured requests",
+            # drafts that rode streamed rounds (DraftBatch.lookahead): not in drafted / accepted above
+            "lookahead_drafted": sum(r.lookahead_drafted for r in ok),
+            "lookahead_accepted": sum(r.lookahead_accepted for r in ok),
             "warmup_requests": self.warmup_requests,
             "warmup_errors": self.warmup_errors,
             "cloud_batching": self.batching,
@@ -290,6 +296,10 @@ class RunReport:
         edge = [f"N={lv.clients}: {lv.edge_batching['steps_per_pass']:.2f}" for lv in self.levels if lv.edge_batching]
         if edge:
             out += "\nsimulated edges' draft passes (steps per pass, warm-up included): " + ", ".join(edge)
+        ahead = [(lv.clients, lv.summary()) for lv in self.levels]
+        ahead = [f"N={n}: {s['lookahead_drafted']} / {s['lookahead_accepted']}" for n, s in ahead if s["lookahead_drafted"]]
+        if ahead:
+            out += "\ndrafts sent ahead of streamed rounds (verified / accepted, not in accept): " + ", ".join(ahead)
         if self.replicas is not None:
             from loadtest.replica_counts import replica_table
 

@@ -124,6 +124,7 @@ def _one_request(sh: _Shared, lv: Level, lm, client: int, ticket: int, prompt_in
     if result is not None:
         s = result.stats
         rec.tokens, rec.rounds, rec.drafted, rec.accepted = s.generated, s.rounds, s.drafted, s.accepted
+        rec.lookahead_drafted, rec.lookahead_accepted = s.lookahead_drafted, s.lookahead_accepted
         rec.stop_reason, rec.uplink_payload_bytes, rec.reopens = result.stop_reason, s.uplink_payload_bytes, s.reopens
         rec.max_gap_ms, rec.token_ids = max_gap * 1e3, list(result.token_ids)
         if result.target_model and not lv.target_model:

@@ -262,3 +262,17 @@ def run_generation(address: str, seed: int, *, max_new_tokens: int = 40, on_toke
         if on_tokens is not None:
             on_tokens(r.tokens)
     return generation.result
+
+
+def pooled_chisquare_p(counts, expected) -> float:
+    """Chi-square p-value of observed `counts` [V] against `expected` [V] (same total up to rounding),
+    the bins with fewer than 5 expected pooled into one."""
+    import numpy as np
+    from scipy import stats
+
+    counts, expected = np.asarray(counts, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return float(stats.chisquare(obs[keep], exp[keep] * obs.sum() / exp[keep].sum()).pvalue)

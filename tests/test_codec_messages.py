@@ -55,7 +55,7 @@ def test_batch_digest_sees_every_field():
     cfg = SchemeConfig("topk", V, k=4, ell=30)
     batch = codec.pack_batch(5, drafts(cfg, 2), cfg)
     changed = {"position": 6, "num_drafts": 3, "packed": batch.packed + b"\0", "raw": b"\1", "k": 5, "ell": 31,
-               "plain_steps": 1, "stream": True}
+               "plain_steps": 1, "stream": True, "lookahead": True}
     assert set(changed) == {f.name for f in fields(codec.Batch)}
     for name, value in changed.items():
         assert replace(batch, **{name: value}).digest() != batch.digest(), name

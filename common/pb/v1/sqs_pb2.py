@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63ommon/pb/v1/sqs.proto\x12\x06sqs.v1\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"Z\n\x0cSchemeParams\x12\x1e\n\x06scheme\x18\x01 \x01(\x0e\x32\x0e.sqs.v1.Scheme\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03\x65ll\x18\x03 \x01(\r\x12\x12\n\ndrop_zeros\x18\x04 \x01(\x08\"\xdd\x01\n\x12OpenSessionRequest\x12\x19\n\x11\x63ontext_token_ids\x18\x01 \x03(\r\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.sqs.v1.SamplingParams\x12$\n\x06scheme\x18\x03 \x01(\x0b\x32\x14.sqs.v1.SchemeParams\x12\x19\n\x11vocab_fingerprint\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nmax_drafts\x18\x06 \x01(\r\x12\x19\n\x11\x63lient_session_id\x18\x07 \x01(\t\"\x8e\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x11\n\tpass_rows\x18\x05 \x03(\r\x12\x0f\n\x07pass_ms\x18\x06 \x03(\x02\"\xa0\x01\n\nDraftBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x12\n\nnum_drafts\x18\x03 \x01(\r\x12\x0e\n\x06packed\x18\x04 \x01(\x0c\x12\x0b\n\x03raw\x18\x05 \x01(\x0c\x12\t\n\x01k\x18\x06 \x01(\r\x12\x0b\n\x03\x65ll\x18\x07 \x01(\r\x12\x13\n\x0bplain_steps\x18\x08 \x01(\r\x12\x0e\n\x06stream\x18\t \x01(\x08\"\xd0\x01\n\x07Verdict\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x18\n\x10received_unix_us\x18\x04 \x01(\x04\x12\x14\n\x0csent_unix_us\x18\x05 \x01(\x04\x12\x12\n\nforward_us\x18\x06 \x01(\x04\x12\x14\n\x0cplain_tokens\x18\x07 \x03(\r\x12\x0c\n\x04more\x18\x08 \x01(\x08\x12\x19\n\x0crow_price_ms\x18\t \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_row_price_ms\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse*\xb9\x01\n\x06Scheme\x12\x16\n\x12SCHEME_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSCHEME_TOPK\x10\x01\x12\x14\n\x10SCHEME_CONFORMAL\x10\x02\x12\x10\n\x0cSCHEME_DENSE\x10\x03\x12\x10\n\x0cSCHEME_TOKEN\x10\x04\x12\x14\n\x10SCHEME_FP16_TOPK\x10\x05\x12\x0f\n\x0bSCHEME_FP32\x10\x06\x12\x0f\n\x0bSCHEME_NONE\x10\x07\x12\x14\n\x10SCHEME_INVARIANT\x10\x08\x32\x84\x02\n\x08Verifier\x12\x46\n\x0bOpenSession\x12\x1a.sqs.v1.OpenSessionRequest\x1a\x1b.sqs.v1.OpenSessionResponse\x12\x31\n\x06Verify\x12\x12.sqs.v1.DraftBatch\x1a\x0f.sqs.v1.Verdict(\x01\x30\x01\x12\x32\n\x0bVerifyBatch\x12\x12.sqs.v1.DraftBatch\x1a\x0f.sqs.v1.Verdict\x12I\n\x0c\x43loseSession\x12\x1b.sqs.v1.CloseSessionRequest\x1a\x1c.sqs.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63ommon/pb/v1/sqs.proto\x12\x06sqs.v1\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"Z\n\x0cSchemeParams\x12\x1e\n\x06scheme\x18\x01 \x01(\x0e\x32\x0e.sqs.v1.Scheme\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03\x65ll\x18\x03 \x01(\r\x12\x12\n\ndrop_zeros\x18\x04 \x01(\x08\"\xdd\x01\n\x12OpenSessionRequest\x12\x19\n\x11\x63ontext_token_ids\x18\x01 \x03(\r\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.sqs.v1.SamplingParams\x12$\n\x06scheme\x18\x03 \x01(\x0b\x32\x14.sqs.v1.SchemeParams\x12\x19\n\x11vocab_fingerprint\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nmax_drafts\x18\x06 \x01(\r\x12\x19\n\x11\x63lient_session_id\x18\x07 \x01(\t\"\x8e\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x11\n\tpass_rows\x18\x05 \x03(\r\x12\x0f\n\x07pass_ms\x18\x06 \x03(\x02\"\xb3\x01\n\nDraftBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x12\n\nnum_drafts\x18\x03 \x01(\r\x12\x0e\n\x06packed\x18\x04 \x01(\x0c\x12\x0b\n\x03raw\x18\x05 \x01(\x0c\x12\t\n\x01k\x18\x06 \x01(\r\x12\x0b\n\x03\x65ll\x18\x07 \x01(\r\x12\x13\n\x0bplain_steps\x18\x08 \x01(\r\x12\x0e\n\x06stream\x18\t \x01(\x08\x12\x11\n\tlookahead\x18\n \x01(\x08\"\x87\x02\n\x07Verdict\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x18\n\x10received_unix_us\x18\x04 \x01(\x04\x12\x14\n\x0csent_unix_us\x18\x05 \x01(\x04\x12\x12\n\nforward_us\x18\x06 \x01(\x04\x12\x14\n\x0cplain_tokens\x18\x07 \x03(\r\x12\x0c\n\x04more\x18\x08 \x01(\x08\x12\x19\n\x0crow_price_ms\x18\t \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x11lookahead_drafted\x18\n \x01(\r\x12\x1a\n\x12lookahead_accepted\x18\x0b \x01(\rB\x0f\n\r_row_price_ms\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse*\xb9\x01\n\x06Scheme\x12\x16\n\x12SCHEME_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSCHEME_TOPK\x10\x01\x12\x14\n\x10SCHEME_CONFORMAL\x10\x02\x12\x10\n\x0cSCHEME_DENSE\x10\x03\x12\x10\n\x0cSCHEME_TOKEN\x10\x04\x12\x14\n\x10SCHEME_FP16_TOPK\x10\x05\x12\x0f\n\x0bSCHEME_FP32\x10\x06\x12\x0f\n\x0bSCHEME_NONE\x10\x07\x12\x14\n\x10SCHEME_INVARIANT\x10\x08\x32\x84\x02\n\x08Verifier\x12\x46\n\x0bOpenSession\x12\x1a.sqs.v1.OpenSessionRequest\x1a\x1b.sqs.v1.OpenSessionResponse\x12\x31\n\x06Verify\x12\x12.sqs.v1.DraftBatch\x1a\x0f.sqs.v1.Verdict(\x01\x30\x01\x12\x32\n\x0bVerifyBatch\x12\x12.sqs.v1.DraftBatch\x1a\x0f.sqs.v1.Verdict\x12I\n\x0c\x43loseSession\x12\x1b.sqs.v1.CloseSessionRequest\x1a\x1c.sqs.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.pb.v1.sqs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCHEME']._serialized_start=1020
-  _globals['_SCHEME']._serialized_end=1205
+  _globals['_SCHEME']._serialized_start=1094
+  _globals['_SCHEME']._serialized_end=1279
   _globals['_SAMPLINGPARAMS']._serialized_start=34
   _globals['_SAMPLINGPARAMS']._serialized_end=115
   _globals['_SCHEMEPARAMS']._serialized_start=117
@@ -42,13 +42,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSIONRESPONSE']._serialized_start=434
   _globals['_OPENSESSIONRESPONSE']._serialized_end=576
   _globals['_DRAFTBATCH']._serialized_start=579
-  _globals['_DRAFTBATCH']._serialized_end=739
-  _globals['_VERDICT']._serialized_start=742
-  _globals['_VERDICT']._serialized_end=950
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=952
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=993
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=995
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1017
-  _globals['_VERIFIER']._serialized_start=1208
-  _globals['_VERIFIER']._serialized_end=1468
+  _globals['_DRAFTBATCH']._serialized_end=758
+  _globals['_VERDICT']._serialized_start=761
+  _globals['_VERDICT']._serialized_end=1024
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1026
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1067
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1069
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1091
+  _globals['_VERIFIER']._serialized_start=1282
+  _globals['_VERIFIER']._serialized_end=1542
 # @@protoc_insertion_point(module_scope)

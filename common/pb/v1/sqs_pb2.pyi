@@ -87,7 +87,7 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pass_rows: _Optional[_Iterable[int]] = ..., pass_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
-    __slots__ = ("session_id", "position", "num_drafts", "packed", "raw", "k", "ell", "plain_steps", "stream")
+    __slots__ = ("session_id", "position", "num_drafts", "packed", "raw", "k", "ell", "plain_steps", "stream", "lookahead")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class DraftBatch(_message.Message):
     ELL_FIELD_NUMBER: _ClassVar[int]
     PLAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     num_drafts: int
@@ -106,10 +107,11 @@ class DraftBatch(_message.Message):
     ell: int
     plain_steps: int
     stream: bool
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_drafts: _Optional[int] = ..., packed: _Optional[bytes] = ..., raw: _Optional[bytes] = ..., k: _Optional[int] = ..., ell: _Optional[int] = ..., plain_steps: _Optional[int] = ..., stream: _Optional[bool] = ...) -> None: ...
+    lookahead: bool
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., num_drafts: _Optional[int] = ..., packed: _Optional[bytes] = ..., raw: _Optional[bytes] = ..., k: _Optional[int] = ..., ell: _Optional[int] = ..., plain_steps: _Optional[int] = ..., stream: _Optional[bool] = ..., lookahead: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us", "forward_us", "plain_tokens", "more", "row_price_ms")
+    __slots__ = ("accepted", "token", "position", "received_unix_us", "sent_unix_us", "forward_us", "plain_tokens", "more", "row_price_ms", "lookahead_drafted", "lookahead_accepted")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,8 @@ class Verdict(_message.Message):
     PLAIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     ROW_PRICE_MS_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     token: int
     position: int
@@ -128,7 +132,9 @@ class Verdict(_message.Message):
     plain_tokens: _containers.RepeatedScalarFieldContainer[int]
     more: bool
     row_price_ms: float
-    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., plain_tokens: _Optional[_Iterable[int]] = ..., more: _Optional[bool] = ..., row_price_ms: _Optional[float] = ...) -> None: ...
+    lookahead_drafted: int
+    lookahead_accepted: int
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., position: _Optional[int] = ..., received_unix_us: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., forward_us: _Optional[int] = ..., plain_tokens: _Optional[_Iterable[int]] = ..., more: _Optional[bool] = ..., row_price_ms: _Optional[float] = ..., lookahead_drafted: _Optional[int] = ..., lookahead_accepted: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
