@@ -248,3 +248,20 @@ def test_an_edge_streaming_plain_tokens_sends_lookaheads_and_commits_plain_decod
         assert g.result.token_ids == ref
         rode[n] = g.result.stats.lookahead_drafted
     assert rode[2] > 0 and rode[0] == 0
+
+
+def test_lookahead_drafts_past_the_guess_go_out_only_while_likely_accepted():
+    """The first draft (a guess) always goes; each later one only while the acceptance model's
+    chance for the chain stays >= LOOKAHEAD_MIN_ACCEPT (0.5): at 0.9 a draft, 3 of 3 go; at 0.6,
+    the guess and one (0.6, then 0.36 < 0.5); at 0.4, the guess alone."""
+    from edge.drafter import Drafter
+
+    e = st.draft_engine()
+    cfg = DraftConfig(SchemeConfig("topk", vocab_size=e.vocab_size, k=4, ell=100), temperature=1.0, seed=3)
+    drafter = Drafter(e.new_lm(), cfg)
+    context = list(e.tokenizer.encode(st.PROMPT)) if hasattr(e, "tokenizer") else [1, 2, 3]
+    sent = {}
+    for chance in (0.9, 0.6, 0.4):
+        drafter.acceptance.predict = lambda c, chance=chance: chance
+        sent[chance] = len(drafter.lookahead(context, 3)[0])
+    assert sent == {0.9: 3, 0.6: 2, 0.4: 1}
