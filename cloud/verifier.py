@@ -332,10 +332,10 @@ class Verifier:
         room = min(owed - 1, self.config.max_context - 2 - c)
         return list(drafts[guessed:guessed + max(0, room)])
 
-    def _lookahead_step(self, session: Session, drafts: list, eos: set[int]) -> tuple[list[int], float]:
+    def _lookahead_step(self, session: Session, drafts: list, eos: set[int]) -> tuple[list[int], int, float]:
         """One plain step that verifies `drafts` too: ONE pass over [the last token] + drafts, the
-        round's sampling at this position. Returns the tokens it commits (cut after an EOS) and the
-        pass's ms."""
+        round's sampling at this position. Returns the tokens it commits (cut after an EOS), how many
+        of them are accepted drafts, and the pass's ms."""
         s = session.request.sampling
         tokens = [d.token for d in drafts]
         start = len(session.context)
@@ -347,7 +347,7 @@ class Verifier:
             if t in eos:
                 new = new[: i + 1]
                 break
-        return new, step_ms
+        return new, min(accepted, len(new)), step_ms
 
     def _plain_steps(self, session: Session, last: LastRound, emit: Callable[[RoundResult], None] | None,
                      stop: Callable[[], bool] | None, t0: float) -> RoundResult:
@@ -370,9 +370,9 @@ class Verifier:
                     break
                 drafts = self._lookahead_drafts(session, owed)
                 if drafts:  # the edge's drafts for the next positions ride this step
-                    new, step_ms = self._lookahead_step(session, drafts, eos)
+                    new, accepted, step_ms = self._lookahead_step(session, drafts, eos)
                     result = replace(result, lookahead_drafted=result.lookahead_drafted + len(drafts),
-                                     lookahead_accepted=result.lookahead_accepted + len(new) - 1)
+                                     lookahead_accepted=result.lookahead_accepted + accepted)
                 else:
                     row, step_ms = self._forward(session, session.context, 1, lane=session.id)  # [1, V]
                     if s.temperature == 0:  # the one-hot's token, without building a [V] one-hot per step

@@ -298,13 +298,8 @@ class Drafter:
             row, kept_row = self._next_row(ctx)
             logits = row.astype(np.float64)  # [V]
             q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)  # [V]
-            feature_q = q if cfg.temperature > 0 else target_probs(logits, 1.0, cfg.top_k, cfg.top_p)
-            c = confidence(feature_q)
-            if scheme.scheme == Scheme.INVARIANT:  # the token alone, drawn on the shared noise
-                d, capped = draw_invariant(q, cfg.seed, len(ctx)), False
-                honest, formula = draft_bits(scheme, 1)
-            else:
-                d, honest, formula, capped = self._describe(q, scheme, cfg.budget_bits - spent)
+            c = self._confidence(logits, q)
+            d, honest, formula, capped = self._describe_at(q, scheme, cfg.budget_bits - spent, len(ctx))
             cost = self._cost(honest, formula)
             if d is None or spent + cost > cfg.budget_bits:  # stop before the draft that would exceed B
                 break
@@ -391,20 +386,16 @@ class Drafter:
             logits = row.astype(np.float64)
             q = target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
             if drafts:  # the first draft only guesses the token being sampled: no row of its own
-                c = confidence(q if cfg.temperature > 0 else target_probs(logits, 1.0, cfg.top_k, cfg.top_p))
-                chance *= self.acceptance.predict(c)
+                chance *= self.acceptance.predict(self._confidence(logits, q))
                 if chance < LOOKAHEAD_MIN_ACCEPT:
                     break
-            if scheme.scheme == Scheme.INVARIANT:
-                d, honest, formula = draw_invariant(q, cfg.seed, len(ctx)), *draft_bits(scheme, 1)
-            else:
-                d, honest, formula, _ = self._describe(q, scheme, cfg.budget_bits - spent)
-                if d is None:
-                    break
-                d = draw(d, scheme.ell, np.random.default_rng([cfg.seed, len(ctx), 0xED6E]))
-            spent += self._cost(honest, formula)
-            if spent > cfg.budget_bits:
+            d, honest, formula, _ = self._describe_at(q, scheme, cfg.budget_bits - spent, len(ctx))
+            cost = self._cost(honest, formula)
+            if d is None or spent + cost > cfg.budget_bits:
                 break
+            spent += cost
+            if scheme.scheme != Scheme.INVARIANT:
+                d = draw(d, scheme.ell, np.random.default_rng([cfg.seed, len(ctx), 0xED6E]))
             drafts.append(d)
             ctx.append(d.token)
             if each is not None and len(drafts) >= 2:
@@ -421,6 +412,19 @@ class Drafter:
         cfg = self.config
         logits = self._next_row(list(context))[0].astype(np.float64)
         return gumbel_token(target_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p), cfg.seed, len(context))
+
+    def _confidence(self, logits: np.ndarray, q: np.ndarray) -> float:
+        """The acceptance model's feature of a draft row: q's confidence (at T = 0, of the T = 1 q)."""
+        cfg = self.config
+        return confidence(q if cfg.temperature > 0 else target_probs(logits, 1.0, cfg.top_k, cfg.top_p))
+
+    def _describe_at(self, q: np.ndarray, scheme: SchemeConfig, left_bits: float,
+                     position: int) -> tuple[Draft | None, float, float, bool]:
+        """_describe, or for the invariant scheme the token alone, drawn on the shared noise of
+        `position` (no description to draw from later)."""
+        if scheme.scheme == Scheme.INVARIANT:
+            return draw_invariant(q, self.config.seed, position), *draft_bits(scheme, 1), False
+        return self._describe(q, scheme, left_bits)
 
     def _describe(self, q: np.ndarray, scheme: SchemeConfig, left_bits: float) -> tuple[Draft | None, float, float, bool]:
         """The description of q, its (honest, formula) bits, and whether the budget capped it:

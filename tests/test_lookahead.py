@@ -259,9 +259,29 @@ def test_lookahead_drafts_past_the_guess_go_out_only_while_likely_accepted():
     e = st.draft_engine()
     cfg = DraftConfig(SchemeConfig("topk", vocab_size=e.vocab_size, k=4, ell=100), temperature=1.0, seed=3)
     drafter = Drafter(e.new_lm(), cfg)
-    context = list(e.tokenizer.encode(st.PROMPT)) if hasattr(e, "tokenizer") else [1, 2, 3]
+    context = list(e.tokenizer.encode(st.PROMPT))
     sent = {}
     for chance in (0.9, 0.6, 0.4):
         drafter.acceptance.predict = lambda c, chance=chance: chance
         sent[chance] = len(drafter.lookahead(context, 3)[0])
     assert sent == {0.9: 3, 0.6: 2, 0.4: 1}
+
+
+def test_an_eos_among_accepted_lookahead_drafts_ends_the_round_and_counts_what_it_committed(tiny):
+    """The target's next two tokens offered after x0, the first of them an EOS: the step accepts
+    both but commits up to the EOS only, and counts one accepted draft (not two)."""
+    prompt = prompt_ids(tiny)
+    ahead = greedy(tiny, prompt, 3)  # x0, x1, x2
+    info = TargetInfo(tiny.name, tiny.vocab_size, tiny.fingerprint, (ahead[1],))
+    v = Verifier(info, lambda: CachedLM(tiny.model, tiny.vocab_size), VerifierConfig(calibrate_rows=(1,)))
+    s, cfg = open_session(v, tiny, prompt, 0, 0.0)
+    rng = np.random.default_rng(2)
+
+    def emit(result):
+        if len(s.context) == len(prompt) + 1:
+            v.offer_lookahead(s, codec.pack_batch(len(s.context), drafts_of(ahead[1:], cfg, tiny, rng), cfg,
+                                                  lookahead=True))
+
+    r = v.verify(s, streamed(len(prompt), 6), emit=emit)
+    assert [r.token, *r.plain_tokens] == ahead[:2]
+    assert (r.lookahead_drafted, r.lookahead_accepted) == (2, 1)
