@@ -37,11 +37,17 @@ def target_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: 
         out = np.zeros_like(x)
         np.put_along_axis(out, np.argmax(x, axis=-1)[..., None], 1.0, axis=-1)
         return out
-    # One float64 copy, then in place (the same values as out-of-place steps): each pass over a
-    # [V] row after a forward pass reads cold memory (float32 logits in, no separate astype).
-    p = np.array(logits, dtype=np.float64)
-    p /= temperature
-    p -= np.max(p, axis=-1, keepdims=True)
+    # One float64 array written once, then in place (the same values as out-of-place steps): each
+    # pass over a [V] row after a forward pass reads cold memory. The maximum is taken on the input
+    # (float32 logits: half the bytes); max(x / T) = max(x) / T exactly, as float division by T > 0 is
+    # monotone and correctly rounded, and at T = 1 the division is skipped (x / 1 = x).
+    x = np.asarray(logits)
+    top = np.max(x, axis=-1, keepdims=True).astype(np.float64)
+    if temperature == 1:
+        p = np.subtract(x, top, dtype=np.float64)
+    else:
+        p = np.divide(x, temperature, dtype=np.float64)
+        p -= top / temperature
     np.exp(p, out=p)
     p /= p.sum(axis=-1, keepdims=True)
     v = p.shape[-1]

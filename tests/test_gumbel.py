@@ -30,6 +30,41 @@ def test_random_access_to_the_noise_equals_the_whole_stream():
     assert not np.array_equal(uniforms(10, 1234, 16), uniforms(9, 1234, 16))  # and by seed
 
 
+def test_the_lazy_noise_is_iid_uniform():
+    """The block layout (a block's minimum and its id first, the rest above it) must give i.i.d.
+    uniforms: each id's marginal is uniform, and within a block every id is equally likely to hold
+    the least value and any rank (exchangeable); ids past a block boundary too."""
+    ids = np.array([0, 1, 63, 64, 65, 127, 151_935])
+    u = np.stack([uniforms_at(5, pos, ids) for pos in range(3000)])  # [positions, ids]
+    for j in range(ids.size):
+        assert stats.kstest(u[:, j], "uniform").pvalue > 1e-3, ids[j]
+    block = np.stack([uniforms(5, pos, 128) for pos in range(3000)])  # two whole blocks
+    for lo in (0, 64):
+        ranks = np.argsort(np.argsort(block[:, lo:lo + 64], axis=1), axis=1)[:, [0, 17, 63]]
+        for r in ranks.T:  # the rank of a fixed id among its block: uniform over 0..63
+            assert chi2_p(np.bincount(r, minlength=64).astype(float), np.full(64, 1 / 64)) > 1e-3
+    assert abs(np.corrcoef(block[:, 63], block[:, 64])[0, 1]) < 0.08  # neighbours across a boundary
+
+
+@pytest.mark.parametrize("v", [65, 1000, 151_936])
+def test_reading_few_blocks_finds_the_whole_races_winner(v):
+    """gumbel_token opens only the blocks that can win; it must return exactly the winner of the
+    race over all V uniforms, for peaked and flat laws, with zero-mass tokens and ties in p."""
+    rng = np.random.default_rng(v)
+    for i in range(60):
+        p = 1 / np.arange(1, v + 1) ** rng.uniform(0.3, 2.5)  # Zipf-like, heavy head to nearly flat
+        p = p[rng.permutation(v)]
+        if i % 3 == 0:
+            p[rng.integers(v, size=v // 3)] = 0.0
+        if i % 4 == 0:
+            p[rng.integers(v, size=8)] = p.max()  # ties for the largest p
+        p /= p.sum()
+        u = uniforms(i, 10 + i, v)
+        ids = np.flatnonzero(p > 0)
+        whole = int(ids[np.argmin(-np.log1p(-u[ids]) / p[ids])])
+        assert gumbel_token(p, i, 10 + i) == whole, i
+
+
 @pytest.mark.parametrize("v", [7, 300])  # 7: the noise read at the support only; 300: as one array
 def test_gumbel_token_is_an_exact_draw(v):
     rng = np.random.default_rng(1)
