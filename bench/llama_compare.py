@@ -67,13 +67,14 @@ BOOTSTRAP_SEED = 0  # fixed: rerunning the report on the same samples gives the 
 CSV_COLUMNS = [
     "row", "system", "mode", "temperature", "requests", "generated", "tokens_per_s", "tokens_per_s_lo",
     "tokens_per_s_hi", "latency_p50_ms",
-    "latency_p95_ms", "server_tokens_per_s", "drafted", "accepted", "acceptance", "target", "draft",
+    "latency_p95_ms", "server_tokens_per_s", "drafted", "accepted", "acceptance", "lookahead_drafted",
+    "lookahead_accepted", "target", "draft",
     "max_new_tokens", "server_cpus", "edge_cpus", "threads", "engine", "llama_server_version", "llama_server_note", "cpu_flags",
     "prompts_code", "prompts_prose", "tokens_per_s_code", "tokens_per_s_prose", "seed", "commit", "loadavg_1m",
 ]
 RATIO_COLUMNS = ["row_a", "row_b", "temperature", "kind", "prompts", "ratio", "lo", "hi", "commit"]
 SAMPLE_COLUMNS = ["row", "temperature", "kind", "prompt", "seed", "generated", "wall_ms", "drafted", "accepted",
-                  "server_tokens_per_s", "commit"]
+                  "lookahead_drafted", "lookahead_accepted", "server_tokens_per_s", "commit"]
 
 
 # --- our side: a sqs-cloud process and the edge in this process ----------------------------------
@@ -165,6 +166,8 @@ class Sample:
     kind: str = "code"
     index: int = 0  # the prompt's index within its kind: (kind, index) pairs samples across rows
     seed: int = 0
+    lookahead_drafted: int = 0  # drafts sent ahead of streamed rounds that the cloud verified (not in drafted)
+    lookahead_accepted: int = 0
 
 
 @dataclass
@@ -188,6 +191,8 @@ class Row:
             "latency_p50_ms": _pct(walls, 50), "latency_p95_ms": _pct(walls, 95),
             "server_tokens_per_s": statistics.fmean(server) if server else None,
             "drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted if drafted else None,
+            "lookahead_drafted": sum(s.lookahead_drafted for s in self.samples),
+            "lookahead_accepted": sum(s.lookahead_accepted for s in self.samples),
             **{f"prompts_{k}": len(v) for k, v in by_kind.items()},
             **{f"tokens_per_s_{k}": tokens_per_s(v) for k, v in by_kind.items()},
             "loadavg_1m": self.loadavg_1m, "samples": list(self.samples),
@@ -254,6 +259,7 @@ def sample_records(rows: list[dict]) -> list[dict]:
     """SAMPLE_COLUMNS: one per measured request, so the intervals can be recomputed."""
     return [{"row": r["row"], "temperature": r["temperature"], "kind": s.kind, "prompt": s.index, "seed": s.seed,
              "generated": s.generated, "wall_ms": round(s.wall_ms, 6), "drafted": s.drafted, "accepted": s.accepted,
+             "lookahead_drafted": s.lookahead_drafted, "lookahead_accepted": s.lookahead_accepted,
              "server_tokens_per_s": s.server_tokens_per_s, "commit": r.get("commit")}
             for r in rows for s in r["samples"]]
 
@@ -301,7 +307,9 @@ def _sqs_rows(cfg: BenchConfig, wanted: Sequence[str], progress) -> list[Row]:
                     ms, g = sqs_generate(runtime, p.text, draft_len=draft_len,
                                          max_new_tokens=cfg.max_new_tokens, temperature=temperature, seed=p.seed)
                     row.samples.append(Sample(ms, g.stats.generated, g.stats.drafted, g.stats.accepted,
-                                              kind=p.kind, index=p.index, seed=p.seed))
+                                              kind=p.kind, index=p.index, seed=p.seed,
+                                              lookahead_drafted=g.stats.lookahead_drafted,
+                                              lookahead_accepted=g.stats.lookahead_accepted))
                     progress()
                 rows.append(row)
     return rows

@@ -8,7 +8,9 @@ rows per second (cloud/auth.py says who the identity is).
     seconds of it. A verification request costs 1 round and its rows (drafts + 1 + plain steps:
     what it adds to the target's passes). A request costing more than a bucket holds passes when
     the bucket is full and leaves it in debt, so any request can go and the long-run rate holds.
-    Both buckets are charged together or not at all.
+    Both buckets are charged together or not at all. A lookahead batch (drafts that ride a
+    streamed round already charged) costs its drafts from the rows bucket only, and only when the
+    bucket has them now; otherwise the cloud drops it (charge_rows), as it drops a late one.
 
 A refusal is QuotaExceeded: which limit, and when a retry may pass (retry_after_s). The servicer
 answers RESOURCE_EXHAUSTED with the hint in the details and as `retry-after` trailing metadata
@@ -120,6 +122,21 @@ class Quotas:
             for bucket, cost in ((rounds, 1), (rowb, rows)):
                 if bucket is not None:
                     bucket.take(cost)
+
+    def charge_rows(self, identity: str, rows: int) -> bool:
+        """Optional work of `rows` rows by `identity` (a lookahead batch, which rides a round already
+        charged: the rounds bucket is not touched). True when the rows bucket has them now (taken);
+        False when it would wait (nothing charged): the caller drops the work instead of refusing."""
+        if not self.config.rows_per_s:
+            return True
+        now = self._clock()
+        with self._lock:
+            rowb = (self._buckets.get(identity) or self._new(identity, now))[1]
+            rowb.refill(now)
+            if rowb.wait(rows) > 0:
+                return False
+            rowb.take(rows)
+            return True
 
     def _new(self, identity: str, now: float) -> tuple[TokenBucket | None, TokenBucket | None]:
         c = self.config

@@ -204,7 +204,7 @@ class VerifierServicer:
         finally:
             stopped.set()  # the stream ended first: the round keeps what it owes for a resend
 
-    async def _read(self, request_iterator: AsyncIterator, inbox: asyncio.Queue, stream: dict) -> None:
+    async def _read(self, request_iterator: AsyncIterator, inbox: asyncio.Queue, stream: dict, who: str) -> None:
         """The stream's reader: lookahead batches go to the session at once (its streamed round is
         stepping: the loop below is inside it), every other request to `inbox`, then _END (or the
         iterator's exception)."""
@@ -212,7 +212,12 @@ class VerifierServicer:
             async for request in request_iterator:
                 session = stream.get("session")
                 if session is not None and getattr(request, "lookahead", False) and not request.session_id:
-                    self.verifier.offer_lookahead(session, codec.batch_from_pb(request))
+                    # Its drafts are rows the round's charge did not cover: over the rows quota the
+                    # lookahead is dropped (it is optional work), the stream goes on.
+                    if self.quotas.charge_rows(who, request.num_drafts):
+                        self.verifier.offer_lookahead(session, codec.batch_from_pb(request))
+                    else:
+                        self.metrics.quota_refusals.labels("lookahead_rows").inc()
                 else:
                     await inbox.put(request)
         except asyncio.CancelledError:  # the RPC is over (the loop below is cancelled with it)
@@ -228,7 +233,7 @@ class VerifierServicer:
         # batches without reading verdicts is held by the transport's flow control, not our memory.
         inbox: asyncio.Queue = asyncio.Queue(maxsize=1)
         stream: dict = {}  # the attached session, once there is one (the reader hands it lookaheads)
-        reader = asyncio.ensure_future(self._read(request_iterator, inbox, stream))
+        reader = asyncio.ensure_future(self._read(request_iterator, inbox, stream, auth.identity()))
         try:
             while True:
                 request = await inbox.get()

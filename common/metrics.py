@@ -23,7 +23,8 @@ Series (label `sparsifier`, and `part` or `position` where named: never a sessio
       whose rounds shared it: 1 with cross-session batching off)      (histograms, cloud, no labels)
   sqs_auth_failures_total{reason=missing|malformed|invalid|certificate}   (counter, cloud: calls
       refused UNAUTHENTICATED, cloud/auth.py; a refused TLS handshake never reaches the server's code)
-  sqs_quota_refusals_total{limit=sessions|rounds|rows}   (counter, cloud: RESOURCE_EXHAUSTED, cloud/quotas.py)
+  sqs_quota_refusals_total{limit=sessions|rounds|rows|lookahead_rows}   (counter, cloud: RESOURCE_EXHAUSTED, cloud/quotas.py;
+                                                        lookahead_rows: a lookahead dropped, no error)
   sqs_cloud_info{model, engine, weight_type, dtype, detail, batching=on|off, batch_window_ms, batch_max_rows,
       batch_rejoin, threads, workers} = 1   (gauge, cloud, one sample set at start: what the verifier runs as applied, so a
       load test or a dashboard records what served rather than what it asked for; "" = not known)

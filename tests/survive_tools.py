@@ -16,6 +16,7 @@ from typing import Callable
 
 import grpc
 
+from cloud.quotas import QuotaConfig
 from cloud.server import CloudConfig, create_server, load_target
 from cloud.verifier import RoundResult, Session, Verifier, VerifierConfig
 from common import codec
@@ -92,12 +93,13 @@ class HookedVerifier(Verifier):
 class Cloud:
     """sqs-cloud's server in this process on its own event-loop thread (no calibration, no metrics port)."""
 
-    def __init__(self, port: int = 0, verifier: Verifier | None = None, **verifier_config) -> None:
+    def __init__(self, port: int = 0, verifier: Verifier | None = None, quotas: QuotaConfig = QuotaConfig(),
+                 **verifier_config) -> None:
         self.verifier = verifier or HookedVerifier(**verifier_config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        cfg = CloudConfig(model="tiny", host="127.0.0.1", port=port, metrics_port=0, calibrate=False)
+        cfg = CloudConfig(model="tiny", host="127.0.0.1", port=port, metrics_port=0, calibrate=False, quotas=quotas)
         self.running = asyncio.run_coroutine_threadsafe(create_server(cfg, self.verifier), self.loop).result(60)
         self.port = self.running.port
         self.address = f"127.0.0.1:{self.port}"

@@ -186,6 +186,12 @@ def test_bench_quick_all_four_rows(binary, tmp_path, capsys):
     by = {r["row"]: r for r in rows}
     assert int(by["llama-sd"]["drafted"]) > 0  # ours plans per round: on one shared CPU it may not draft
     assert by["llama-ar"]["drafted"] == by["sqs-cloud"]["drafted"] == "0"
+    assert by["llama-ar"]["lookahead_drafted"] == by["sqs-cloud"]["lookahead_drafted"] == "0"
+    samples = list(csv.DictReader((tmp_path / "llama_server_samples.csv").open()))
+    for r in rows:  # the drafts that rode streamed rounds, per request and totalled per row
+        mine = [s for s in samples if s["row"] == r["row"]]
+        for col in ("lookahead_drafted", "lookahead_accepted"):
+            assert sum(int(s[col]) for s in mine) == int(r[col])
     assert all(r["cpu_flags"] and r["server_cpus"] == cpu for r in rows)
     for r in rows:  # what ran, on every row
         assert re.fullmatch(r"[0-9a-f]{4,}(-dirty)?", r["commit"]) and float(r["loadavg_1m"]) >= 0

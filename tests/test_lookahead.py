@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import tests.survive_tools as st  # noqa: E402
+from cloud.quotas import QuotaConfig  # noqa: E402
 from cloud.verifier import SessionError, TargetInfo, Verifier, VerifierConfig  # noqa: E402
 from cloud.sessions import Refusal  # noqa: E402
 from common import codec  # noqa: E402
@@ -248,6 +249,36 @@ def test_an_edge_streaming_plain_tokens_sends_lookaheads_and_commits_plain_decod
         assert g.result.token_ids == ref
         rode[n] = g.result.stats.lookahead_drafted
     assert rode[2] > 0 and rode[0] == 0
+
+
+def test_over_the_rows_quota_a_lookahead_is_dropped_and_the_stream_goes_on():
+    """The round's charge covers its plain steps, not the drafts that ride them: with a rows quota
+    the bucket cannot cover, every lookahead is dropped (counted), none fails the stream, and the
+    tokens are still plain decoding's (T = 0)."""
+    info, new_lm = st.target()
+    cloud = st.Cloud(0, verifier=Verifier(info, lambda: SlowLM(new_lm(), 0.03), VerifierConfig()),
+                     quotas=QuotaConfig(rows_per_s=0.01, burst_s=2000.0))  # 20 rows: the 24-row round leaves a debt
+    try:
+        e = st.draft_engine()
+        rt = EdgeRuntime(e, ClientConfig(cloud.address, **st.FAST_RETRY))
+        prompt = rt.encode(st.PROMPT)
+        cfg = DraftConfig(SchemeConfig("topk", vocab_size=e.vocab_size, k=4, ell=100), max_draft_len=3,
+                          temperature=0.0, seed=0, pipeline=True, lookahead=2)
+        lm, ctx, ref = new_lm(), list(prompt), []
+        for _ in range(24):
+            ref.append(int(np.argmax(lm.logits(ctx, want=1)[0])))
+            ctx.append(ref[-1])
+        g = rt.start(prompt, cfg, max_new_tokens=24)
+        g.drafter.plan = lambda costs, remaining, ready=0: RoundPlan(False, None, 0, remaining - 1,
+                                                                    float(remaining), 1.0, 0.0)
+        list(g)
+        assert g.result.token_ids == ref
+        assert g.result.stats.lookahead_drafted == 0
+        dropped = cloud.running.metrics.registry.get_sample_value("sqs_quota_refusals_total",
+                                                                  {"limit": "lookahead_rows"})
+        assert dropped and dropped > 0
+    finally:
+        cloud.stop()
 
 
 def test_lookahead_drafts_past_the_guess_go_out_only_while_likely_accepted():

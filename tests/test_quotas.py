@@ -65,6 +65,18 @@ def test_long_run_rate_is_the_configured_one():
     assert 500 <= served <= 500 + 10 + 5
 
 
+def test_a_lookahead_takes_rows_only_while_the_bucket_has_them_and_never_goes_into_debt():
+    clock = Clock()
+    q = Quotas(QuotaConfig(rounds_per_s=1, rows_per_s=10, burst_s=1.0), clock)  # 10 rows, 1 round held
+    assert q.charge_rows("a", 4) and q.charge_rows("a", 6)  # the rows bucket is empty now
+    assert not q.charge_rows("a", 1)  # dropped, not refused: nothing charged, no debt
+    assert q._buckets["a"][1].tokens == pytest.approx(0.0)
+    clock.t += 0.1  # one row refilled
+    assert not q.charge_rows("a", 2) and q.charge_rows("a", 1)
+    assert q._buckets["a"][0].tokens == 1  # the rounds bucket untouched by lookaheads
+    assert Quotas(QuotaConfig(rounds_per_s=1), clock).charge_rows("a", 10**6)  # no rows limit: always
+
+
 def test_session_quota_and_off_switch():
     q = Quotas(QuotaConfig(max_sessions=2))
     q.check_open("a", 1)
