@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("codec", help="codec microbenchmark (time and bits per draft token)")
     c.add_argument("--quick", action="store_true", help="fewer distributions, V = 50257 only")
     c.add_argument("--n", type=int, default=64, help="distributions per setting")
+    sm = sub.add_parser("sampling", help="the cloud's per-token sampling at T > 0: target_probs, gumbel_token "
+                                         "and the whole-vocabulary race it replaced, side by side (ms)")
+    sm.add_argument("--vocab", type=int, default=151_936)
+    sm.add_argument("--n", type=int, default=32, help="Zipf-like laws (peaked to flat)")
+    sm.add_argument("--repeats", type=int, default=5, help="calls per law; the best is kept")
     e = sub.add_parser("e2e", help="real end-to-end runs, schemes side by side (cloud process + edge)")
     e.add_argument("--draft-model", default="tiny")
     e.add_argument("--target-model", default="tiny")
@@ -152,6 +157,12 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as d:
             records = run(settings, prompts, ctx, Path(d) / "runs.jsonl")
             report(records, Path(d), 1e6, 50.0)
+    if a.cmd == "sampling":
+        from bench.machine import cpu_flags
+        from bench.sampling_bench import format_rows, run as run_sampling
+
+        print(f"CPU flags: {cpu_flags()}")
+        print(format_rows(run_sampling(a.vocab, a.n, a.repeats)))
     if a.cmd == "codec":
         from bench.codec_bench import format_table, run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,24 @@ def test_a_cloud_that_cannot_serve_fails_with_its_last_line():
     with pytest.raises(RuntimeError) as exc:
         start_cloud("no-such-model", free_port(), timeout_s=120)
     assert "\n" not in str(exc.value) and str(exc.value).strip()
+
+
+def test_sampling_bench_times_each_operation_and_its_baseline_is_the_whole_race(capsys):
+    """`sqs-bench sampling` prints one row per operation; its baseline (the replaced dense path) must
+    be the race over all V uniforms of its Philox stream, or the side-by-side compares other work."""
+    import numpy as np
+
+    from bench.cli import main as bench_main
+    from bench.sampling_bench import whole_vocabulary_race
+
+    for i, p in enumerate(zipf_dists(3000, 6, seed=4)):
+        key = np.array([7, ((i & 0xFFFF_FFFF) << 24) | 0x6DB1E5], dtype=np.uint64)
+        u = np.random.Generator(np.random.Philox(key=key)).random(p.size)
+        assert whole_vocabulary_race(p, 7, i) == int(np.argmin(-np.log1p(-u) / p))
+    with pytest.raises(SystemExit) as done:
+        bench_main(["sampling", "--vocab", "3000", "--n", "2", "--repeats", "1"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for what in ("target_probs T=1", "target_probs T=0.7", "gumbel_token (lazy blocks)",
+                 "whole-vocabulary race (one Philox stream)"):
+        assert re.search(re.escape(what) + r"\s+3000\s+\d+\.\d{3}\n", out), what
