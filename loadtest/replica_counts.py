@@ -5,6 +5,7 @@ restarts counted as Prometheus' increase() does), `replica_table` prints them. U
 
 from __future__ import annotations
 
+import http.client
 import urllib.request
 from collections import defaultdict
 
@@ -14,8 +15,11 @@ def _samples(address: str, timeout_s: float):
     ValueError when the text is not Prometheus' format."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as r:
-        text = r.read().decode()
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as r:
+            text = r.read().decode()
+    except http.client.HTTPException as exc:  # a replica killed mid-answer (IncompleteRead): not an OSError
+        raise OSError(f"{address}/metrics: {exc!r}") from exc
     for family in text_string_to_metric_families(text):
         yield from family.samples
 

@@ -220,6 +220,39 @@ def test_scraped_pass_counts_are_refused_across_a_restart_or_a_silent_replica(fr
     assert pass_totals([f"127.0.0.1:{free_port()}"], timeout_s=0.5) is None  # nothing listens there
 
 
+def test_a_replica_killed_mid_answer_is_a_failed_scrape_not_a_crash():
+    """The soak kills replicas while the meter scrapes them: an answer cut short (IncompleteRead, an
+    HTTPException rather than an OSError) once ended a soak with a traceback. It must count as a
+    failed scrape like a refused connection."""
+    import socket
+    import threading
+
+    from loadtest.replica_counts import ReplicaMeter, scrape
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def cut_short():
+        for _ in range(3):
+            conn, _ = srv.accept()
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4285\r\n\r\nsqs_batches_total 3\n")
+            conn.close()
+
+    threading.Thread(target=cut_short, daemon=True).start()
+    try:
+        with pytest.raises(OSError, match="IncompleteRead"):
+            scrape(f"127.0.0.1:{port}", timeout_s=2.0)
+        meter = ReplicaMeter([f"127.0.0.1:{port}"])
+        meter.sample()
+        meter.sample()
+        assert meter._failed[0] == 2
+    finally:
+        srv.close()
+
+
 def test_batching_off_is_recorded_as_applied():
     report = run_load_test(LoadTestConfig(clients=(1,), requests=2, warmup=0, batch_window_ms=0, **FAST))
     c = report.to_dict()["cloud"]
