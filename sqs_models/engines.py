@@ -56,7 +56,8 @@ import numpy as np
 from common.lm import ENGINES, LM
 
 from .install import REAL_MODELS, gguf_path, install_command, is_installed, model_dir
-from .pass_table import ACCEPTANCE_RANGE, GRID, cached_table, choose, describe_choice, draft_step_ms, machine_key
+from .pass_table import (ACCEPTANCE_RANGE, GRID, TIE_MARGIN, TIE_RETIMES, cached_table, choose, describe_choice,
+                         draft_step_ms, machine_key, near_tie, store_table)
 
 __all__ = [
     "LM",
@@ -246,19 +247,43 @@ def pick_by_tables(candidates: Sequence[Candidate], rows: Sequence[int], cache: 
                    acceptance: float | Sequence[float] = ACCEPTANCE_RANGE, sessions: int = 1
                    ) -> tuple[Candidate, dict[str, dict[int, float]], list]:
     """(the candidate predicting the most committed tok/s, every table, every prediction best first).
-    A candidate whose measurement fails is left out with a warning."""
+    A candidate whose measurement fails is left out with a warning. Two leaders within
+    ``TIE_MARGIN`` of each other, either just measured, are timed again interleaved first
+    (sqs_models.pass_table, "Near ties")."""
     tables: dict[str, dict[int, float]] = {}
+    fresh: set[str] = set()
     for c in candidates:
         try:
             tables[c.name], cached = cached_table(c.key, rows, c.measure, cache)
         except Exception as exc:  # one engine that cannot run must not stop the others
             log.warning("auto: %s left out: %s", c.name, exc)
             continue
+        if not cached:
+            fresh.add(c.name)
         log.info("auto: %s pass ms by rows (%s): %s", c.name, "cached" if cached else "measured",
                  {r: round(ms, 1) for r, ms in tables[c.name].items()})
     if not tables:
         raise EngineUnavailable("no engine could be measured")
     best, preds = choose(tables, acceptance, sessions=sessions)
+    if len(preds) > 1 and near_tie(preds[0], preds[1]) and fresh & {preds[0].name, preds[1].name}:
+        by_name = {c.name: c for c in candidates}
+        leaders = [by_name[p.name] for p in preds[:2]]
+        log.info("auto: %s and %s predict within %.0f%%: timing both again, interleaved",
+                 leaders[0].name, leaders[1].name, 100 * TIE_MARGIN)
+        timings = {c.name: [tables[c.name]] for c in leaders}
+        try:
+            for _ in range(TIE_RETIMES):
+                for c in leaders:
+                    timings[c.name].append(c.measure(list(rows)))
+        except Exception as exc:  # keep the first tables: a failed re-timing must not stop the start
+            log.warning("auto: timing again failed (%s); kept the first tables", exc)
+        else:
+            for c in leaders:
+                tables[c.name] = {r: float(np.median([t[r] for t in timings[c.name]])) for r in tables[c.name]}
+                store_table(c.key, tables[c.name], cache)
+                log.info("auto: %s pass ms by rows (median of %d timings): %s", c.name, 1 + TIE_RETIMES,
+                         {r: round(ms, 1) for r, ms in tables[c.name].items()})
+            best, preds = choose(tables, acceptance, sessions=sessions)
     return next(c for c in candidates if c.name == best), tables, preds
 
 

@@ -33,6 +33,16 @@ drafts on its own device) and one pass of S * (L + 1) rows. Where a wide pass co
 narrow one does (torch bf16 on AMX here: 366 ms for 17 rows against 342 for one) that engine wins
 at S = 8 while llama.cpp's cheaper step wins at S = 1, so one process cannot keep both promises:
 the operator says which load to plan for (default 1, the single-client promise).
+
+Near ties. A table is timed once, on whatever else the host runs then; on the AMX VM of RESULTS 0h
+a start during an install measured Q4_K_M's step at 181 ms (161 quiet) and Q4_0's at 154 (195
+quiet), kept Q4_0, and cached the choice, whose wide passes cost 2-3x Q4_K_M's; the host's speed
+drifted by up to 40% within that session. So when the two best predictions lie within ``TIE_MARGIN``
+(25%, which that case needed: 154 against 181) of each other and either table was just measured, both
+are timed ``TIE_RETIMES`` more times, alternating (A B A B: a slow or fast spell of the host falls
+on both), each row keeps the median of its timings (a VM's core runs faster as well as slower while
+the other core idles or works, so the fastest figure is no safer), and the choice is made again on
+those tables, which are what the cache keeps.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["GRID", "ACCEPTANCE_PRIOR", "ACCEPTANCE_RANGE", "DRAFT_STEP_PRIOR", "state_dir", "cpu_fingerprint", "package_version", "machine_key", "pass_grid", "cached_table",
+           "store_table", "near_tie", "TIE_MARGIN", "TIE_RETIMES",
            "Prediction", "expected_tokens", "pass_ms", "predict", "choose", "describe_choice"]
 
 GRID = (1, 2, 3, 5, 9, 17, 33, 64)  # rows of the measured passes (L + 1 for L = 0, 1, 2, 4, 8, 16, 32)
@@ -56,6 +67,8 @@ ACCEPTANCE_PRIOR = 0.7  # per drafted position; docs/DESIGN.md section 9 measure
 ACCEPTANCE_RANGE = (0.5, 0.9)  # the auto choice's worst case runs over these (module doc)
 DRAFT_STEP_PRIOR = 0.4  # the edge's draft step, as a fraction of the fastest target step (module doc)
 MAX_DRAFTS = 16
+TIE_MARGIN = 0.25  # predictions this close are timed again, interleaved, before one is kept
+TIE_RETIMES = 2  # further timings of each of the two leaders, alternating
 TABLE_FORMAT = "fastest-of-3"  # how a cached figure was taken: a change here measures anew
 _lock = threading.Lock()
 
@@ -118,14 +131,29 @@ def cached_table(key: str, rows: Sequence[int], measure: Callable[[Sequence[int]
     missing = [r for r in rows if r not in known]
     if missing:
         known.update({int(r): float(ms) for r, ms in measure(missing).items()})
-        with _lock:  # re-read: another engine of this process may have written meanwhile
-            table = _read(cache)
-            table[key] = {str(r): ms for r, ms in sorted(known.items())}
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1))
-            tmp.replace(cache)
+        store_table(key, known, cache)
     return {r: known[r] for r in rows}, not missing
+
+
+def store_table(key: str, table: Mapping[int, float], cache: Path | None = None) -> None:
+    """Write ``table`` ({rows: ms}) under ``key``: its rows replace those cached, other cached rows
+    stay (atomic rename)."""
+    cache = cache or state_dir() / "pass-tables.json"
+    with _lock:  # re-read: another engine of this process may have written meanwhile
+        known = _read(cache)
+        merged = {int(r): float(ms) for r, ms in known.get(key, {}).items()}
+        merged.update({int(r): float(ms) for r, ms in table.items()})
+        known[key] = {str(r): ms for r, ms in sorted(merged.items())}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(cache)
+
+
+def near_tie(a: Prediction, b: Prediction, margin: float = TIE_MARGIN) -> bool:
+    """True when ``b`` predicts within ``margin`` (relative) of ``a``: closer than one measurement
+    of a loaded host can tell apart (module doc, "Near ties")."""
+    return b.best_tok_s >= (1.0 - margin) * a.best_tok_s
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,66 @@ def test_auto_picks_by_tables_measures_once_and_leaves_out_a_failing_engine(tmp_
     assert best2.name == best.name and len(measured) == 2
 
 
+def _scripted(name: str, timings: list[dict[int, float]], order: list[str]):
+    """A candidate whose successive timings are ``timings`` (a noisy host), logging each call."""
+    from sqs_models.engines import Candidate
+
+    def measure(rows):
+        order.append(name)
+        t = timings[min(len(order_of(name, order)) - 1, len(timings) - 1)]
+        return {r: t[r] for r in rows}
+
+    return Candidate(name, f"key-{name}", measure, lambda: name)
+
+
+def order_of(name: str, order: list[str]) -> list[str]:
+    return [n for n in order if n == name]
+
+
+def test_a_near_tie_measured_on_a_noisy_host_is_timed_again_interleaved_and_reversed(tmp_path):
+    """RESULTS 0h: a start while the host was busy timed Q4_K_M's step at 181 ms (161 quiet) and
+    Q4_0's at 154 (195 quiet) and kept Q4_0. The leaders within TIE_MARGIN are timed again, A B A B,
+    each row keeps the median of its timings, and the quiet tables decide; the cache keeps them."""
+    pytest.importorskip("torch")
+    from sqs_models.engines import pick_by_tables
+    from sqs_models.pass_table import TIE_RETIMES
+
+    cache = tmp_path / "tables.json"
+    order: list[str] = []
+    k_noisy, k_quiet = linear(181.0), linear(161.0)
+    q_lucky, q_quiet = linear(154.0), linear(195.0)
+    cands = [_scripted("llama Q4_K_M", [k_noisy, k_quiet], order),
+             _scripted("llama Q4_0", [q_lucky, q_quiet], order),
+             _scripted("torch bfloat16", [linear(900.0)], order)]  # far behind: never timed again
+    best, tables, preds = pick_by_tables(cands, GRID, cache)
+    assert best.name == "llama Q4_K_M" and preds[0].name == "llama Q4_K_M"
+    assert order == ["llama Q4_K_M", "llama Q4_0", "torch bfloat16"] + ["llama Q4_0", "llama Q4_K_M"] * TIE_RETIMES
+    assert tables["llama Q4_K_M"] == k_quiet and tables["llama Q4_0"] == q_quiet  # the median per row
+    stored = json.loads(cache.read_text())
+    assert stored["key-llama Q4_K_M"] == {str(r): ms for r, ms in k_quiet.items()}
+    order.clear()
+    best2, _, _ = pick_by_tables(cands, GRID, cache)  # a restart: cached, no tie-break timings
+    assert best2.name == "llama Q4_K_M" and order == []
+
+
+def test_no_second_timing_when_the_leaders_are_apart_or_both_were_cached(tmp_path):
+    pytest.importorskip("torch")
+    from sqs_models.engines import pick_by_tables
+    from sqs_models.pass_table import store_table
+
+    order: list[str] = []
+    apart = [_scripted("a", [linear(100.0)], order), _scripted("b", [linear(150.0)], order)]
+    best, _, _ = pick_by_tables(apart, GRID, tmp_path / "apart.json")
+    assert best.name == "a" and order == ["a", "b"]
+    order.clear()
+    cache = tmp_path / "tied.json"
+    store_table("key-a", linear(100.0), cache)
+    store_table("key-b", linear(103.0), cache)
+    tied = [_scripted("a", [linear(100.0)], order), _scripted("b", [linear(50.0)], order)]
+    best, _, _ = pick_by_tables(tied, GRID, cache)
+    assert best.name == "a" and order == []  # both from the cache: already settled on an earlier start
+
+
 def test_a_tiny_engine_table_is_measured_once_then_read(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from sqs_models import engines
