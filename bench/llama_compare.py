@@ -438,6 +438,9 @@ def register(subparsers) -> None:
     p.add_argument("--llama-server", metavar="PATH", help="the binary (default: the one `make llama-server` built)")
     p.add_argument("--target-model", default="qwen2.5-coder-1.5b")
     p.add_argument("--draft-model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--llama-server-model", metavar="FILE.gguf",
+                   help="the GGUF llama-server serves (default: the target's own file); give it the file our "
+                        "cloud's auto choice kept (its start log), so that both sides run the same weights")
     p.add_argument("--engine", default="llama", choices=ENGINES,
                    help="our cloud's engine (llama: the same GGUF as llama-server, through llama-cpp-python)")
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
@@ -496,6 +499,10 @@ def main(args) -> int:
                 missing = target if paths[0] is None else draft
                 return _fail(f"no GGUF for {missing}: sqs-models install {missing}")
             target_gguf, draft_gguf = map(str, paths)
+            if args.llama_server_model:
+                if not Path(args.llama_server_model).is_file():
+                    return _fail(f"--llama-server-model {args.llama_server_model}: no such file")
+                target_gguf = args.llama_server_model
         code, prose = list(CODE_PROMPTS[:n]), wiki_prompts(args.prose_prompts)
         cfg = BenchConfig(binary, target, draft, target_gguf, draft_gguf, code + prose,
                           list(args.temperatures), max_new, server_cpus, edge_cpus, threads, engine=engine,

@@ -4,7 +4,7 @@
 # sqs-loadtest --llama-server). Prints the binary's path on the last line of stdout.
 #
 # ~11 min on 2 cores cold; a second call finds the cached binary and returns at once. The build is
-# native (GGML_NATIVE: the CPU flags of this machine), static (no shared libraries to find) and has
+# native without AMX (scripts/llama_build_flags.sh: the CPU flags of this machine), static (no shared libraries to find) and has
 # no CURL (it never downloads models: the benchmarks hand it the GGUF files of sqs_models).
 #
 #   scripts/build_llama_server.sh           build if needed; the binary's path on the last line
@@ -20,9 +20,9 @@ esac
 VERSION="${LLAMA_SERVER_VERSION:-11434.0.0}"
 SHA256="${LLAMA_SERVER_SHA256:-b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45}"
 CACHE="${SQS_LLAMA_SERVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sqs-sd/llama-server}"
-# The native build is only valid on a CPU with the same flags: key the cache by them.
-FLAGS_KEY="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_bf16|avx512_vnni|amx_tile|amx_bf16)$' | sort | tr '\n' '-')"
-DEST="$CACHE/$VERSION-${FLAGS_KEY%-}"
+# The native build is only valid on a CPU with the same flags: key the cache by them (and AMX on/off).
+source "$(dirname "$0")/llama_build_flags.sh"
+DEST="$CACHE/$VERSION-$LLAMA_FLAGS_KEY"
 BIN="$DEST/llama-server"
 
 if [[ -x "$BIN" ]] && "$BIN" --version >/dev/null 2>&1; then
@@ -52,8 +52,8 @@ ROOT="${ROOT%/tools/server}"
 [[ -f "$ROOT/CMakeLists.txt" ]] || { echo "build_llama_server: no llama.cpp tree in $SDIST" >&2; exit 1; }
 
 start=$(date +%s)
-echo "build_llama_server: building llama-server $VERSION (flags ${FLAGS_KEY%-}) on $(nproc) cores" >&2
-cmake -S "$ROOT" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
+echo "build_llama_server: building llama-server $VERSION ($LLAMA_FLAGS_KEY) on $(nproc) cores" >&2
+CFLAGS="$LLAMA_CFLAGS" CXXFLAGS="$LLAMA_CFLAGS" cmake -S "$ROOT" -B "$WORK/build" "${LLAMA_CMAKE_FLAGS[@]}" -DLLAMA_CURL=OFF \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF >&2
 cmake --build "$WORK/build" --target llama-server -j "$(nproc)" >&2
 mkdir -p "$DEST"

@@ -43,12 +43,12 @@ _lock = threading.Lock()  # one probe at a time in a process, and one writer of 
 
 
 def probe_key(path: Path) -> str:
-    """(file, CPU flags, llama-cpp-python version) as one string: a decision holds for this key only."""
-    from .pass_table import cpu_fingerprint, package_version
+    """(file, CPU flags, llama-cpp-python build) as one string: a decision holds for this key only."""
+    from .pass_table import cpu_fingerprint, llama_build
 
     st = path.stat()
     return (f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|cpu:{cpu_fingerprint()}"
-            f"|llama-cpp-python:{package_version('llama-cpp-python')}")
+            f"|llama-cpp-python:{llama_build()}")
 
 
 def describe_exit(rc: int | None) -> str:

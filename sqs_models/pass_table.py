@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["GRID", "ACCEPTANCE_PRIOR", "ACCEPTANCE_RANGE", "DRAFT_STEP_PRIOR", "state_dir", "cpu_fingerprint", "package_version", "machine_key", "pass_grid", "cached_table",
+__all__ = ["GRID", "ACCEPTANCE_PRIOR", "ACCEPTANCE_RANGE", "DRAFT_STEP_PRIOR", "state_dir", "cpu_fingerprint", "package_version", "llama_build", "machine_key", "pass_grid", "cached_table",
            "store_table", "near_tie", "TIE_MARGIN", "TIE_RETIMES",
            "Prediction", "expected_tokens", "pass_ms", "predict", "choose", "describe_choice"]
 
@@ -99,10 +99,28 @@ def package_version(package: str) -> str:
         return "-"
 
 
+def llama_build() -> str:
+    """llama-cpp-python's version and a hash of its compiled CPU kernels (libggml-cpu), or "-": the
+    same version built with other flags (scripts/llama_build_flags.sh: AMX on or off) runs other
+    kernels, so measurements and crash probes are keyed by the build, not the version alone."""
+    import importlib.util
+
+    version = package_version("llama-cpp-python")
+    spec = importlib.util.find_spec("llama_cpp") if version != "-" else None
+    if spec is None or not spec.submodule_search_locations:
+        return version
+    libs = sorted(Path(next(iter(spec.submodule_search_locations)), "lib").glob("libggml-cpu.so*"))
+    try:
+        digest = hashlib.sha256(libs[0].read_bytes()).hexdigest()[:12]
+    except (IndexError, OSError):
+        return version
+    return f"{version}+{digest}"
+
+
 def machine_key() -> str:
-    """CPU fingerprint and the versions of the libraries that compute a pass."""
-    libs = ",".join(f"{p}={package_version(p)}" for p in ("torch", "transformers", "llama-cpp-python"))
-    return f"cpu:{cpu_fingerprint()}|{libs}|{TABLE_FORMAT}"
+    """CPU fingerprint and the versions (llama.cpp: the build) of the libraries that compute a pass."""
+    libs = ",".join(f"{p}={package_version(p)}" for p in ("torch", "transformers"))
+    return f"cpu:{cpu_fingerprint()}|{libs},llama-cpp-python={llama_build()}|{TABLE_FORMAT}"
 
 
 def pass_grid(max_rows: int, grid: Iterable[int] = GRID) -> tuple[int, ...]:
