@@ -476,6 +476,8 @@ def main(args) -> int:
 
     if args.prompts < 0 or args.prose_prompts < 0 or args.prompts + args.prose_prompts == 0:
         return _fail("--prompts and --prose-prompts must be >= 0 and give at least one prompt")
+    if args.llama_server_model and not Path(args.llama_server_model).is_file():
+        return _fail(f"--llama-server-model {args.llama_server_model}: no such file")
     try:
         binary = resolve_binary(args.llama_server)
         server_cpus, edge_cpus = default_cpus()
@@ -499,10 +501,7 @@ def main(args) -> int:
                 missing = target if paths[0] is None else draft
                 return _fail(f"no GGUF for {missing}: sqs-models install {missing}")
             target_gguf, draft_gguf = map(str, paths)
-            if args.llama_server_model:
-                if not Path(args.llama_server_model).is_file():
-                    return _fail(f"--llama-server-model {args.llama_server_model}: no such file")
-                target_gguf = args.llama_server_model
+            target_gguf = args.llama_server_model or target_gguf
         code, prose = list(CODE_PROMPTS[:n]), wiki_prompts(args.prose_prompts)
         cfg = BenchConfig(binary, target, draft, target_gguf, draft_gguf, code + prose,
                           list(args.temperatures), max_new, server_cpus, edge_cpus, threads, engine=engine,

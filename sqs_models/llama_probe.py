@@ -9,7 +9,10 @@ AMX (amx_bf16 amx_tile avx512_bf16) llama-cpp-python 0.3.36 built with GGML_NATI
 SIGSEGV in the first decode of the PyPI Q4_K_M file, and llama-server dies the same way with its
 defaults (docs/DESIGN.md section 10 saw SIGILL on another AMX VM); ``arch_prctl(
 ARCH_REQ_XCOMP_PERM, XTILEDATA)`` does not help, ``use_extra_bufts = False`` (llama-server:
-``--no-repack``) does. So before a process of ours loads a GGUF with them, a child process
+``--no-repack``) does. The cause is ggml's AMX buffer type (a SIGILL at ``tilezero`` in
+ggml_backend_amx_mul_mat on the VM of docs/RESULTS.md section 0i), so the project now builds
+llama.cpp without AMX (scripts/llama_build_flags.sh) and the repack, which runs without it, stays
+on. The probe stays: another CPU, library or flag may crash again. So before a process of ours loads a GGUF with them, a child process
 (:func:`sqs_models.llama_lm.probe_decode`) loads it with them and decodes a prefill and passes of
 1, 4, 9 and 17 rows; if the child dies by a signal, fails or hangs past the timeout, the extra buffer types
 stay off for that file. The decision is kept in a JSON file (``llama-probe.json`` in the state

@@ -79,6 +79,9 @@ def test_the_key_names_the_file_cpu_and_library(tmp_path, monkeypatch):
     p.write_bytes(b"GGUF")
     key = llama_probe.probe_key(p)
     assert str(p.resolve()) in key and "|cpu:" in key and "llama-cpp-python:" in key
+    from sqs_models.pass_table import llama_build
+
+    assert key.endswith(f"llama-cpp-python:{llama_build()}")  # the build (AMX on/off), not the version alone
     p.write_bytes(b"GGUF2")  # another file at the same path is another key
     assert llama_probe.probe_key(p) != key
 

@@ -166,6 +166,15 @@ def test_loadtest_cli_refuses_a_missing_binary_before_loading(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "not executable" in err
 
 
+def test_bench_refuses_a_missing_llama_server_model_in_one_line(tmp_path, capsys):
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers(dest="cmd"))
+    args = ap.parse_args(["llama-server", "--llama-server-model", str(tmp_path / "no.gguf"), "--no-progress"])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--llama-server-model" in err and "no such file" in err
+
+
 @pytest.mark.slow
 def test_bench_quick_all_four_rows(binary, tmp_path, capsys):
     ap = argparse.ArgumentParser()

@@ -310,3 +310,26 @@ def test_benchmarks_read_the_auto_choice_from_the_cloud_log(tmp_path):
     assert got == f"llama, {detail}"
     assert "kept torch bfloat16" in got and "speculative L=" in got and "llama Q4_K_M: " in got
     assert "over acceptance 0.5..0.9" in got and "drafts at 40 ms" in got
+
+
+def test_tables_and_probes_are_keyed_by_the_llama_build_not_its_version_alone(tmp_path, monkeypatch):
+    """One llama-cpp-python version built with AMX and without runs other kernels (and crashes or
+    not): a rebuilt libggml-cpu must measure and probe anew."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from sqs_models import pass_table
+
+    lib = tmp_path / "llama_cpp" / "lib"
+    lib.mkdir(parents=True)
+    monkeypatch.setattr(pass_table, "package_version", lambda p: "0.3.36" if p == "llama-cpp-python" else "x")
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: SimpleNamespace(
+        submodule_search_locations=[str(lib.parent)]) if name == "llama_cpp" else real_find(name, *a))
+    assert pass_table.llama_build() == "0.3.36"  # no library found: the version alone
+    (lib / "libggml-cpu.so").write_bytes(b"kernels built with AMX")
+    with_amx, key_amx = pass_table.llama_build(), pass_table.machine_key()
+    (lib / "libggml-cpu.so").write_bytes(b"kernels built without AMX")
+    without = pass_table.llama_build()
+    assert with_amx.startswith("0.3.36+") and without.startswith("0.3.36+") and with_amx != without
+    assert key_amx != pass_table.machine_key() and f"llama-cpp-python={without}" in pass_table.machine_key()
