@@ -259,6 +259,7 @@ async def create_server(config: CloudConfig, verifier: Verifier | None = None, m
                                           calibration_rows(vc), config.pass_table_cache, config.expect_sessions)
         verifier = Verifier(info, engine.lm_factory(vc.max_sessions if vc.batch_window_ms > 0 else 0), vc)
     verifier.on_pass = metrics.observe_pass
+    verifier.on_rows_dropped = metrics.observe_rows_dropped
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="verify")
     round_executor = None
     vc = verifier.config

@@ -47,6 +47,7 @@ from cloud.sessions import Refusal, Session, SessionError, SessionTable
 from common import codec
 from common.batch_format import batch_bits
 from common.costmodel import PassTimes, row_price
+from common.pass_shape import shape_rows
 from common.lm import LM
 from common.gumbel import gumbel_token, verify_invariant
 from common.rejection import SparseRow, target_probs, verify_sparse
@@ -57,6 +58,12 @@ __all__ = ["LastRound", "Refusal", "RoundResult", "Session", "SessionError", "Ta
            "VerifierConfig"]
 
 log = logging.getLogger("sqs.cloud")
+
+
+# The acceptance a shared pass values a lookahead draft by before any was verified (per position;
+# RESULTS 0g-0i measured 0.86-0.97 at T = 0 and 1), and how many drafts that prior is worth.
+LOOKAHEAD_PRIOR = 0.7
+LOOKAHEAD_PRIOR_DRAFTS = 20
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,9 @@ class Verifier:
         self._batcher: PassBatcher | None = None
         # Told (sessions, rows) of every verification pass; the server points it at Metrics.observe_pass.
         self.on_pass: Callable[[int, int], None] = lambda sessions, rows: None
+        # Told the optional rows a shared pass dropped (common/pass_shape.py); the server meters them.
+        self.on_rows_dropped: Callable[[int], None] = lambda rows: None
+        self._lookahead = (0, 0)  # lookahead drafts (accepted, verified) so far; guarded by _pass_lock
         if config.batch_window_ms > 0:
             self._batcher = PassBatcher(self._run_pass, config.batch_window_ms / 1e3, config.batch_max_rows,
                                         expected=self.sessions.attached, rejoin=config.batch_rejoin,
@@ -332,22 +342,29 @@ class Verifier:
         room = min(owed - 1, self.config.max_context - 2 - c)
         return list(drafts[guessed:guessed + max(0, room)])
 
-    def _lookahead_step(self, session: Session, drafts: list, eos: set[int]) -> tuple[list[int], int, float]:
+    def _lookahead_step(self, session: Session, drafts: list, eos: set[int]) -> tuple[list[int], int, int, float]:
         """One plain step that verifies `drafts` too: ONE pass over [the last token] + drafts, the
         round's sampling at this position. Returns the tokens it commits (cut after an EOS), how many
-        of them are accepted drafts, and the pass's ms."""
+        of them are accepted drafts, how many drafts it verified (the shared pass may keep fewer:
+        common/pass_shape.py) and the pass's ms."""
         s = session.request.sampling
         tokens = [d.token for d in drafts]
         start = len(session.context)
-        rows, step_ms = self._forward(session, session.context + tokens, len(tokens) + 1, lane=session.id)
+        rows, step_ms = self._forward(session, session.context + tokens, len(tokens) + 1, lane=session.id,
+                                      optional=len(tokens))
+        # The shared pass may have kept a prefix of the drafts (their rows cost more than they commit
+        # there): verifying that prefix is the round an edge that sent fewer drafts would get.
+        verified = rows.shape[0] - 1
+        tokens, drafts = tokens[:verified], drafts[:verified]
         p = target_probs(rows, s.temperature, s.top_k, s.top_p)
         accepted, token = self._sample(session.request, tokens, drafts, p, start)
+        self._lookahead_outcome(verified, accepted)
         new = tokens[:accepted] + [token]
         for i, t in enumerate(new):
             if t in eos:
                 new = new[: i + 1]
                 break
-        return new, min(accepted, len(new)), step_ms
+        return new, min(accepted, len(new)), verified, step_ms
 
     def _plain_steps(self, session: Session, last: LastRound, emit: Callable[[RoundResult], None] | None,
                      stop: Callable[[], bool] | None, t0: float) -> RoundResult:
@@ -370,8 +387,8 @@ class Verifier:
                     break
                 drafts = self._lookahead_drafts(session, owed)
                 if drafts:  # the edge's drafts for the next positions ride this step
-                    new, accepted, step_ms = self._lookahead_step(session, drafts, eos)
-                    result = replace(result, lookahead_drafted=result.lookahead_drafted + len(drafts),
+                    new, accepted, verified, step_ms = self._lookahead_step(session, drafts, eos)
+                    result = replace(result, lookahead_drafted=result.lookahead_drafted + verified,
                                      lookahead_accepted=result.lookahead_accepted + accepted)
                 else:
                     row, step_ms = self._forward(session, session.context, 1, lane=session.id)  # [1, V]
@@ -409,9 +426,11 @@ class Verifier:
         return np.concatenate([head[None, :], rows]), ms
 
     def _forward(self, session: Session, context: list[int], want: int,
-                 lane: str | None = None) -> tuple[np.ndarray, float]:
-        """Target logits [want, V] for the session's context and the ms of the pass that computed them
-        (a wait in the batcher's queue is not in it: it shows in RoundResult.verify_ms).
+                 lane: str | None = None, optional: int = 0) -> tuple[np.ndarray, float]:
+        """Target logits [want - dropped, V] for the session's context and the ms of the pass that
+        computed them (a wait in the batcher's queue is not in it: it shows in RoundResult.verify_ms).
+        A shared pass may drop up to `optional` trailing rows (and their context tokens); alone, the
+        pass keeps them all.
 
         With batching on (and an LM that has a batched pass) the pass is shared with the rounds of
         other sessions that are ready within the window (cloud/pass_batcher.py). The pass table records
@@ -428,14 +447,18 @@ class Verifier:
             ms = (time.perf_counter() - t_fwd) * 1e3
             self._passed([_Pass(session.lm, context, want)], ms)
         else:
-            logits, ms = self._batcher.submit(_Pass(session.lm, context, want), want, lane=lane, source=session.id)
+            logits, ms = self._batcher.submit(_Pass(session.lm, context, want, optional=optional), want, lane=lane,
+                                              source=session.id)
         return logits, ms
 
     def _run_pass(self, passes: list[_Pass]) -> list[tuple[np.ndarray, float] | BaseException]:
         """The PassBatcher's run: ONE forward pass over every item (their LMs share the target model).
 
         If the batched pass fails, each item runs alone so that a failure stays with its session.
+        Items with optional rows first keep only those that pay for themselves in this pass
+        (common/pass_shape.py, on this process's pass table); the dropped count is metered.
         """
+        passes = self._shaped(passes)
         t_fwd = time.perf_counter()
         try:
             rows = type(passes[0].lm).logits_batch([p.lm for p in passes], [p.context for p in passes],
@@ -457,6 +480,31 @@ class Verifier:
         ms = (time.perf_counter() - t_fwd) * 1e3
         self._passed(passes, ms)
         return [(r, ms) for r in rows]
+
+    def _shaped(self, passes: list[_Pass]) -> list[_Pass]:
+        """`passes` with the optional rows shape_rows drops removed (each item's trailing rows and
+        the context tokens they score)."""
+        if not any(p.optional for p in passes):
+            return passes
+        with self._pass_lock:
+            acceptance = self._lookahead_acceptance()
+        keep = shape_rows([p.want for p in passes], [p.optional for p in passes], self._predict_pass, acceptance)
+        dropped = sum(p.want - k for p, k in zip(passes, keep))
+        if dropped:
+            self.on_rows_dropped(dropped)
+        return [p if k == p.want else replace(p, context=p.context[: len(p.context) - (p.want - k)], want=k,
+                                             optional=p.optional - (p.want - k))
+                for p, k in zip(passes, keep)]
+
+    def _lookahead_outcome(self, verified: int, accepted: int) -> None:
+        with self._pass_lock:
+            self._lookahead = (self._lookahead[0] + accepted, self._lookahead[1] + verified)
+
+    def _lookahead_acceptance(self) -> float:
+        """Accepted / verified lookahead drafts so far, from a prior worth LOOKAHEAD_PRIOR_DRAFTS drafts
+        at LOOKAHEAD_PRIOR (caller holds _pass_lock)."""
+        accepted, verified = self._lookahead
+        return (accepted + LOOKAHEAD_PRIOR * LOOKAHEAD_PRIOR_DRAFTS) / (verified + LOOKAHEAD_PRIOR_DRAFTS)
 
     def _passed(self, passes: list[_Pass], ms: float) -> None:
         """One forward pass ran over `passes` in `ms`: the metrics count it, the pass table records it
@@ -494,6 +542,7 @@ class _Pass:
     context: list[int]
     want: int
     fed: int = 0  # tokens this item feeds, when more than its `want` rows (a prefill chunk)
+    optional: int = 0  # of the `want` rows, how many trailing ones the pass may drop (common/pass_shape.py)
 
     @property
     def rows(self) -> int:

@@ -21,6 +21,8 @@ Series (label `sparsifier`, and `part` or `position` where named: never a sessio
                                               (a cloud restart, a replica that died behind the proxy)
   sqs_pass_rows, sqs_pass_sessions (rows scored by one target verification pass, and the sessions
       whose rounds shared it: 1 with cross-session batching off)      (histograms, cloud, no labels)
+  sqs_pass_rows_dropped_total   (counter, cloud: lookahead draft rows a shared pass left out because
+      they cost more than they commit there, common/pass_shape.py)
   sqs_auth_failures_total{reason=missing|malformed|invalid|certificate}   (counter, cloud: calls
       refused UNAUTHENTICATED, cloud/auth.py; a refused TLS handshake never reaches the server's code)
   sqs_quota_refusals_total{limit=sessions|rounds|rows|lookahead_rows}   (counter, cloud: RESOURCE_EXHAUSTED, cloud/quotas.py;
@@ -122,6 +124,8 @@ class Metrics:
                                     lab, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0), registry=r)
         self.pass_rows = Histogram("sqs_pass_rows", "Rows scored by one target verification pass (all sessions)",
                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256), registry=r)
+        self.pass_rows_dropped = Counter("sqs_pass_rows_dropped", "Lookahead draft rows a shared pass left out "
+                                         "(they cost more than they commit there)", registry=r)
         self.pass_sessions = Histogram("sqs_pass_sessions", "Sessions whose rounds shared one target verification pass",
                                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.auth_failures = Counter("sqs_auth_failures", "Calls refused UNAUTHENTICATED, by what failed",
@@ -161,6 +165,9 @@ class Metrics:
         """One target verification pass on the cloud: the sessions it served and the rows it scored."""
         self.pass_sessions.observe(sessions)
         self.pass_rows.observe(rows)
+
+    def observe_rows_dropped(self, rows: int) -> None:
+        self.pass_rows_dropped.inc(rows)
 
     @staticmethod
     def _count_positions(counter: Counter, sparsifier: str, n: int) -> None:

@@ -62,7 +62,10 @@ __all__ = ["GRID", "ACCEPTANCE_PRIOR", "ACCEPTANCE_RANGE", "DRAFT_STEP_PRIOR", "
            "store_table", "near_tie", "TIE_MARGIN", "TIE_RETIMES",
            "Prediction", "expected_tokens", "pass_ms", "predict", "choose", "describe_choice"]
 
-GRID = (1, 2, 3, 5, 9, 17, 33, 64)  # rows of the measured passes (L + 1 for L = 0, 1, 2, 4, 8, 16, 32)
+# Rows of the measured passes: L + 1 for L = 0, 1, 2, 4, 8, 16, 32, and the multiples of 4 just
+# below (llama.cpp's repacked kernels take rows four at a time and each one left over alone, so a
+# table that skipped them drew 8 rows as dear as the line from 5 to 9: common/pass_shape.py).
+GRID = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)
 ACCEPTANCE_PRIOR = 0.7  # per drafted position; docs/DESIGN.md section 9 measured 1.94 of 4 greedy (code+prose)
 ACCEPTANCE_RANGE = (0.5, 0.9)  # the auto choice's worst case runs over these (module doc)
 DRAFT_STEP_PRIOR = 0.4  # the edge's draft step, as a fraction of the fastest target step (module doc)

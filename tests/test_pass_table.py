@@ -150,9 +150,9 @@ def test_bad_inputs_are_refused():
 
 
 def test_pass_grid_stops_at_the_batch_limit():
-    assert pass_grid(64) == (1, 2, 3, 5, 9, 17, 33, 64)
-    assert pass_grid(20) == (1, 2, 3, 5, 9, 17, 20)
-    assert pass_grid(9) == (1, 2, 3, 5, 9)
+    assert pass_grid(64) == (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)
+    assert pass_grid(20) == (1, 2, 3, 4, 5, 8, 9, 16, 17, 20)
+    assert pass_grid(9) == (1, 2, 3, 4, 5, 8, 9)
     assert pass_grid(1) == (1,)
 
 
