@@ -63,14 +63,18 @@ class Smoothed:
 
 class PassTimes:
     """Cost of one forward pass scoring `rows` positions (ms): median per measured row count,
-    piecewise-linear in between, extrapolated along the last measured segment (never falling)."""
+    piecewise-linear in between, extrapolated along the last measured segment. By default more rows
+    are never cheaper (a noisy table must not invite wider rounds); ``monotone=False`` gives the
+    medians as measured, for a caller that exploits real dips: repacked llama.cpp scores rows in
+    fours and every leftover row alone, so 4 rows measured cheaper than 3 and 16 than 13
+    (common/pass_shape.py, docs/RESULTS.md section 0i)."""
 
     def __init__(self, window: int = 9) -> None:
         self._by_rows: dict[int, deque[float]] = {}
         self._window = window
         # (table, xs, ys) until the next measurement: the planner predicts hundreds of times per
         # draft, and recomputing the medians each time cost ~25 ms per draft.
-        self._fit: tuple[dict[int, float], np.ndarray, np.ndarray] | None = None
+        self._fit: tuple[dict[int, float], np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def add(self, rows: int, ms: float) -> None:
         if rows >= 1 and np.isfinite(ms) and ms >= 0:
@@ -81,12 +85,12 @@ class PassTimes:
         for r, m in zip(rows, ms):
             self.add(int(r), float(m))
 
-    def _fitted(self) -> tuple[dict[int, float], np.ndarray, np.ndarray]:
+    def _fitted(self) -> tuple[dict[int, float], np.ndarray, np.ndarray, np.ndarray]:
         if self._fit is None:
             t = {r: float(np.median(v)) for r, v in sorted(self._by_rows.items()) if v}
             xs = np.array(list(t.keys()), dtype=np.float64)
-            ys = np.maximum.accumulate(np.array(list(t.values()), dtype=np.float64))  # more rows never cheaper
-            self._fit = (t, xs, ys)
+            raw = np.array(list(t.values()), dtype=np.float64)
+            self._fit = (t, xs, np.maximum.accumulate(raw), raw)  # monotone: more rows never cheaper
         return self._fit
 
     def table(self) -> dict[int, float]:
@@ -95,8 +99,9 @@ class PassTimes:
     def __bool__(self) -> bool:
         return bool(self._by_rows)
 
-    def predict(self, rows: int) -> float:
-        t, xs, ys = self._fitted()
+    def predict(self, rows: int, monotone: bool = True) -> float:
+        t, xs, mono, raw = self._fitted()
+        ys = mono if monotone else raw
         if not t:
             return 0.0
         if rows <= xs[-1]:

@@ -33,7 +33,7 @@ def tiny():
 def batched_verifier(m, table: dict[int, float]) -> tuple[Verifier, list[int]]:
     info = TargetInfo(m.name, m.vocab_size, m.fingerprint, ())
     v = Verifier(info, lambda: CachedLM(m.model, m.vocab_size), VerifierConfig(calibrate_rows=(1,), batch_window_ms=2.0))
-    v._predict_pass = lambda rows: table.get(rows, table[max(table)] * rows)  # the synthetic engine
+    v._predict_pass_as_measured = lambda rows: table.get(rows, table[max(table)] * rows)  # the synthetic engine
     dropped: list[int] = []
     v.on_rows_dropped = dropped.append
     return v, dropped

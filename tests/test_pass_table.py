@@ -283,7 +283,7 @@ def test_the_cloud_reports_the_cached_table_at_start(tmp_path, caplog):
     from cloud.inprocess import LocalCloud
     from cloud.server import calibration_rows
 
-    assert calibration_rows(VerifierConfig(batch_max_rows=12)) == (1, 2, 3, 5, 9, 12)
+    assert calibration_rows(VerifierConfig(batch_max_rows=12)) == (1, 2, 3, 4, 5, 8, 9, 12)
     cache = tmp_path / "tables.json"
     vc = VerifierConfig(calibrate_rows=(1, 3, 9), batch_window_ms=0, batch_max_rows=4)
     caplog.set_level("INFO", logger="sqs.cloud")

@@ -212,6 +212,16 @@ def test_pass_times_median_interpolation_and_extrapolation():
     assert PassTimes().predict(3) == 0.0
 
 
+def test_pass_times_as_measured_keeps_the_dips_the_default_flattens():
+    """Repacked llama.cpp (RESULTS 0i): 4 rows cheaper than 3, 16 than 13."""
+    t = PassTimes()
+    for rows, ms in {1: 157, 3: 375, 4: 227, 13: 676, 16: 532}.items():
+        t.add(rows, ms)
+    assert t.predict(4, monotone=False) == 227 and t.predict(16, monotone=False) == 532
+    assert t.predict(4) == 375 and t.predict(16) == 676  # the default: more rows never cheaper
+    assert t.predict(2, monotone=False) == pytest.approx(266.0) and t.predict(14, monotone=False) == pytest.approx(628.0)
+
+
 def test_link_estimate_recovers_rtt_and_rate():
     link = LinkEstimate()
     rng = np.random.default_rng(4)
