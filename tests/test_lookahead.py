@@ -90,6 +90,14 @@ def drafts_of(tokens, cfg, m, rng):
     return out
 
 
+def second_token_marginal(m, prompt) -> np.ndarray:
+    """The target's exact law of the second token after `prompt` at T = 1: sum_x0 p(x0) p(x1 | x0)."""
+    lm = CachedLM(m.model, m.vocab_size)
+    p1 = target_probs(lm.logits(prompt, 1)[0].astype(np.float64), 1.0)
+    return sum(p1[t] * target_probs(lm.logits(prompt + [t], 1)[0].astype(np.float64), 1.0)
+               for t in range(len(p1)) if p1[t] > 1e-9)
+
+
 def streamed(position: int, steps: int) -> codec.Batch:
     return codec.Batch(position, 0, plain_steps=steps, stream=True)
 
@@ -157,10 +165,7 @@ def test_t1_the_token_verified_against_a_lookahead_draft_follows_the_target():
     m = load_model("tiny", role="target")
     v = make_verifier(m)
     prompt = prompt_ids(m)
-    lm = CachedLM(m.model, m.vocab_size)
-    p1 = target_probs(lm.logits(prompt, 1)[0].astype(np.float64), 1.0)
-    p2 = sum(p1[t] * target_probs(lm.logits(prompt + [t], 1)[0].astype(np.float64), 1.0)
-             for t in range(len(p1)) if p1[t] > 1e-9)
+    p2 = second_token_marginal(m, prompt)
     n = 400
     counts = np.zeros(m.vocab_size)
     drafted = 0

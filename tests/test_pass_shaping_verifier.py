@@ -18,11 +18,11 @@ pytest.importorskip("torch")
 import tests.survive_tools as st  # noqa: E402
 from cloud.verifier import TargetInfo, Verifier, VerifierConfig  # noqa: E402
 from common import codec  # noqa: E402
-from common.rejection import target_probs  # noqa: E402
 from common.schemes import describe, draw  # noqa: E402
 from sqs_models.cached_lm import CachedLM  # noqa: E402
 from sqs_models.registry import load_model  # noqa: E402
-from tests.test_lookahead import drafts_of, greedy, open_session, prompt_ids, streamed  # noqa: E402
+from tests.test_lookahead import (drafts_of, greedy, open_session, prompt_ids, second_token_marginal,  # noqa: E402
+                                  streamed)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +65,7 @@ def test_t1_a_pass_that_keeps_the_first_of_two_drafts_keeps_the_target_marginal(
     m = load_model("tiny", role="target")
     v, dropped = batched_verifier(m, {1: 10.0, 2: 10.0, 3: 100.0})  # keeps 1 whatever the acceptance
     prompt = prompt_ids(m)
-    lm = CachedLM(m.model, m.vocab_size)
-    p1 = target_probs(lm.logits(prompt, 1)[0].astype(np.float64), 1.0)
-    p2 = sum(p1[t] * target_probs(lm.logits(prompt + [t], 1)[0].astype(np.float64), 1.0)
-             for t in range(len(p1)) if p1[t] > 1e-9)
+    p2 = second_token_marginal(m, prompt)
     n = 400
     counts = np.zeros(m.vocab_size)
     drafted = 0
