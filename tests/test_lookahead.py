@@ -98,6 +98,31 @@ def second_token_marginal(m, prompt) -> np.ndarray:
                for t in range(len(p1)) if p1[t] > 1e-9)
 
 
+def second_tokens_with_random_lookahead(v: Verifier, m, prompt, n: int, *, seed0: int, tag: int, drafts: int,
+                                        steps: int) -> tuple[np.ndarray, int]:
+    """n streamed rounds of `steps` plain steps at T = 1, seeds seed0.., each its own session: after
+    the round's token x0 the edge offers `drafts` lookahead drafts, each drawn from its own random q
+    unrelated to the target (the edge's draws, rng [seed, tag]: not the cloud's keys). Returns the
+    counts of x1 over the vocabulary and the lookahead drafts the cloud verified."""
+    counts = np.zeros(m.vocab_size)
+    drafted = 0
+    for seed in range(n):
+        s, cfg = open_session(v, m, prompt, seed0 + seed, 1.0)
+        rng = np.random.default_rng([seed, tag])
+
+        def emit(result, s=s, cfg=cfg, rng=rng):
+            if len(s.context) == len(prompt) + 1:  # after x0
+                ds = [draw(describe(rng.dirichlet(np.full(m.vocab_size, 0.3)), cfg), cfg.ell, rng)
+                      for _ in range(drafts)]
+                v.offer_lookahead(s, codec.pack_batch(len(s.context), ds, cfg, lookahead=True))
+
+        r = v.verify(s, streamed(len(prompt), steps), emit=emit)
+        drafted += r.lookahead_drafted
+        counts[r.plain_tokens[0]] += 1
+        v.close(s.id)
+    return counts, drafted
+
+
 def streamed(position: int, steps: int) -> codec.Batch:
     return codec.Batch(position, 0, plain_steps=steps, stream=True)
 
@@ -167,22 +192,7 @@ def test_t1_the_token_verified_against_a_lookahead_draft_follows_the_target():
     prompt = prompt_ids(m)
     p2 = second_token_marginal(m, prompt)
     n = 400
-    counts = np.zeros(m.vocab_size)
-    drafted = 0
-    for seed in range(n):
-        s, cfg = open_session(v, m, prompt, 5000 + seed, 1.0)
-        rng = np.random.default_rng([seed, 99])  # the edge's draws: not the cloud's keys
-
-        def emit(result, s=s, cfg=cfg, rng=rng):
-            if len(s.context) == len(prompt) + 1:  # after x0
-                q = rng.dirichlet(np.full(m.vocab_size, 0.3))
-                d = draw(describe(q, cfg), cfg.ell, rng)
-                v.offer_lookahead(s, codec.pack_batch(len(s.context), [d], cfg, lookahead=True))
-
-        r = v.verify(s, streamed(len(prompt), 2), emit=emit)
-        drafted += r.lookahead_drafted
-        counts[r.plain_tokens[0]] += 1
-        v.close(s.id)
+    counts, drafted = second_tokens_with_random_lookahead(v, m, prompt, n, seed0=5000, tag=99, drafts=1, steps=2)
     assert drafted == n
     assert st.pooled_chisquare_p(counts, n * p2) > 1e-3
 

@@ -18,11 +18,10 @@ pytest.importorskip("torch")
 import tests.survive_tools as st  # noqa: E402
 from cloud.verifier import TargetInfo, Verifier, VerifierConfig  # noqa: E402
 from common import codec  # noqa: E402
-from common.schemes import describe, draw  # noqa: E402
 from sqs_models.cached_lm import CachedLM  # noqa: E402
 from sqs_models.registry import load_model  # noqa: E402
-from tests.test_lookahead import (drafts_of, greedy, open_session, prompt_ids, second_token_marginal,  # noqa: E402
-                                  streamed)
+from tests.test_lookahead import (drafts_of, greedy, open_session, prompt_ids,  # noqa: E402
+                                  second_token_marginal, second_tokens_with_random_lookahead, streamed)
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +66,6 @@ def test_t1_a_pass_that_keeps_the_first_of_two_drafts_keeps_the_target_marginal(
     prompt = prompt_ids(m)
     p2 = second_token_marginal(m, prompt)
     n = 400
-    counts = np.zeros(m.vocab_size)
-    drafted = 0
-    for seed in range(n):
-        s, cfg = open_session(v, m, prompt, 7000 + seed, 1.0)
-        rng = np.random.default_rng([seed, 77])
-
-        def emit(result, s=s, cfg=cfg, rng=rng):
-            if len(s.context) == len(prompt) + 1:
-                ds = [draw(describe(rng.dirichlet(np.full(m.vocab_size, 0.3)), cfg), cfg.ell, rng) for _ in range(2)]
-                v.offer_lookahead(s, codec.pack_batch(len(s.context), ds, cfg, lookahead=True))
-
-        r = v.verify(s, streamed(len(prompt), 3), emit=emit)
-        drafted += r.lookahead_drafted
-        counts[r.plain_tokens[0]] += 1
-        v.close(s.id)
+    counts, drafted = second_tokens_with_random_lookahead(v, m, prompt, n, seed0=7000, tag=77, drafts=2, steps=3)
     assert drafted == n and sum(dropped) == n  # one verified, one dropped, every sample
     assert st.pooled_chisquare_p(counts, n * p2) > 1e-3

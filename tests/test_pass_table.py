@@ -208,14 +208,10 @@ def _scripted(name: str, timings: list[dict[int, float]], order: list[str]):
 
     def measure(rows):
         order.append(name)
-        t = timings[min(len(order_of(name, order)) - 1, len(timings) - 1)]
+        t = timings[min(order.count(name) - 1, len(timings) - 1)]
         return {r: t[r] for r in rows}
 
     return Candidate(name, f"key-{name}", measure, lambda: name)
-
-
-def order_of(name: str, order: list[str]) -> list[str]:
-    return [n for n in order if n == name]
 
 
 def test_a_near_tie_measured_on_a_noisy_host_is_timed_again_interleaved_and_reversed(tmp_path):
