@@ -8,7 +8,7 @@
 # on the next: a tile config ggml loads once per thread is gone when it is used), and with them
 # llama.cpp's other extra buffer type, the runtime repack, had to go too (use_extra_bufts = false,
 # llama-server --no-repack). Built without AMX, the repack runs: on the Xeon of docs/RESULTS.md
-# section 0i a 1.5B Q4_K_M pass costs 0.5-0.8x of the unrepacked one at 1-16 rows. GCC lets
+# section 0i a 1.5B Q4_K_M pass of 4-16 rows costs 0.56-0.77x of the unrepacked one. GCC lets
 # -mno-amx-* win over -march=native whatever their order.
 FLAGS="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_bf16|avx512_vnni|amx_tile|amx_bf16)$' | sort | tr '\n' '-')"
 # LLAMA_CFLAGS goes to the compiler through CFLAGS / CXXFLAGS (cmake reads them at the first
