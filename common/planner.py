@@ -77,7 +77,6 @@ class PlannerConfig:
     probe_tokens: int = 32  # while plain decoding wins, one probe draft every this many tokens
     stream_probe_tokens: int = 8  # streamed plain rounds: the first probe interval (it doubles while plain wins)
     skip_tokens: int = 4  # streamed plain tokens after a round whose first draft was not worth sending
-    max_skip_doublings: int = 4  # the skip doubles with each refusal in a row, up to 4 x 2^4 = 64 tokens
     realized_decay: float = 0.7  # weight of older speculative rounds in the realized rate (Planner.observe)
     realized_min_rounds: int = 3  # speculative rounds measured before the realized rate may overrule the model
     lattice: bool = True  # lattice-quantized values (else float values: no quantization loss)
@@ -121,7 +120,6 @@ class Planner:
         self._spec_tokens = self._spec_ms = 0.0  # decayed sums over speculative rounds (observe)
         self._spec_rounds = 0
         self._plain_tokens = self._plain_ms = 0.0  # the same over plain rounds
-        self._refusals = 0  # first drafts refused in a row (refused()); a round with drafts resets it
 
     def observe(self, tokens: int, ms: float, speculative: bool) -> None:
         """A round's outcome as the user saw it: tokens committed in `ms` (drafting that outlasted
@@ -132,7 +130,6 @@ class Planner:
             return
         d = self.config.realized_decay
         if speculative:
-            self._refusals = 0
             self._spec_tokens = d * self._spec_tokens + tokens
             self._spec_ms = d * self._spec_ms + ms
             self._spec_rounds += 1
@@ -162,10 +159,10 @@ class Planner:
     def snapshot(self) -> tuple[int, int | None, bool]:
         """What plan() changes (the probe schedule): a plan made ahead, for a context the round in
         flight may not lead to, is undone with restore() when its batch is not adopted."""
-        return self.tokens_since_draft, self._probe_every, self._opening_probe, self._refusals
+        return self.tokens_since_draft, self._probe_every, self._opening_probe
 
-    def restore(self, state: tuple[int, int | None, bool, int]) -> None:
-        self.tokens_since_draft, self._probe_every, self._opening_probe, self._refusals = state
+    def restore(self, state: tuple[int, int | None, bool]) -> None:
+        self.tokens_since_draft, self._probe_every, self._opening_probe = state
 
     def probe_first(self) -> None:
         """The next round probes if plain decoding looks better: a generation's first round, where
@@ -234,16 +231,6 @@ class Planner:
         plain = self.plain(costs, remaining_tokens, horizon=horizon)
         self.tokens_since_draft = self.probe_every
         return plain
-
-    def refused(self, costs: Costs, remaining_tokens: int) -> RoundPlan:
-        """skip() after the drafter refused the plan's first draft: for skip_tokens, doubled with each
-        refusal in a row. Where the plan speculates on a stretch whose drafts are weak (prose at
-        T = 1, planned on a table whose 4-row pass is cheap), a fixed 4-token skip stops the
-        stream every 4 tokens to draft a row on the critical path and refuse it again (in one run,
-        prose prompts that sent no draft took 10-14% longer at 4b92e43 than at f9ba7cf)."""
-        horizon = self.config.skip_tokens << min(self._refusals, self.config.max_skip_doublings)
-        self._refusals += 1
-        return self.skip(costs, remaining_tokens, horizon)
 
     def plain(self, costs: Costs, remaining_tokens: int, horizon: int | None = None) -> RoundPlan:
         """Plain target decoding: M steps in one round, M large enough that the round's fixed cost

@@ -318,7 +318,7 @@ class Drafter:
                 # second row costs 0.6 of a step, a probe below ~60% acceptance loses time; prose
                 # probes were accepted 40-60%): plain decoding for a few tokens, then plan again.
                 self.remember(ctx, row)  # the next plan at this context reads it, not a pass
-                plain = self.planner.refused(costs, max_drafts + 1)
+                plain = self.planner.skip(costs, max_drafts + 1, horizon=self.planner.config.skip_tokens)
                 return DraftedBatch([], self.config.scheme, (time.perf_counter() - t0) * 1e3, plain.plain_steps,
                                     plain, predicted_ms=plain.predicted_ms, predicted_tokens=plain.expected_tokens)
             spent += cost

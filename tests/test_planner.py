@@ -276,22 +276,6 @@ def test_the_stop_rule_keeps_a_row_that_pays_with_the_next_ones():
     assert not rule.keep(0.0, 20.0)
 
 
-def test_refused_first_drafts_back_off_until_a_round_sends_drafts():
-    """Each refusal in a row doubles the plain stretch before the next try (4, 8, ... 64 tokens);
-    a round that sent drafts starts over; a plan made ahead and undone restores the count."""
-    p, c = planner(), costs(rtt=1.0)
-    p.streaming = True  # the stretch is a streamed round of that many tokens
-    horizons = [p.refused(c, 1000).plain_steps + 1 for _ in range(6)]
-    assert horizons == [4, 8, 16, 32, 64, 64]
-    state = p.snapshot()
-    p.observe(3, 300.0, speculative=False)  # plain rounds change nothing
-    assert p.refused(c, 1000).plain_steps + 1 == 64
-    p.restore(state)
-    p.observe(3, 300.0, speculative=True)
-    assert p.refused(c, 1000).plain_steps + 1 == 4
-    assert p.refused(c, 6).plain_steps + 1 == 6  # 8 due, never past the tokens still wanted
-
-
 def test_link_estimate_recovers_rtt_and_rate():
     link = LinkEstimate()
     rng = np.random.default_rng(4)
