@@ -201,23 +201,13 @@ class CostModel:
         self.link.add(uplink_bytes, round_trip_ms - cloud_ms)
 
     def costs(self) -> Costs:
-        """The costs a plan weighs. A pass of r rows costs the table's median for r rows as
-        measured, dips included: repacked llama.cpp scores rows in fours, so on a lone session a
-        4-row round (227 ms on Q4_0 here) is cheaper than a 3-row one (375) and not far above one
-        step (157), and a plan priced on the "never cheaper" table saw L = 3 at >= 375 ms and
-        chose plain steps. Once the cloud quotes a row price above a row's idle time (it serves
-        other sessions too: each waits for the row), a pass of r rows costs the measured one-row
-        pass plus r - 1 rows at that price (the load the cloud sees, not the idle table)."""
+        """The costs a plan weighs. Once the cloud quotes a row price, a pass of r rows costs the
+        measured one-row pass plus r - 1 rows at that price (the load the cloud sees, not the
+        table measured when it was idle)."""
         link = self.link.estimate()
         fixed = link.rtt_ms + link.ms_per_byte * self.framing.value + self.cloud_overhead.value
-        passes = self.passes
-        pass_ms: Callable[[int], float] = lambda rows: passes.predict(rows, monotone=False)  # noqa: E731
-        if self.row_price and self.row_price.value > self.idle_row_ms():
-            price, one = self.row_price.value, passes.predict(1)
+        pass_ms = self.passes.predict
+        if self.row_price:
+            price, one = self.row_price.value, pass_ms(1)
             pass_ms = lambda rows: one + (rows - 1) * price  # noqa: E731
         return Costs(self.draft.value, fixed, link.ms_per_byte, pass_ms)
-
-    def idle_row_ms(self) -> float:
-        """What the cloud quotes for a row when this session is all it serves (row_price at one row
-        and one session on this session's table): a quote no higher says the cloud is idle."""
-        return row_price(self.passes.predict, 1.0, 1.0)

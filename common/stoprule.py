@@ -42,17 +42,8 @@ class StopRule:
         c = self.costs
         drafted = self.t + self._draft_ms()
         without = self.e / (drafted + c.pass_ms(self.n + 1))
-        wire = c.ms_per_byte * bits / 8.0
-        with_it = (self.e + self.p * a) / (drafted + wire + c.pass_ms(self.n + 2))
-        if with_it > without or (self.plan.probe and self.n > 0):
-            return True
-        if self.plan.description is None:
-            return False
-        # On a table with dips (repacked llama.cpp: 4 rows cheaper than 3) a row that does not pay
-        # alone may pay with the ones after it, drafted at the plan's acceptance.
-        n, e, t = best_length(self.plan.acceptance, c, bits, self.plan.max_drafts, first=self.n + 1,
-                              start=(self.e + self.p * a, drafted + wire, self.p * a), ready=self.plan.ready)
-        return n > self.n + 1 and e / t > without
+        with_it = (self.e + self.p * a) / (drafted + c.ms_per_byte * bits / 8.0 + c.pass_ms(self.n + 2))
+        return with_it > without or (self.plan.probe and self.n > 0)
 
     def add(self, a: float, bits: float) -> None:
         self.p *= a

@@ -55,10 +55,7 @@ def test_planned_length_falls_as_the_price_per_row_rises():
         cm.link.add(100, 10.0)
         cm.row_price.add(price)
         costs = cm.costs()
-        # Up to a row's idle time (2 ms on this table) the quote says the cloud is idle: the table as
-        # measured (5 rows: 58 ms, between 4 and 8); above it each row is charged the price.
-        assert costs.pass_ms(1) == 50.0
-        assert costs.pass_ms(5) == (58.0 if price <= cm.idle_row_ms() else 50.0 + 4 * price)
+        assert costs.pass_ms(1) == 50.0 and costs.pass_ms(5) == 50.0 + 4 * price
         lengths.append(best_length(0.8, costs, 40.0, 32)[0])
         plan = Planner(PlannerConfig(), lambda k, ell: 40.0).plan(costs, acc, loss, 5000.0, 200)
         speculates.append(plan.speculate)

@@ -222,60 +222,6 @@ def test_pass_times_as_measured_keeps_the_dips_the_default_flattens():
     assert t.predict(2, monotone=False) == pytest.approx(266.0) and t.predict(14, monotone=False) == pytest.approx(628.0)
 
 
-# The measured pass table of the 1.5B target on repacked llama.cpp Q4_0, one core (RESULTS 0i).
-Q4_0_TABLE = {1: 157, 2: 271, 3: 375, 4: 227, 5: 320, 8: 460, 9: 531, 16: 532, 17: 698, 32: 985}
-
-
-def lone_session_costs(price: float | None = None) -> Costs:
-    """The edge's costs on the Q4_0 table, drafts at 58 ms (the 0.5B's step), a 10 ms round trip;
-    price: the cloud's quoted row price (None: none quoted yet)."""
-    cm = CostModel()
-    cm.passes.seed(list(Q4_0_TABLE), list(Q4_0_TABLE.values()))
-    cm.draft.add(58.0)
-    cm.link.add(100, 10.0)
-    if price is not None:
-        cm.row_price.add(price)
-    return cm.costs()
-
-
-def test_a_lone_session_plans_the_cheap_four_row_round():
-    """One session on repacked llama.cpp: 4 rows cost 227 ms, 3 rows 375, one step 157. At 0.9
-    acceptance three drafts commit 3.44 tokens in ~411 ms (8.4 a second) against plain steps' 6.4:
-    the plan speculates with L = 3. Priced on the "never cheaper" table (4 rows at >= 375 ms) it
-    chose plain steps, and so does a cloud whose quote says it is busy."""
-    acc = trained(0.9)
-    for price in (None, 50.0, 109.0):  # no quote, the lone session's quotes (idle: <= 109 ms a row)
-        c = lone_session_costs(price)
-        assert c.pass_ms(4) == 227.0
-        plan = planner().plan(c, acc, QuantLoss(), 5000.0, 64)
-        assert plan.speculate and not plan.probe and best_length(plan.acceptance, c, 20.0, 32)[0] == 3
-    busy = lone_session_costs(300.0)  # a loaded cloud's quote: rows at its price, no dips
-    assert busy.pass_ms(4) == 157.0 + 3 * 300.0
-    assert not planner().plan(busy, acc, QuantLoss(), 5000.0, 64).speculate
-
-
-def test_the_stop_rule_keeps_a_row_that_pays_with_the_next_ones():
-    """The second draft alone makes the dearest pass (3 rows, 375 ms), but with a third it makes the
-    cheapest multi-row one (4 rows, 227 ms): kept, and the rule asks for the third."""
-    c = lone_session_costs()
-    plan = planner().plan(c, trained(0.9), QuantLoss(), 5000.0, 64)
-    rule = StopRule(c, plan)
-    assert rule.keep(0.9, 20.0)
-    rule.add(0.9, 20.0)
-    # A second draft at 0.5: 3 rows (2.35 tokens in 501 ms) lose to 2 rows (1.9 in 397), but with
-    # a third draft at the plan's acceptance, 4 rows (2.75 in 411 ms) win.
-    assert rule.keep(0.5, 20.0)
-    rule.add(0.5, 20.0)
-    assert rule.more() and rule.keep(0.9, 20.0)
-    rule.add(0.9, 20.0)
-    assert rule.total_ms() == pytest.approx(c.fixed_ms + 3 * 58.0 + 40 * 3 * c.ms_per_byte / 8 + 227.0)
-    # A second draft that will not be accepted does not pay even on the way to 4 rows (two more
-    # draft steps, 116 ms, for a pass 44 ms cheaper and no tokens): dropped.
-    rule = StopRule(c, plan)
-    rule.add(0.9, 20.0)
-    assert not rule.keep(0.0, 20.0)
-
-
 def test_link_estimate_recovers_rtt_and_rate():
     link = LinkEstimate()
     rng = np.random.default_rng(4)
