@@ -35,5 +35,4 @@ for kind, prompts in (("code", list(CODE_PROMPTS)), ("prose", wiki_prompts(8))):
                     else: break
                 tot[k][0] += acc; tot[k][1] += len(g)
         print(kind, repr(tok.decode(gen)[:80]), flush=True)
-    steps = sum(1 for _ in range(1))
     print(kind, {k: (v[0], v[1]) for k, v in tot.items()})
