@@ -5,7 +5,8 @@
 Why. With llama.cpp's weight repacking (the CPU kernels of an x86 build without AMX, docs/DESIGN.md
 section 10) a matrix product takes the rows of a pass four at a time and every row left over
 (rows mod 4) alone, as a one-row product that reads the whole matrix again: on the Xeon of
-docs/RESULTS.md section 0i a 1.5B Q4_0 pass of 8 rows cost ~420 ms and one of 9 ~540. A pass of
+docs/RESULTS.md section 0i a 1.5B Q4_0 pass of 8 rows cost 460 ms and one of 9 531
+(docs/results/amx_2026-12-05o/fine_table.txt). A pass of
 eight sessions' plain steps plus one draft that rides a step (a lookahead draft, cloud/verifier.py)
 thus pays a full step for that draft. Such drafts are optional: the step verifies a prefix of
 them, which is exactly a round whose edge sent fewer (the choice depends on row counts and past

@@ -12,7 +12,8 @@ ARCH_REQ_XCOMP_PERM, XTILEDATA)`` does not help, ``use_extra_bufts = False`` (ll
 ``--no-repack``) does. The cause is ggml's AMX buffer type (a SIGILL at ``tilezero`` in
 ggml_backend_amx_mul_mat on the VM of docs/RESULTS.md section 0i), so the project now builds
 llama.cpp without AMX (scripts/llama_build_flags.sh) and the repack, which runs without it, stays
-on. The probe stays: another CPU, library or flag may crash again. So before a process of ours loads a GGUF with them, a child process
+on. The probe stays: another CPU, library or flag may crash again. So before a process of ours
+loads a GGUF with them, a child process
 (:func:`sqs_models.llama_lm.probe_decode`) loads it with them and decodes a prefill and passes of
 1, 4, 9 and 17 rows; if the child dies by a signal, fails or hangs past the timeout, the extra buffer types
 stay off for that file. The decision is kept in a JSON file (``llama-probe.json`` in the state
