@@ -27,7 +27,8 @@ class VerifierConfig:
     max_context: int = 32768  # accepted context length at which a session is refused more rounds
     max_plain_steps: int = 64  # plain target steps one request may ask for after its token
     # forward passes the server times at start, up to batch_max_rows (edges plan with them; cached per
-    # machine); sqs_models.pass_table.GRID: the multiples of 4 are where repacked llama.cpp is cheap
+    # machine); the same rows as sqs_models.pass_table.GRID (a test holds them equal; this module may
+    # not import sqs_models): the multiples of 4 are where repacked llama.cpp is cheap
     calibrate_rows: tuple[int, ...] = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)
     prefill_chunk: int = 256  # tokens of an opened context fed per forward pass (one executor job each)
     orphan_ttl_s: float = 60.0  # a session whose streams all ended without a close is kept this long

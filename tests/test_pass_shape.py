@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 
 from common.pass_shape import shape_rows
@@ -19,8 +20,6 @@ def repacked(step: float = 115.0, four: float = 205.0):
 def repacked_wide(step: float = 115.0):
     """The same with the economies of width llama-bench measured there (1.5B Q4_K_M, one thread):
     4 rows 208 ms, 8 417, 16 466, 32 800, 64 1600, and each row past a multiple of 4 a step."""
-    import numpy as np
-
     xs, ys = [0, 4, 8, 16, 32, 64], [0.0, 208.0, 417.0, 466.0, 800.0, 1600.0]
     return lambda r: float(np.interp(4 * (r // 4), xs, ys)) + (r % 4) * step
 

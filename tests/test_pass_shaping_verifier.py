@@ -58,10 +58,10 @@ def test_t0_drafts_a_pass_drops_leave_plain_decodings_tokens(tiny, table, kept):
         assert (r.lookahead_drafted, r.lookahead_accepted) == (0, 0) and sum(dropped) == 2 * 9 + 1  # owed 11..3, 2
 
 
-def test_t1_a_pass_that_keeps_the_first_of_two_drafts_keeps_the_target_marginal():
+def test_t1_a_pass_that_keeps_the_first_of_two_drafts_keeps_the_target_marginal(tiny):
     """After x0 the edge offers two drafts from a random q; the table (2 rows as cheap as 1, 3 dear) keeps
     the first only, so the step verifies one draft and x1 must follow sum_x0 p(x0) p(x1 | x0)."""
-    m = load_model("tiny", role="target")
+    m = tiny
     v, dropped = batched_verifier(m, {1: 10.0, 2: 10.0, 3: 100.0})  # keeps 1 whatever the acceptance
     prompt = prompt_ids(m)
     p2 = second_token_marginal(m, prompt)

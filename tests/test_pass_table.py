@@ -149,6 +149,14 @@ def test_bad_inputs_are_refused():
         predict("x", {1: 10.0}, sessions=0)
 
 
+def test_the_cloud_times_at_start_the_rows_the_auto_choice_measures():
+    """cloud/config.py may not import sqs_models (test_cloud_sessions), so its calibrate_rows repeats
+    GRID; the two must not drift apart (last changed together for the multiples of 4)."""
+    from cloud.config import VerifierConfig
+
+    assert VerifierConfig().calibrate_rows == GRID
+
+
 def test_pass_grid_stops_at_the_batch_limit():
     assert pass_grid(64) == (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)
     assert pass_grid(20) == (1, 2, 3, 4, 5, 8, 9, 16, 17, 20)
